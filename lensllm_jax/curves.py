@@ -1,16 +1,48 @@
 """Fine-tuning curve tables: the loss of each candidate model after fine-tuning on
 nested subsets of D samples.
 
-`CurveTable` is the one in-memory form every selection method reads.
+`CurveTable` is the one in-memory form every selection method reads;
+`read_curve_table` builds it from the fine-tuning scaling (FTS) CSV format of Lin et al.
+(ICML 2024)::
+
+    config name,0,200,400,...,1638400,size,family
+    gpt2,4.85,4.38,4.28,...,1.79,124439808,GPT2
+
+one row per model: the model's name, its test loss after fine-tuning on D samples for
+each size column D (``0`` is the zero-shot loss), its parameter count and its family.
+Reading is strict about values (every loss finite and > 0) and lenient about layout
+(UTF-8 BOM, CRLF, extra columns, any column order, blank lines).
 """
 
 from __future__ import annotations
 
+import csv
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CurveTable"]
+from lensllm_jax.errors import LensLLMInputError
+
+__all__ = [
+    "CurveTable",
+    "budget_label",
+    "check_budget",
+    "check_protocol",
+    "read_curve_table",
+    "read_curve_tables",
+]
+
+MODEL_COLUMN = "config name"
+PARAMS_COLUMN = "size"
+FAMILY_COLUMN = "family"
+MIN_POINTS = 3  # a 3-parameter law needs at least 3 points under the budget
+
+# A header cell that is a plain non-negative-looking number names a size column.
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -25,6 +57,7 @@ class CurveTable:
       zero_shot: (M,) test loss before fine-tuning (D = 0).
       n_params: (M,) parameter counts.
       families: (M,) model family labels.
+      source: where the table came from (a path, for error messages); "" if built in memory.
     """
 
     name: str
@@ -34,7 +67,326 @@ class CurveTable:
     zero_shot: np.ndarray
     n_params: np.ndarray
     families: tuple[str, ...]
+    source: str = ""
 
     @property
     def num_models(self) -> int:
         return len(self.models)
+
+    def column(self, size: float) -> np.ndarray:
+        """(M,) losses at subset size `size` (0 gives the zero-shot losses)."""
+        if size == 0:
+            return self.zero_shot
+        hit = np.flatnonzero(self.sizes == size)
+        if hit.size == 0:
+            raise LensLLMInputError(
+                f"no size column {_size_text(size)!r}",
+                file=self.source or self.name,
+                hint=f"columns hold {', '.join(_size_text(s) for s in self.sizes)}",
+            )
+        return self.losses[:, hit[0]]
+
+
+def _size_text(size: float) -> str:
+    return str(int(size)) if float(size).is_integer() else repr(float(size))
+
+
+def budget_label(ratio: int) -> str:
+    """The budget of ratio 8 is written "1/8" (the largest usable size is target/8)."""
+    return f"1/{ratio}"
+
+
+def _parse_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _open_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header cells and (row number, cells) of the non-blank data rows of a CSV."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LensLLMInputError(
+            "file not found", file=path, hint="check the path given to --data"
+        ) from None
+    except IsADirectoryError:
+        raise LensLLMInputError(
+            "is a folder, not a CSV file", file=path, hint="pass the CSV files inside it"
+        ) from None
+    except OSError as err:
+        raise LensLLMInputError(f"cannot read ({err.strerror})", file=path) from None
+    if not raw.strip():
+        raise LensLLMInputError(
+            "empty file, not a curve table",
+            file=path,
+            hint=f"expected a CSV with columns {MODEL_COLUMN!r}, 0, 200, ..., "
+            f"{PARAMS_COLUMN!r}, {FAMILY_COLUMN!r}",
+        )
+    try:
+        text = raw.decode("utf-8-sig")  # drops a UTF-8 BOM if there is one
+    except UnicodeDecodeError as err:
+        raise LensLLMInputError(
+            f"not a UTF-8 text file (byte {err.start}), not a curve table",
+            file=path,
+            hint="pass the benchmark's CSV files",
+        ) from None
+    if "\x00" in text:
+        raise LensLLMInputError(
+            "holds NUL bytes, not a curve table", file=path, hint="pass the benchmark's CSV files"
+        )
+    # newline="" semantics: the csv module itself handles CRLF, LF and quoted newlines.
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    try:
+        for cells in reader:
+            cells = [c.strip() for c in cells]
+            if not any(cells):
+                continue  # blank line or a row of empty cells
+            if header is None:
+                header = cells
+            else:
+                rows.append((reader.line_num, cells))
+    except csv.Error as err:
+        raise LensLLMInputError(f"malformed CSV ({err})", file=path, row=reader.line_num) from None
+    assert header is not None  # the file is not blank
+    return header, rows
+
+
+def read_curve_table(path: str | PathLike[str]) -> CurveTable:
+    """Read one FTS curve table (CSV); the dataset's name is the file's stem.
+
+    Required columns: ``config name``, ``0`` (zero-shot loss), at least one positive size
+    column, ``size`` (parameters). ``family`` is optional; any other column is ignored.
+    Size columns may come in any order; they are sorted by size.
+
+    Raises:
+      LensLLMInputError: one line naming file, row and column, for an empty file, a file
+        that is not a curve table, a missing or duplicated column, a ragged row, a
+        duplicated model, or a loss / parameter count that is not a finite number > 0.
+
+    Cost: O(M·S) parsing, no numerical work.
+    """
+    path = Path(path)
+    name = path.name
+    header, rows = _open_rows(path)
+
+    lowered = [h.lower() for h in header]
+    if MODEL_COLUMN not in lowered:
+        raise LensLLMInputError(
+            f"no {MODEL_COLUMN!r} column, not a curve table (header: {','.join(header)[:80]})",
+            file=name,
+            row=1,
+            hint=f"expected columns {MODEL_COLUMN!r}, 0, 200, ..., {PARAMS_COLUMN!r}, "
+            f"{FAMILY_COLUMN!r}",
+        )
+
+    named: dict[str, int] = {}
+    size_cols: dict[float, int] = {}
+    for j, h in enumerate(header):
+        if _NUMBER.match(h):
+            size = float(h)
+            if not np.isfinite(size) or size < 0:
+                raise LensLLMInputError(
+                    "a subset size must be a number >= 0", file=name, row=1, column=h
+                )
+            if size in size_cols:
+                first = header[size_cols[size]]
+                raise LensLLMInputError(
+                    f"duplicated size column (same size as column {first!r})",
+                    file=name,
+                    row=1,
+                    column=h,
+                    hint="keep one column per subset size",
+                )
+            size_cols[size] = j
+        else:
+            key = h.lower()
+            if key in (MODEL_COLUMN, PARAMS_COLUMN, FAMILY_COLUMN) and key in named:
+                raise LensLLMInputError(
+                    "duplicated column", file=name, row=1, column=h, hint="keep one of them"
+                )
+            named.setdefault(key, j)
+
+    if 0.0 not in size_cols:
+        raise LensLLMInputError(
+            "missing size column '0' (the zero-shot loss)",
+            file=name,
+            row=1,
+            hint="add the loss of each model before fine-tuning as column '0'",
+        )
+    sizes = sorted(s for s in size_cols if s > 0)
+    if not sizes:
+        raise LensLLMInputError(
+            "no positive size columns (200, 400, ...), not a curve table",
+            file=name,
+            row=1,
+            hint="add one column per fine-tuning subset size",
+        )
+    if PARAMS_COLUMN not in named:
+        raise LensLLMInputError(
+            f"missing column {PARAMS_COLUMN!r} (parameter count of each model)",
+            file=name,
+            row=1,
+            hint="add it; ModelSize and the cost metric need it",
+        )
+    if not rows:
+        raise LensLLMInputError(
+            "header only, no model rows", file=name, row=2, hint="add one row per model"
+        )
+
+    loss_cols = [size_cols[0.0]] + [size_cols[s] for s in sizes]
+    models: list[str] = []
+    families: list[str] = []
+    seen: dict[str, int] = {}
+    losses = np.empty((len(rows), len(loss_cols)), dtype=np.float64)
+    n_params = np.empty(len(rows), dtype=np.float64)
+    for i, (r, cells) in enumerate(rows):
+        if len(cells) != len(header):
+            raise LensLLMInputError(
+                f"{len(cells)} cells where the header has {len(header)}",
+                file=name,
+                row=r,
+                hint="every row needs one cell per column",
+            )
+        model = cells[named[MODEL_COLUMN]]
+        if not model:
+            raise LensLLMInputError(
+                "empty model name", file=name, row=r, column=header[named[MODEL_COLUMN]]
+            )
+        if model in seen:
+            raise LensLLMInputError(
+                f"model {model!r} already on row {seen[model]}",
+                file=name,
+                row=r,
+                column=header[named[MODEL_COLUMN]],
+                hint="keep one row per model",
+            )
+        seen[model] = r
+        models.append(model)
+        families.append(cells[named[FAMILY_COLUMN]] if FAMILY_COLUMN in named else "")
+        for k, j in enumerate(loss_cols):
+            losses[i, k] = _positive(cells[j], name, r, header[j], "loss", model)
+        n_params[i] = _positive(
+            cells[named[PARAMS_COLUMN]],
+            name,
+            r,
+            header[named[PARAMS_COLUMN]],
+            "parameter count",
+            model,
+        )
+
+    return CurveTable(
+        name=path.stem,
+        models=tuple(models),
+        sizes=np.asarray(sizes, dtype=np.float64),
+        losses=losses[:, 1:].copy(),
+        zero_shot=losses[:, 0].copy(),
+        n_params=n_params,
+        families=tuple(families),
+        source=str(path),
+    )
+
+
+def _positive(text: str, file: str, row: int, column: str, what: str, model: str) -> float:
+    value = _parse_number(text)
+    if value is None:
+        problem = "is empty" if text == "" else "is not a number"
+    elif np.isnan(value):
+        problem = "is NaN"
+    elif np.isinf(value):
+        problem = "is infinite"
+    elif value <= 0:
+        problem = "is not > 0"
+    else:
+        return value
+    shown = f" {text[:20]!r}" if text else ""
+    raise LensLLMInputError(
+        f"{what}{shown} of model {model!r} {problem}",
+        file=file,
+        row=row,
+        column=column,
+        hint=f"every {what} must be a finite number > 0",
+    )
+
+
+def read_curve_tables(paths: Sequence[str | PathLike[str]]) -> list[CurveTable]:
+    """Read several tables; two files with the same stem (dataset name) are an error."""
+    tables: list[CurveTable] = []
+    by_name: dict[str, str] = {}
+    for p in paths:
+        t = read_curve_table(p)
+        if t.name in by_name:
+            raise LensLLMInputError(
+                f"dataset name {t.name!r} (the file stem) already used by {by_name[t.name]}",
+                file=p,
+                hint="rename one of the files",
+            )
+        by_name[t.name] = str(p)
+        tables.append(t)
+    return tables
+
+
+def check_budget(
+    table: CurveTable, budget_size: float, *, min_points: int = MIN_POINTS, label: str = ""
+) -> None:
+    """Raise unless every model has >= `min_points` fine-tuned sizes D with 0 < D <= budget.
+
+    Call this before any fitting: a law with 3 parameters cannot be fitted to fewer points.
+    `label` names the budget in the message (e.g. "1/512"). Cost: O(S).
+    """
+    usable = table.sizes[table.sizes <= budget_size]
+    if usable.size >= min_points:
+        return
+    shown = ", ".join(_size_text(s) for s in usable) or "none"
+    budget = (
+        f"budget {label} (D <= {_size_text(budget_size)})"
+        if label
+        else (f"budget D <= {_size_text(budget_size)}")
+    )
+    raise LensLLMInputError(
+        f"{budget} leaves {usable.size} usable sizes ({shown}), need at least {min_points}",
+        file=table.source or table.name,
+        column=_size_text(table.sizes[0]),
+        hint="add smaller subset-size columns or use larger budgets (smaller ratios)",
+    )
+
+
+def check_protocol(
+    table: CurveTable, target: float, ratios: Sequence[int], *, min_points: int = MIN_POINTS
+) -> None:
+    """Check a table fits Lin et al.'s protocol before any work is done.
+
+    The target size must be a column (its losses are the truth the ranking is judged on);
+    when the sizes double (200, 400, ...) no size between the smallest and the target may be
+    missing; each budget target/ratio must leave `min_points` sizes (see `check_budget`).
+    Cost: O(S · len(ratios)).
+    """
+    file = table.source or table.name
+    if not np.any(table.sizes == target):
+        raise LensLLMInputError(
+            f"missing size column {_size_text(target)!r} (the target size, whose losses are "
+            "the truth the selection is judged on)",
+            file=file,
+            row=1,
+            hint="add it, or pass tables that hold the full-size fine-tuning loss",
+        )
+    # Doubling grid s0·2^k: a hole is a deleted column, not a design choice of the benchmark.
+    below = table.sizes[table.sizes <= target]
+    k = np.log2(below / below[0])
+    if below.size >= 2 and np.allclose(k, np.round(k)):
+        present = set(np.round(k).astype(int).tolist())
+        for step in range(int(np.round(k[-1])) + 1):
+            if step not in present:
+                missing = below[0] * 2.0**step
+                raise LensLLMInputError(
+                    f"missing size column {_size_text(missing)!r} (sizes double from "
+                    f"{_size_text(below[0])} to {_size_text(target)})",
+                    file=file,
+                    row=1,
+                    hint="restore the column",
+                )
+    for ratio in ratios:
+        check_budget(table, target / ratio, min_points=min_points, label=budget_label(ratio))
