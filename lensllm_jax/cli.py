@@ -1,0 +1,225 @@
+"""The ``lensllm`` command line.
+
+    lensllm reproduce [--data CSV|DIR ...] [--methods M ...] [--format table|csv|json]
+                      [--out FILE]
+
+Exit codes: 0 success; 2 bad input (one ``lensllm: error: ...`` line on stderr, no
+traceback, `--out` untouched); 130 interrupted. Warnings (curves that could not be
+fitted) are ``lensllm: warning: ...`` lines on stderr.
+
+Startup is kept light: argument parsing and reading the CSVs need only the standard
+library and numpy; jax is imported when the methods run, with JAX's persistent
+compilation cache pointed at ``$LENSLLM_CACHE/jax`` so a second run skips compiling
+(``LENSLLM_JIT_CACHE=0`` turns that off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from lensllm_jax.errors import LensLLMInputError
+
+__all__ = ["main"]
+
+PROG = "lensllm"
+FORMATS = ("table", "csv", "json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Pick the pretrained LLM to fine-tune, and know how sure to be.",
+    )
+    from lensllm_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="run every selection method on the fine-tuning scaling benchmark",
+        description=(
+            "Run the selection methods on curve tables (default: the fine-tuning scaling "
+            "benchmark of Lin et al., from $LENSLLM_DATA or the cache, downloaded once) "
+            "at budgets 1/8 ... 1/512 and score each ranking against the full-size losses."
+        ),
+    )
+    rep.add_argument(
+        "--data",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="curve-table CSVs or folders of them (default: $LENSLLM_DATA, else the cache)",
+    )
+    rep.add_argument(
+        "--methods",
+        nargs="+",
+        action="extend",
+        metavar="M",
+        help="selection methods to run (default: all); e.g. AtS LensLLM",
+    )
+    rep.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    rep.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
+    rep.set_defaults(handler=_cmd_reproduce)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lensllm``; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except LensLLMInputError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _check_out(out: str | None) -> Path | None:
+    """Fail before any work if --out cannot be written."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise LensLLMInputError("is a folder", file=path, hint="give --out a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LensLLMInputError(
+            f"folder {str(parent)!r} does not exist", file=path, hint="create it first"
+        )
+    if not os.access(parent, os.W_OK):
+        raise LensLLMInputError(f"folder {str(parent)!r} is not writable", file=path)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole file or nothing: write a temp file beside `path`, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _enable_jit_cache() -> None:
+    """Point JAX's persistent compilation cache at the lensllm cache (CLI only)."""
+    if os.environ.get("LENSLLM_JIT_CACHE", "1") == "0":
+        return
+    from lensllm_jax.data import cache_root
+
+    folder = cache_root() / "jax"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # an unwritable cache only costs speed
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # The fits compile many small programs; cache them all, however quick to compile.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from lensllm_jax import curves, data, reproduce
+
+    out = _check_out(args.out)
+    paths = data.resolve_data(args.data)
+    tables = curves.read_curve_tables(paths)
+    _enable_jit_cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = reproduce.run(tables, args.methods)
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+
+    if args.format == "csv":
+        text = reproduce.rows_to_csv(rows)
+    elif args.format == "json":
+        text = reproduce.rows_to_json(rows)
+    else:
+        text = render_table(rows, color=out is None and sys.stdout.isatty())
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        _write_atomic(out, text)
+    return 0
+
+
+def render_table(rows: Sequence, *, color: bool = False, width: int = 100) -> str:
+    """One rich table per dataset and metric: methods x budgets plus the mean; the best
+    value of each column is bold (highest, or lowest for CostPercent)."""
+    import io
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lensllm_jax.reproduce import HIGHER_IS_BETTER, METRICS
+
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    budgets = list(dict.fromkeys(r.budget for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    value = {(r.dataset, r.budget, r.method, r.metric): r.value_percent for r in rows}
+
+    buf = io.StringIO()
+    console = Console(
+        file=buf, width=width, force_terminal=color, no_color=not color, highlight=False
+    )
+    for ds in datasets:
+        for metric in METRICS:
+            higher = HIGHER_IS_BETTER[metric]
+            grid = {m: [value.get((ds, b, m, metric), math.nan) for b in budgets] for m in methods}
+            for m, vals in grid.items():
+                # A method that is NaN at one budget has no honest mean.
+                grid[m] = [*vals, sum(vals) / len(vals) if vals else math.nan]
+            cols = [*budgets, "mean"]
+            best = []
+            for j in range(len(cols)):
+                col = [grid[m][j] for m in methods if not math.isnan(grid[m][j])]
+                best.append((max(col) if higher else min(col)) if col else None)
+            table = Table(
+                title=f"{ds} · {metric} (%, {'higher' if higher else 'lower'} is better)",
+                title_justify="left",
+            )
+            table.add_column("method")
+            for c in cols:
+                table.add_column(c, justify="right")
+            for m in methods:
+                cells = []
+                for j, v in enumerate(grid[m]):
+                    text = "nan" if math.isnan(v) else f"{v:.1f}"
+                    if best[j] is not None and v == best[j]:
+                        text = f"[bold green]{text}[/]" if color else f"*{text}"
+                    cells.append(text)
+                table.add_row(m, *cells)
+            console.print(table)
+    if not color:
+        console.print("* best in its column")
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
