@@ -1,0 +1,597 @@
+"""Empirical neural tangent kernels and the NTK test loss F(Θ, t) of LENSLLM.
+
+Kernel. For a function f(params, x) that maps a batch x (every leaf has a leading batch axis N)
+to outputs of shape (N, *out), acting on each example independently (no batch statistics),
+
+    Θ[i, j, a, b] = Σ_c Σ_p ∂f(x1_i)[a, c] / ∂θ_p · ∂f(x2_j)[b, c] / ∂θ_p
+
+where c runs over the output axes in `trace_axes` and a, b over the remaining ("untraced")
+output axes. The result has shape (N1, N2, *untraced, *untraced); with the default
+`trace_axes=None` every output axis is traced and Θ is (N1, N2).
+
+Two implementations (neural-tangents `empirical.py` style, dispatched by a dict):
+
+* `JACOBIAN_CONTRACTION`: per-example Jacobians in chunks of `chunk_size` examples, the Gram
+  matrix accumulated block by block (at most two chunks of Jacobians alive; never all N).
+* `NTK_VECTOR_PRODUCTS`: matrix-free, Θ e_k = J1 (J2ᵀ e_k) by a vjp then a jvp, one column per
+  basis vector; `ntk_vp` exposes the kernel-vector product Θ v itself for large N.
+
+Language-model helpers: `loss_gradient_kernel` (outputs = per-example loss, N x N) and
+`logit_kernel` (outputs = target-token log-probs, traced over positions), both on generic
+`per_example_loss(params, batch)` / `token_logprobs(params, batch)` functions.
+
+Test loss. F(Θ, t) = ‖exp(−η Θ t) r‖² = Σ_k exp(−2 η λ_k t) (u_kᵀ r)² with Θ = U diag(λ) Uᵀ
+(`eigh` of the symmetrised kernel, negative round-off eigenvalues clipped to 0). `features`
+does the O(N³) eigendecomposition once; `ntk_test_loss_from_features` is O(N), differentiable
+in t and η, and vmappable, for use inside a jitted fitting loop.
+
+Checks. Shape / pytree checks run at trace time and so also under `jit`. Checks that need values
+(NaN / inf, PSD-ness) run only on concrete arrays: in `empirical_ntk` when it is called outside
+`jit` (skipped silently on tracers), and in `checked_features` / `check_kernel`, which are
+non-jittable front doors. All raise `NTKError` (a `ValueError`) with one line.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lensllm_jax import _ntk_blocks
+
+__all__ = [
+    "KernelDiagnostics",
+    "NTKError",
+    "NTKFeatures",
+    "NtkImplementation",
+    "causal_lm_token_logprobs",
+    "check_kernel",
+    "checked_features",
+    "empirical_ntk",
+    "empirical_ntk_fn",
+    "features",
+    "kernel_diagnostics",
+    "logit_kernel",
+    "loss_gradient_kernel",
+    "ntk_test_loss",
+    "ntk_test_loss_from_features",
+    "ntk_vp",
+]
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, PyTree], jax.Array]
+KernelFn = Callable[..., jax.Array]
+
+
+class NTKError(ValueError):
+    """Bad input to an NTK function (one line: what, where, what to do)."""
+
+
+class NtkImplementation(enum.Enum):
+    """How the empirical NTK is computed (see each `_ntk_*` function for its cost)."""
+
+    JACOBIAN_CONTRACTION = "jacobian_contraction"
+    NTK_VECTOR_PRODUCTS = "ntk_vector_products"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _where(name: str | None) -> str:
+    return f" for {name!r}" if name else ""
+
+
+def _batch_size(x: PyTree, arg: str, name: str | None) -> int:
+    leaves = jax.tree.leaves(x)
+    if not leaves:
+        raise NTKError(f"{arg}{_where(name)} has no array leaves; pass a batch with a leading axis")
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if None in sizes or len(sizes) != 1:
+        raise NTKError(
+            f"{arg}{_where(name)}: every leaf needs the same leading batch axis, got sizes "
+            f"{sorted(s for s in sizes if s is not None)}{' and a scalar' if None in sizes else ''}"
+        )
+    return sizes.pop()
+
+
+def _check_same_structure(x1: PyTree, x2: PyTree, name: str | None) -> None:
+    s1, s2 = jax.tree.structure(x1), jax.tree.structure(x2)
+    if s1 != s2:
+        raise NTKError(f"x1 and x2{_where(name)} have different pytree structures: {s1} vs {s2}")
+    for l1, l2 in zip(jax.tree.leaves(x1), jax.tree.leaves(x2), strict=True):
+        if np.shape(l1)[1:] != np.shape(l2)[1:]:
+            raise NTKError(
+                f"x1 and x2{_where(name)} differ in per-example shape: "
+                f"{np.shape(l1)[1:]} vs {np.shape(l2)[1:]}; pad or crop to one shape"
+            )
+
+
+def _normalise_trace_axes(
+    trace_axes: Sequence[int] | None, out_ndim: int, name: str | None
+) -> tuple[int, ...]:
+    """Axes of the full output (N, *out) to trace; never the batch axis 0."""
+    if trace_axes is None:
+        return tuple(range(1, out_ndim))
+    axes = []
+    for ax in trace_axes:
+        a = ax + out_ndim if ax < 0 else ax
+        if not 1 <= a < out_ndim:
+            raise NTKError(
+                f"trace_axes{_where(name)} has {ax}, but outputs have {out_ndim} axes and axis 0 "
+                "is the batch; use axes 1..ndim-1 (or negatives)"
+            )
+        axes.append(a)
+    if len(set(axes)) != len(axes):
+        raise NTKError(f"trace_axes{_where(name)} repeats an axis: {tuple(trace_axes)}")
+    return tuple(sorted(axes))
+
+
+def _is_concrete(x: Any) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+
+
+def _check_finite(arr: jax.Array, what: str, name: str | None) -> None:
+    a = np.asarray(arr)
+    if not np.all(np.isfinite(a)):
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise NTKError(
+            f"{what}{_where(name)} has {bad} non-finite entries (NaN/inf); check the model's "
+            "outputs / loss on this batch (overflow, log(0), bad tokens)"
+        )
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class _OutputLayout(NamedTuple):
+    n_untraced: int  # A = prod of untraced output dims
+    n_traced: int  # C = prod of traced output dims
+    untraced_shape: tuple[int, ...]
+    perm: tuple[int, ...]  # permutation of per-example output axes: untraced then traced
+
+
+def _layout(out_shape: tuple[int, ...], axes: tuple[int, ...]) -> _OutputLayout:
+    per_ex = out_shape[1:]
+    traced = [a - 1 for a in axes]
+    untraced = [a for a in range(len(per_ex)) if a not in traced]
+    ushape = tuple(per_ex[a] for a in untraced)
+    return _OutputLayout(
+        int(np.prod(ushape, dtype=int)),
+        int(np.prod([per_ex[a] for a in traced], dtype=int)),
+        ushape,
+        tuple(untraced + traced),
+    )
+
+
+def _as_ac(y: jax.Array, lay: _OutputLayout) -> jax.Array:
+    """(n, *out) -> (n, A, C)."""
+    y = jnp.transpose(y, (0, *(p + 1 for p in lay.perm)))
+    return y.reshape(y.shape[0], lay.n_untraced, lay.n_traced)
+
+
+def _finish(theta: jax.Array, lay: _OutputLayout) -> jax.Array:
+    """(N1, N2, A, B) -> (N1, N2, *untraced, *untraced)."""
+    return theta.reshape(*theta.shape[:2], *lay.untraced_shape, *lay.untraced_shape)
+
+
+def _acc_dtype(params: PyTree) -> Any:
+    dts = [jnp.asarray(p).dtype for p in jax.tree.leaves(params)]
+    return jnp.promote_types(jnp.result_type(*dts), jnp.float32)
+
+
+def _ntk_jacobian_contraction(
+    f: ApplyFn,
+    params: PyTree,
+    x1: PyTree,
+    x2: PyTree | None,
+    lay: _OutputLayout,
+    n1: int,
+    n2: int,
+    *,
+    chunk_size: int | None,
+    jacobian_dtype: Any,
+    precision: Any,
+) -> jax.Array:
+    """Jacobian contraction, block by block.
+
+    Per-example Jacobians J_i = ∂f(x_i)/∂θ (shape A·C x P) are computed for a chunk of c
+    examples by `vmap(jacrev)` of f on single examples, then contracted leaf by leaf into the
+    (c x c) Gram block. Cost with nb = ceil(N / c):
+      FLOPs  ≈ (1 + nb (nb − 1)/2) · c · A·C · [fwd + bwd of one example]  (x2 None; nb when
+             nb <= 2) or nb1 (1 + nb2) · c · A·C · [fwd + bwd] (x2 given), plus 2 N1 N2 A² C P
+             for the Gram blocks.
+      memory ≈ 2 · c · A·C · P Jacobian entries (in `jacobian_dtype`, e.g. bf16 halves it; the
+             Gram is accumulated in float32 or wider) + the activations of c examples.
+    """
+    acc = _acc_dtype(params)
+    chunk = min(chunk_size or max(n1, n2), max(n1, n2))
+
+    def f_example(p, xi):
+        y = f(p, jax.tree.map(lambda leaf: leaf[None], xi))
+        return _as_ac(y, lay)[0]  # (A, C)
+
+    def jac(x_chunk):
+        j = jax.vmap(jax.jacrev(f_example), in_axes=(None, 0))(params, x_chunk)
+        if jacobian_dtype is not None:
+            j = jax.tree.map(lambda leaf: leaf.astype(jacobian_dtype), j)
+        return j
+
+    if x2 is None:
+        return _ntk_blocks.symmetric_kernel(
+            jac, x1, n1, chunk, (lay.n_untraced, lay.n_untraced), acc, precision
+        )
+    return _ntk_blocks.cross_kernel(jac, x1, x2, n1, n2, chunk, acc, precision)
+
+
+def _ntk_vector_products(
+    f: ApplyFn,
+    params: PyTree,
+    x1: PyTree,
+    x2: PyTree | None,
+    lay: _OutputLayout,
+    n1: int,
+    n2: int,
+    *,
+    chunk_size: int | None,
+    jacobian_dtype: Any,
+    precision: Any,
+) -> jax.Array:
+    """NTK-vector products: column (j, b, c) of Θ is J1 (J2ᵀ e_{j,b,c}), a vjp then a jvp.
+
+    Matrix-free (never forms a Jacobian; does not need per-example independence). Cost:
+      FLOPs  ≈ N2 · A · C · ([bwd of f on the N2 batch] + [jvp of f on the N1 batch]),
+      memory ≈ chunk_size parameter-sized tangents + the two linearisations' residuals.
+    `chunk_size` columns are vmapped at once (default 1, via `lax.map`).
+    """
+    del jacobian_dtype, precision
+    xs2 = x1 if x2 is None else x2
+    _, vjp2 = jax.vjp(lambda p: _as_ac(f(p, xs2), lay), params)
+    _, jvp1 = jax.linearize(lambda p: _as_ac(f(p, x1), lay), params)
+    a, c = lay.n_untraced, lay.n_traced
+    acc = _acc_dtype(params)
+    out_dtype = jax.eval_shape(lambda p: f(p, xs2), params).dtype
+
+    def column(k):
+        j, rem = jnp.divmod(k, a * c)
+        b, cc = jnp.divmod(rem, c)
+        e = jnp.zeros((n2, a, c), out_dtype).at[j, b, cc].set(1)
+        (w,) = vjp2(e)
+        y = jvp1(w)  # (N1, A, C)
+        return jnp.take(y, cc, axis=2).astype(acc)  # (N1, A)
+
+    cols = jax.lax.map(column, jnp.arange(n2 * a * c), batch_size=chunk_size or 1)
+    theta = cols.reshape(n2, a, c, n1, a).sum(axis=2)  # (N2, B, N1, A)
+    return theta.transpose(2, 0, 3, 1)
+
+
+_IMPLEMENTATIONS: dict[NtkImplementation, Callable[..., jax.Array]] = {
+    NtkImplementation.JACOBIAN_CONTRACTION: _ntk_jacobian_contraction,
+    NtkImplementation.NTK_VECTOR_PRODUCTS: _ntk_vector_products,
+}
+
+
+def empirical_ntk_fn(
+    f: ApplyFn,
+    *,
+    trace_axes: Sequence[int] | None = None,
+    implementation: NtkImplementation | str = NtkImplementation.JACOBIAN_CONTRACTION,
+    chunk_size: int | None = None,
+    jacobian_dtype: Any = None,
+    precision: Any = None,
+) -> KernelFn:
+    """Return `kernel_fn(params, x1, x2=None, *, name=None) -> Θ` for `f(params, x)`.
+
+    Θ[i, j, a, b] = Σ_{c ∈ traced} ⟨∂f(x1_i)[a, c]/∂θ, ∂f(x2_j)[b, c]/∂θ⟩, shape
+    (N1, N2, *untraced, *untraced); x2=None means x2 = x1 (symmetric, cheaper).
+
+    Args:
+      f: pure function; every example of the batch must be processed independently.
+      trace_axes: output axes (of the full (N, *out) output, not 0) summed over; None = all.
+      implementation: `NtkImplementation` (or its value string); costs in their docstrings.
+      chunk_size: JACOBIAN_CONTRACTION: examples per Jacobian chunk (None = all N at once);
+        NTK_VECTOR_PRODUCTS: kernel columns vmapped at once (None = 1).
+      jacobian_dtype: e.g. jnp.bfloat16 to store per-example Jacobians in bf16 (half memory
+        and Gram bandwidth); the Gram is always accumulated in float32 or wider. Pass bf16
+        params to make the backward passes themselves bf16.
+      precision: `lax.Precision` for the Gram contractions (e.g. HIGHEST to avoid TF32 on GPU).
+
+    The returned function is jittable (shape checks at trace time); outside `jit` it also
+    checks the kernel for NaN/inf and names `name` in the error.
+    """
+    try:
+        impl = NtkImplementation(implementation)
+    except ValueError:
+        raise NTKError(
+            f"unknown NTK implementation {implementation!r}; use one of "
+            f"{[m.value for m in NtkImplementation]}"
+        ) from None
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise NTKError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    def kernel_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None, *, name=None):
+        n1 = _batch_size(x1, "x1", name)
+        n2 = n1
+        if x2 is not None:
+            n2 = _batch_size(x2, "x2", name)
+            _check_same_structure(x1, x2, name)
+        try:
+            out = jax.eval_shape(f, params, x1)
+        except Exception as err:  # any tracing failure becomes one line naming the candidate
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise NTKError(f"f(params, x1){_where(name)} failed to trace: {first}") from err
+        if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim < 1 or out.shape[0] != n1:
+            got = getattr(out, "shape", type(out).__name__)
+            raise NTKError(
+                f"f(params, x1){_where(name)} must return one array with leading batch axis "
+                f"{n1}, got {got}"
+            )
+        axes = _normalise_trace_axes(trace_axes, out.ndim, name)
+        lay = _layout(out.shape, axes)
+        # One compiled program (a no-op under an outer jit): op-by-op dispatch of the scans and
+        # jacobians would compile every primitive separately.
+        impl_fn = functools.partial(
+            _IMPLEMENTATIONS[impl],
+            f,
+            lay=lay,
+            n1=n1,
+            n2=n2,
+            chunk_size=chunk_size,
+            jacobian_dtype=jacobian_dtype,
+            precision=precision,
+        )
+        theta = jax.jit(impl_fn)(params, x1, x2)
+        theta = _finish(theta, lay)
+        if _is_concrete(theta):
+            _check_finite(theta, "empirical NTK", name)
+        return theta
+
+    return kernel_fn
+
+
+def empirical_ntk(
+    f: ApplyFn,
+    params: PyTree,
+    x1: PyTree,
+    x2: PyTree | None = None,
+    *,
+    implementation: NtkImplementation | str = NtkImplementation.JACOBIAN_CONTRACTION,
+    trace_axes: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+    jacobian_dtype: Any = None,
+    precision: Any = None,
+    name: str | None = None,
+) -> jax.Array:
+    """Θ = J(x1) J(x2)ᵀ traced over `trace_axes`; see `empirical_ntk_fn` for every argument."""
+    kernel_fn = empirical_ntk_fn(
+        f,
+        trace_axes=trace_axes,
+        implementation=implementation,
+        chunk_size=chunk_size,
+        jacobian_dtype=jacobian_dtype,
+        precision=precision,
+    )
+    return kernel_fn(params, x1, x2, name=name)
+
+
+def ntk_vp(
+    f: ApplyFn,
+    params: PyTree,
+    x1: PyTree,
+    v: jax.Array,
+    x2: PyTree | None = None,
+    *,
+    trace_axes: Sequence[int] | None = None,
+    name: str | None = None,
+) -> jax.Array:
+    """Kernel-vector product (Θ(x1, x2) v)[i, a] = Σ_{j, b} Θ[i, j, a, b] v[j, b], matrix-free.
+
+    v has shape (N2, *untraced); the result (N1, *untraced). Each traced output index c needs its
+    own vjp/jvp pair (Θ = Σ_c J_c J_cᵀ), done sequentially by `lax.map`.
+    Cost: C · ([bwd of f on N2] + [jvp of f on N1]) FLOPs, memory of one parameter-sized
+    tangent plus the linearisation residuals of both batches. Never forms Θ or a Jacobian.
+    """
+    n1 = _batch_size(x1, "x1", name)
+    xs2 = x1 if x2 is None else x2
+    n2 = _batch_size(xs2, "x2", name)
+    if x2 is not None:
+        _check_same_structure(x1, x2, name)
+    out = jax.eval_shape(f, params, x1)
+    lay = _layout(out.shape, _normalise_trace_axes(trace_axes, out.ndim, name))
+    v = jnp.asarray(v)
+    if v.shape != (n2, *lay.untraced_shape):
+        raise NTKError(
+            f"v{_where(name)} has shape {v.shape}, expected (N2, *untraced) = "
+            f"{(n2, *lay.untraced_shape)}"
+        )
+
+    @jax.jit
+    def apply(params, x1, xs2, v):
+        _, vjp2 = jax.vjp(lambda p: _as_ac(f(p, xs2), lay), params)
+        _, jvp1 = jax.linearize(lambda p: _as_ac(f(p, x1), lay), params)
+        vf = v.reshape(n2, lay.n_untraced).astype(out.dtype)
+
+        def one_traced_index(c):
+            e = jnp.zeros((n2, lay.n_untraced, lay.n_traced), out.dtype).at[:, :, c].set(vf)
+            (w,) = vjp2(e)
+            return jnp.take(jvp1(w), c, axis=2)  # (N1, A)
+
+        return jax.lax.map(one_traced_index, jnp.arange(lay.n_traced)).sum(axis=0)
+
+    return apply(params, x1, xs2, v).reshape(n1, *lay.untraced_shape)
+
+
+# ----------------------------------------------------------------------------- LM helpers
+
+
+def loss_gradient_kernel(
+    per_example_loss: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    batch1: PyTree,
+    batch2: PyTree | None = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """Loss-gradient kernel Θ_ij = ⟨∇θ ℓ(x_i), ∇θ ℓ(x_j)⟩, (N1, N2).
+
+    `per_example_loss(params, batch) -> (N,)` (e.g. the model zoo's mean token cross-entropy per
+    sequence). Keyword arguments go to `empirical_ntk` (implementation, chunk_size,
+    jacobian_dtype, name, ...). Jacobian contraction costs about one per-example-gradient pass
+    over the batch (≈ one batched gradient in FLOPs) plus 2 N1 N2 P for the Gram.
+    """
+    return empirical_ntk(per_example_loss, params, batch1, batch2, trace_axes=None, **kwargs)
+
+
+def logit_kernel(
+    token_logprobs: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    batch1: PyTree,
+    batch2: PyTree | None = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """Logit kernel Θ_ij = Σ_t ⟨∇θ log p(y_it | x_i,<t), ∇θ log p(y_jt | x_j,<t)⟩, (N1, N2).
+
+    `token_logprobs(params, batch) -> (N, T)` target-token log-probabilities (0 at padding);
+    traced over positions. Jacobian contraction costs T backward passes per example (memory
+    c · T · P per chunk), so keep `chunk_size` small or use NTK_VECTOR_PRODUCTS.
+    """
+    return empirical_ntk(token_logprobs, params, batch1, batch2, trace_axes=None, **kwargs)
+
+
+def causal_lm_token_logprobs(
+    apply: Callable[[PyTree, jax.Array], jax.Array],
+) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """From `apply(params, tokens (N, T)) -> logits (N, T, V)` build
+    `token_logprobs(params, tokens) -> (N, T - 1)`, log p(tokens[:, t+1] | tokens[:, :t+1])."""
+
+    def token_logprobs(params: PyTree, tokens: jax.Array) -> jax.Array:
+        logits = apply(params, tokens)[:, :-1]
+        # at least float32 (bf16 logits lose the tail of the softmax); float64 stays float64
+        logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
+        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+    return token_logprobs
+
+
+# ----------------------------------------------------------------------------- test loss
+
+
+class NTKFeatures(NamedTuple):
+    """What F(Θ, t) needs of a kernel: Θ = U diag(eigenvalues) Uᵀ, projected_residual = Uᵀ r.
+
+    eigenvalues: (..., N), clipped to >= 0; projected_residual: (..., N).
+    """
+
+    eigenvalues: jax.Array
+    projected_residual: jax.Array
+
+
+class KernelDiagnostics(NamedTuple):
+    """How far a kernel is from symmetric PSD (all relative to max |λ|, 0 for a clean kernel).
+
+    asymmetry: max |Θ − Θᵀ| / max |Θ|; min_eigenvalue: smallest eigenvalue of (Θ + Θᵀ)/2;
+    clipped: Σ max(−λ_k, 0) / max_k |λ_k|, the eigenvalue mass that `features` set to zero.
+    """
+
+    asymmetry: jax.Array
+    min_eigenvalue: jax.Array
+    clipped: jax.Array
+
+
+def _sym(theta: jax.Array) -> jax.Array:
+    return 0.5 * (theta + jnp.swapaxes(theta, -1, -2))
+
+
+def features(theta: jax.Array, residual: jax.Array) -> NTKFeatures:
+    """Eigendecompose the symmetrised kernel once: O(N³) FLOPs, O(N²) memory; jittable.
+
+    theta: (..., N, N) symmetric PSD up to round-off; residual: (..., N) = f0(X) − y.
+    Negative eigenvalues (round-off) are clipped to 0; see `kernel_diagnostics` for how much.
+    """
+    theta = jnp.asarray(theta)
+    residual = jnp.asarray(residual, dtype=theta.dtype)
+    lam, u = jnp.linalg.eigh(_sym(theta))
+    proj = jnp.einsum("...nk,...n->...k", u, residual)
+    return NTKFeatures(jnp.maximum(lam, 0.0), proj)
+
+
+def ntk_test_loss_from_features(features: NTKFeatures, t: Any, eta: Any) -> jax.Array:
+    """F(t) = Σ_k exp(−2 η λ_k t) (u_kᵀ r)²: O(N) FLOPs; differentiable in t and η.
+
+    t and eta broadcast against the leading axes of `features` (scalars for one candidate).
+    Stable for any λ >= 0 and η t >= 0: exponents are <= 0, so large λ (1e8 and beyond) give
+    exp -> 0 and finite gradients (−2 λ t e^{−2ηλt} -> 0), never overflow.
+    """
+    lam, proj = features
+    t = jnp.asarray(t)[..., None]
+    eta = jnp.asarray(eta)[..., None]
+    return jnp.sum(jnp.exp(-2.0 * eta * t * lam) * proj**2, axis=-1)
+
+
+def ntk_test_loss(theta: jax.Array, residual: jax.Array, t: Any, eta: Any) -> jax.Array:
+    """F(Θ, t) = ‖expm(−η Θ t) r‖², by `eigh` (= `ntk_test_loss_from_features(features(Θ, r))`).
+
+    O(N³) for the eigendecomposition; vmappable over candidates; differentiable in t and η.
+    """
+    return ntk_test_loss_from_features(features(theta, residual), t, eta)
+
+
+def kernel_diagnostics(theta: jax.Array) -> KernelDiagnostics:
+    """Asymmetry and negative-eigenvalue mass of a kernel (jittable; O(N³))."""
+    theta = jnp.asarray(theta)
+    lam = jnp.linalg.eigvalsh(_sym(theta))
+    scale = jnp.maximum(jnp.max(jnp.abs(lam), axis=-1), jnp.finfo(theta.dtype).tiny)
+    tscale = jnp.maximum(jnp.max(jnp.abs(theta), axis=(-2, -1)), jnp.finfo(theta.dtype).tiny)
+    asym = jnp.max(jnp.abs(theta - jnp.swapaxes(theta, -1, -2)), axis=(-2, -1)) / tscale
+    return KernelDiagnostics(asym, lam[..., 0], jnp.sum(jnp.maximum(-lam, 0.0), -1) / scale)
+
+
+def check_kernel(
+    theta: Any, *, name: str | None = None, rtol: float | None = None
+) -> KernelDiagnostics:
+    """Non-jittable front door: shape, finiteness and PSD-up-to-round-off checks.
+
+    Raises `NTKError` if Θ is not (..., N, N), has NaN/inf, or its asymmetry or clipped negative
+    eigenvalue mass (relative to max |λ|) exceeds `rtol` (default 1e-4 for float32, 1e-8 for
+    float64: round-off of a Gram matrix, a real non-PSD kernel is far above). Returns the
+    diagnostics (how much was symmetrised / clipped) otherwise.
+    """
+    arr = np.asarray(theta)
+    if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
+        raise NTKError(f"kernel{_where(name)} must be (..., N, N), got shape {arr.shape}")
+    _check_finite(arr, "kernel", name)
+    if rtol is None:
+        rtol = 1e-8 if arr.dtype == np.float64 else 1e-4
+    diag = kernel_diagnostics(jnp.asarray(arr))
+    asym, clipped = float(np.max(diag.asymmetry)), float(np.max(diag.clipped))
+    if asym > rtol:
+        raise NTKError(
+            f"kernel{_where(name)} is not symmetric (relative asymmetry {asym:.2e} > {rtol:.0e}); "
+            "pass a Gram matrix J Jᵀ, not a cross kernel"
+        )
+    if clipped > rtol:
+        raise NTKError(
+            f"kernel{_where(name)} is not PSD (negative eigenvalue mass {clipped:.2e} of max |λ| "
+            f"> {rtol:.0e}); it is not a Gram matrix"
+        )
+    return diag
+
+
+def checked_features(
+    theta: Any, residual: Any, *, name: str | None = None, rtol: float | None = None
+) -> tuple[NTKFeatures, KernelDiagnostics]:
+    """`check_kernel` + residual checks, then `features`. Non-jittable; returns the diagnostics
+    (asymmetry removed and eigenvalue mass clipped) alongside the features."""
+    diag = check_kernel(theta, name=name, rtol=rtol)
+    r = np.asarray(residual)
+    t = np.asarray(theta)
+    if r.shape != t.shape[:-1]:
+        raise NTKError(
+            f"residual{_where(name)} has shape {r.shape}, expected {t.shape[:-1]} "
+            "(one entry per kernel row)"
+        )
+    _check_finite(r, "residual", name)
+    return features(jnp.asarray(t), jnp.asarray(r, dtype=t.dtype)), diag

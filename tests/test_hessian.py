@@ -1,0 +1,197 @@
+"""Hessian estimators vs the dense `jax.hessian` of the flattened parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lensllm_jax import hessian
+
+
+def init(key):
+    k = jax.random.split(key, 5)
+    return {
+        "layer1": {
+            "w": jax.random.normal(k[0], (4, 6)) / 2.0,
+            "b": 0.1 * jax.random.normal(k[1], (6,)),
+        },
+        "layer2": {"w": jax.random.normal(k[2], (6, 3)) / 2.5},
+    }
+
+
+def make_loss(params_dtype=jnp.float64, seed=1):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (16, 4), params_dtype)
+    y = jax.random.randint(ky, (16,), 0, 3)
+
+    def loss(p):
+        h = jnp.tanh(x @ p["layer1"]["w"] + p["layer1"]["b"])
+        logits = h @ p["layer2"]["w"]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    return loss
+
+
+def dense_hessian(loss, params):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda v: loss(unravel(v))))(flat))
+
+
+def f64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+
+
+def block_slices(params):
+    """Index ranges of each leaf in the raveled vector, keyed like group_by='leaf'."""
+    out, start = {}, 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        out[jax.tree_util.keystr(path)] = slice(start, start + leaf.size)
+        start += leaf.size
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["rademacher", "gaussian"])
+def test_hutchinson_within_three_standard_errors_and_groups_sum(sampler):
+    with jax.enable_x64(True):
+        params, loss = f64(init(jax.random.key(0))), make_loss()
+        h = dense_hessian(loss, params)
+        est = hessian.hutchinson_trace(
+            loss, params, jax.random.key(2), 300, sampler=sampler, batch_size=50
+        )
+        exact = np.trace(h)
+        assert 0 < float(est.stderr) < 0.2 * abs(exact)  # a real, informative error bar
+        assert abs(float(est.mean) - exact) < 3 * float(est.stderr)
+        # per-leaf traces estimate the diagonal blocks and sum to the total sample by sample
+        blocks = block_slices(params)
+        assert set(est.per_group) == set(blocks)
+        np.testing.assert_allclose(sum(est.per_group.values()), est.mean, rtol=1e-12)
+        for g, sl in blocks.items():
+            exact_g = np.trace(h[sl, sl])
+            assert (
+                abs(float(est.per_group[g]) - exact_g) < 3 * float(est.per_group_stderr[g]) + 1e-9
+            )
+
+
+def test_top_level_groups_and_jit():
+    with jax.enable_x64(True):
+        params, loss = f64(init(jax.random.key(3))), make_loss(seed=4)
+        h = dense_hessian(loss, params)
+        est = jax.jit(lambda p, k: hessian.hutchinson_trace(loss, p, k, 64, group_by="top"))(
+            params, jax.random.key(5)
+        )
+        assert set(est.per_group) == {"['layer1']", "['layer2']"}
+        np.testing.assert_allclose(sum(est.per_group.values()), est.mean, rtol=1e-12)
+        n1 = 4 * 6 + 6  # layer1: b (6) then w (24) in raveled (sorted-key) order
+        exact = {"['layer1']": np.trace(h[:n1, :n1]), "['layer2']": np.trace(h[n1:, n1:])}
+        for g, val in exact.items():
+            assert abs(float(est.per_group[g]) - val) < 3 * float(est.per_group_stderr[g]) + 1e-9
+
+
+def test_hutchpp_exact_at_full_rank():
+    with jax.enable_x64(True):
+        params, loss = f64(init(jax.random.key(6))), make_loss(seed=7)
+        h = dense_hessian(loss, params)
+        full = hessian.hutchpp_trace(loss, params, jax.random.key(8), 3 * h.shape[0])
+        np.testing.assert_allclose(full.mean, np.trace(h), rtol=1e-9)  # Q spans R^P
+
+
+def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
+    """Quadratic loss ½ θᵀAθ with eigenvalues 1/k²: deflating the top 10 leaves a tiny residual."""
+    with jax.enable_x64(True):
+        params = f64(init(jax.random.key(20)))
+        p = ravel_pytree(params)[0].size
+        q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(21), (p, p), jnp.float64))
+        a = (q / jnp.arange(1.0, p + 1) ** 2) @ q.T
+
+        def loss(tree):
+            v = ravel_pytree(tree)[0]
+            return 0.5 * v @ a @ v
+
+        exact = float(jnp.trace(a))
+        keys = jax.random.split(jax.random.key(22), 8)
+        pp = jax.vmap(lambda k: hessian.hutchpp_trace(loss, params, k, 30))(keys)
+        hh = jax.vmap(lambda k: hessian.hutchinson_trace(loss, params, k, 30))(keys)
+        err_pp = np.abs(np.asarray(pp.mean) - exact)
+        err_h = np.abs(np.asarray(hh.mean) - exact)
+        assert np.all(err_pp < 3 * np.asarray(pp.stderr) + 1e-12)
+        assert np.mean(err_pp) < 0.2 * np.mean(err_h)
+        assert np.max(err_pp) < 0.02 * exact
+
+
+def test_top_eigenvalue_matches_eigvalsh():
+    with jax.enable_x64(True):
+        params, loss = f64(init(jax.random.key(9))), make_loss(seed=10)
+        ev = np.linalg.eigvalsh(dense_hessian(loss, params))
+        want = ev[np.argmax(np.abs(ev))]
+        got = hessian.top_eigenvalue(loss, params, jax.random.key(11), num_iters=300)
+        np.testing.assert_allclose(got.eigenvalue, want, rtol=1e-6)
+        assert float(got.residual) < 1e-3 * abs(want)
+        # the returned vector is a unit eigenvector of the dense Hessian
+        v = ravel_pytree(got.eigenvector)[0]
+        np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-12)
+
+
+def test_hessian_distance_matches_dense_quadratic_forms():
+    with jax.enable_x64(True):
+        pre = f64(init(jax.random.key(12)))
+        delta = f64(init(jax.random.key(13)))
+        ft = jax.tree.map(lambda a, d: a + 0.1 * d, pre, delta)
+        loss = make_loss(seed=14)
+        h = dense_hessian(loss, ft)  # default: Hessian at the fine-tuned point
+        v = np.asarray(ravel_pytree(ft)[0] - ravel_pytree(pre)[0])
+        dist = hessian.hessian_distance(loss, pre, ft)
+        np.testing.assert_allclose(dist.total, v @ h @ v, rtol=1e-10)
+        np.testing.assert_allclose(sum(dist.per_group.values()), dist.total, rtol=1e-12)
+        for g, sl in block_slices(ft).items():
+            np.testing.assert_allclose(
+                dist.per_group[g], v[sl] @ (h @ v)[sl], rtol=1e-9, atol=1e-14
+            )
+            np.testing.assert_allclose(
+                dist.per_group_block[g], v[sl] @ h[sl, sl] @ v[sl], rtol=1e-9
+            )
+        # Hessian at the pretrained point on request
+        h0 = dense_hessian(loss, pre)
+        at_pre = hessian.hessian_distance(loss, pre, ft, hessian_at=pre)
+        np.testing.assert_allclose(at_pre.total, v @ h0 @ v, rtol=1e-10)
+
+
+def test_hvp_matches_dense():
+    with jax.enable_x64(True):
+        params, loss = f64(init(jax.random.key(15))), make_loss(seed=16)
+        v = hessian.gaussian(jax.random.key(17), params)
+        got = ravel_pytree(hessian.hvp(loss, params, v))[0]
+        np.testing.assert_allclose(
+            got, dense_hessian(loss, params) @ ravel_pytree(v)[0], rtol=1e-10
+        )
+
+
+def test_bad_input_raises_one_line_errors():
+    params, loss = init(jax.random.key(18)), make_loss(jnp.float32)
+    key = jax.random.key(0)
+    with pytest.raises(hessian.HessianError, match=r"'m'.*scalar"):
+        hessian.hutchinson_trace(lambda p: p["layer2"]["w"], params, key, 4, name="m")
+    with pytest.raises(hessian.HessianError, match="num_probes"):
+        hessian.hutchinson_trace(loss, params, key, 1)
+    with pytest.raises(hessian.HessianError, match="unknown sampler"):
+        hessian.hutchinson_trace(loss, params, key, 4, sampler="sobol")
+    with pytest.raises(hessian.HessianError, match="group_by"):
+        hessian.hutchinson_trace(loss, params, key, 4, group_by="layer")
+    with pytest.raises(hessian.HessianError, match="floating-point"):
+        hessian.top_eigenvalue(loss, {**params, "step": jnp.array(3)}, key)
+    with pytest.raises(hessian.HessianError, match="failed to trace"):
+        hessian.hutchinson_trace(loss, {"layer1": params["layer1"]}, key, 4)
+    with pytest.raises(hessian.HessianError, match="differ in structure"):
+        hessian.hessian_distance(loss, params, {"layer1": params["layer1"]})
+    bad = jax.tree.map(lambda a: a, params)
+    bad["layer2"] = {"w": jnp.ones((6, 4))}
+    with pytest.raises(hessian.HessianError, match=r"\['layer2'\]\['w'\].*shape"):
+        hessian.hessian_distance(loss, params, bad)
+    nan_params = jax.tree.map(lambda a: a * jnp.nan, params)
+    with pytest.raises(hessian.HessianError, match=r"'cand'.*not finite"):
+        hessian.hutchinson_trace(loss, nan_params, key, 4, name="cand")
+    with pytest.raises(hessian.HessianError, match="num_matvecs"):
+        hessian.hutchpp_trace(loss, params, key, 3)
+    assert issubclass(hessian.HessianError, ValueError)
