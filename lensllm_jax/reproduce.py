@@ -134,6 +134,12 @@ def run(
         check_protocol(table, target, ratios)
     from lensllm_jax import metrics  # after the checks: bad input never waits for jax
 
+    # Lin et al. correlate each method's own feature (log(size) for ModelSize), which a
+    # Selection may carry as `pearson_sign`; metrics knows how to apply it.
+    pearson = getattr(metrics, "selection_pearson_percent", None) or (
+        lambda sel, truth: metrics.pearson_percent(np.asarray(sel.scores), truth)
+    )
+
     rows: list[Row] = []
     for table in tables:
         truth = table.column(target)
@@ -144,7 +150,7 @@ def run(
                 _warn_failed(table, budget, name, sel.status)
                 scores = np.asarray(sel.scores, dtype=np.float64)
                 values = (
-                    metrics.pearson_percent(scores, truth),
+                    pearson(sel, truth),
                     metrics.relacc_percent(scores, truth),
                     metrics.kendall_tau_percent(scores, truth),
                     metrics.cost_percent(table, sel, target),
