@@ -1,0 +1,234 @@
+"""`load(path)`: local Hugging Face directory, `.gguf` file, or a repo id in the local HF cache.
+
+Never touches the network. Pickle (`pytorch_model.bin`) only through `torch.load(...,
+weights_only=True)` and only with `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .config import LMConfig, config_from_hf
+from .errors import ModelLoadError
+from .losses import count_params, per_example_loss, token_logprobs
+from .weights import TensorRef, build_params, read_safetensors_index, safetensors_refs
+
+__all__ = ["CausalLM", "family_module", "from_config", "load", "resolve_cached_repo"]
+
+Array = jax.Array
+
+
+def family_module(cfg: LMConfig):
+    """The module (`gpt2`, `llama`, `opt`, `gpt_neox`) implementing `cfg.family`."""
+    return importlib.import_module(f"{__package__}.{cfg.family}")
+
+
+@dataclasses.dataclass
+class CausalLM:
+    """A loaded model: `config`, `params` (pytree) and the pure `apply(params, tokens, mask)`.
+
+    `apply` is a plain function (jit/grad/vmap/jvp-able): logits f32 (batch, seq, vocab) for
+    int32 tokens (batch, seq) and an optional attention mask (1 = real token).
+    """
+
+    config: LMConfig
+    params: Any
+    apply: Callable[..., Array]
+    source: str = ""
+    _tokenizer_loader: Callable[[], Any] | None = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """transformers tokenizer from the checkpoint (None if there is none); loaded lazily."""
+        return None if self._tokenizer_loader is None else self._tokenizer_loader()
+
+    def per_example_loss(self, params: Any, batch: Mapping[str, Array]) -> Array:
+        """`losses.per_example_loss` bound to this model's `apply`."""
+        return per_example_loss(self.apply, params, batch)
+
+    def token_logprobs(self, params: Any, tokens: Array, attention_mask: Array | None = None):
+        """`losses.token_logprobs` bound to this model's `apply`."""
+        return token_logprobs(self.apply, params, tokens, attention_mask)
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.params)
+
+
+def _make_apply(cfg: LMConfig, scan_layers: bool, remat: bool) -> Callable[..., Array]:
+    fwd = family_module(cfg).forward
+
+    def apply(params: Any, tokens: Array, attention_mask: Array | None = None) -> Array:
+        return fwd(cfg, params, tokens, attention_mask, scan_layers=scan_layers, remat=remat)
+
+    apply.__doc__ = fwd.__doc__
+    return apply
+
+
+def from_config(
+    config: LMConfig | Mapping[str, Any],
+    key: Array | int = 0,
+    *,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = True,
+    remat: bool = False,
+) -> CausalLM:
+    """A randomly initialised model (Flax init) from an `LMConfig` or a config.json dict."""
+    cfg = config if isinstance(config, LMConfig) else config_from_hf(config)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    init = jax.jit(family_module(cfg).init_params, static_argnums=(0, 2))
+    params = init(cfg, key, dtype)
+    return CausalLM(cfg, params, _make_apply(cfg, scan_layers, remat), source="random init")
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = True,
+    remat: bool = False,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> CausalLM:
+    """Load a causal LM for JAX.
+
+    path: a local HF directory (config.json + model.safetensors, or sharded safetensors with
+    `model.safetensors.index.json`), a `.gguf` file, or a repo id ("org/name") already in the
+    local Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub).
+    dtype: parameter (and compute) dtype, jnp.float32 or jnp.bfloat16.
+    Raises `ModelLoadError` (a ValueError) with one line naming the file and tensor at fault.
+    Cost: reads every tensor once; peak host memory ≈ 2× the f32 model.
+    """
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return _load_gguf(p, dtype, scan_layers, remat)
+    if p.is_dir():
+        return _load_hf_dir(p, dtype, scan_layers, remat, allow_pickle)
+    if p.exists():
+        raise ModelLoadError(f"{p}: not a model directory or .gguf file")
+    if str(path).count("/") <= 1 and not str(path).startswith((".", "/", "~")):
+        snap = resolve_cached_repo(str(path), revision)
+        return _load_hf_dir(snap, dtype, scan_layers, remat, allow_pickle)
+    raise ModelLoadError(f"{p}: no such file or directory")
+
+
+def hf_cache_dir() -> Path:
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME", os.path.join("~", ".cache")), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_cached_repo(repo_id: str, revision: str | None = None) -> Path:
+    """Snapshot directory of `repo_id` in the local HF cache (offline; no download ever)."""
+    cache = hf_cache_dir()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    if not repo.is_dir():
+        raise ModelLoadError(
+            f"{repo_id}: not a local path and not in the Hugging Face cache {cache}; download it "
+            f"first (e.g. `hf download {repo_id}`) — lensllm never downloads"
+        )
+    rev = revision or "main"
+    ref = repo / "refs" / rev
+    commit = ref.read_text().strip() if ref.is_file() else rev
+    snap = repo / "snapshots" / commit
+    if not snap.is_dir():
+        raise ModelLoadError(f"{repo}: revision {rev!r} has no snapshot in the local cache")
+    return snap
+
+
+def _tokenizer_from_dir(d: Path) -> Callable[[], Any] | None:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((d / n).exists() for n in names):
+        return None
+
+    def load_tok():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+
+    return load_tok
+
+
+def _load_hf_dir(d: Path, dtype, scan_layers, remat, allow_pickle) -> CausalLM:
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{d}: no config.json; not a Hugging Face model directory")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{cfg_path}: unreadable JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{cfg_path}: not a JSON object")
+    cfg = config_from_hf(raw, where=str(cfg_path))
+    refs = _hf_refs(d, allow_pickle)
+    params = build_params(cfg, family_module(cfg), refs, dtype=dtype, where=str(d))
+    return CausalLM(
+        cfg, params, _make_apply(cfg, scan_layers, remat), str(d), _tokenizer_from_dir(d)
+    )
+
+
+def _hf_refs(d: Path, allow_pickle: bool) -> dict[str, TensorRef]:
+    if (d / "model.safetensors.index.json").is_file():
+        return read_safetensors_index(d / "model.safetensors.index.json")
+    if (d / "model.safetensors").is_file():
+        return safetensors_refs(d / "model.safetensors")
+    bins = sorted(d.glob("pytorch_model*.bin"))
+    if bins:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{bins[0]}: only a pickle checkpoint is present; convert it to safetensors or "
+                f"pass allow_pickle=True (loads via torch.load(weights_only=True))"
+            )
+        return _torch_bin_refs(bins)
+    raise ModelLoadError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def _torch_bin_refs(files: list[Path]) -> dict[str, TensorRef]:
+    import torch  # only on explicit request
+
+    refs: dict[str, TensorRef] = {}
+    for f in files:
+        try:
+            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{f}: unreadable torch checkpoint ({e})") from e
+        for name, t in sd.items():
+            arr = t.detach().to(torch.float32).numpy()
+            refs[name] = TensorRef(str(f), name, tuple(arr.shape), lambda a=arr: a)
+    return refs
+
+
+def _load_gguf(p: Path, dtype, scan_layers, remat) -> CausalLM:
+    from . import llama
+    from .gguf_file import gguf_config, gguf_refs, open_gguf
+
+    reader = open_gguf(p)
+    cfg = gguf_config(reader, p)
+    refs, transforms = gguf_refs(reader, p, cfg)
+    params = build_params(cfg, llama, refs, dtype=dtype, where=str(p), transforms=transforms)
+
+    def load_tok():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+
+    has_tok = "tokenizer.ggml.tokens" in reader.fields
+    return CausalLM(
+        cfg, params, _make_apply(cfg, scan_layers, remat), str(p), load_tok if has_tok else None
+    )
