@@ -83,6 +83,11 @@ def test_top_level_groups_and_jit():
             params, jax.random.key(5)
         )
         assert set(est.per_group) == {"['layer1']", "['layer2']"}
+        # plain jvp-of-grad per probe gives the same samples as the shared linearisation
+        plain = hessian.hutchinson_trace(
+            loss, params, jax.random.key(5), 64, group_by="top", linearize=False, batch_size=8
+        )
+        np.testing.assert_allclose(plain.samples, est.samples, rtol=1e-10)
         np.testing.assert_allclose(sum(est.per_group.values()), est.mean, rtol=1e-12)
         n1 = 4 * 6 + 6  # layer1: b (6) then w (24) in raveled (sorted-key) order
         exact = {"['layer1']": np.trace(h[:n1, :n1]), "['layer2']": np.trace(h[n1:, n1:])}
@@ -98,6 +103,7 @@ def test_hutchpp_exact_at_full_rank():
         np.testing.assert_allclose(full.mean, np.trace(h), rtol=1e-9)  # Q spans R^P
 
 
+@pytest.mark.slow
 def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
     """Quadratic loss ½ θᵀAθ with eigenvalues 1/k²: deflating the top 10 leaves a tiny residual."""
     with jax.enable_x64(True):
