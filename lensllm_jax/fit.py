@@ -1,0 +1,600 @@
+"""Multi-start least-squares fitting of scaling laws, jit-compiled and vmapped over
+candidates x starting points, in float64.
+
+Objective, per candidate m with usable points S_m (mask):
+
+    J_m(θ) = ½ Σ_{s ∈ S_m} ρ(log L̂(D_s; θ) − log L_s)
+
+with ρ(r) = r² (``loss="mse"``) or the Huber function (``loss="huber"``, handled as a
+pseudo-residual so any least-squares solver applies). θ are raw (log) parameters.
+
+Solver: a batched Levenberg-Marquardt (Marquardt diagonal scaling, geometric damping
+updates) written as one `lax.while_loop` per problem and vmapped; see `levenberg_marquardt`.
+`benchmarks/bench_fit.py` measures it against optimistix's LevenbergMarquardt
+(``solver="optimistix"``): same optima, ours several times faster on CPU because its
+iteration is a fixed P x P solve with no linear-operator machinery.
+
+Cost: one LM step is a forward-mode Jacobian (P forward passes over S points) and a P x P
+solve, O(S·P² + P³); a fit is (candidates x starts x steps) of those, all in one XLA loop.
+
+A fit that fails is a status (`FitStatus`), never an exception inside a batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from lensllm_jax.laws import Law, get_law
+
+__all__ = [
+    "FitResult",
+    "FitStatus",
+    "Solution",
+    "fit_law",
+    "initial_starts",
+    "levenberg_marquardt",
+]
+
+
+class FitStatus(enum.IntEnum):
+    """Outcome of one candidate's fit. `SUCCESS` and `MAX_STEPS` carry usable parameters."""
+
+    SUCCESS = 0
+    MAX_STEPS = 1  # the best start ran out of steps before converging; still the best found
+    NONFINITE = 2  # no start reached a finite objective
+    TOO_FEW_POINTS = 3  # fewer usable points than free parameters
+
+
+class Solution(NamedTuple):
+    """Result of `levenberg_marquardt` for one problem (batched under vmap)."""
+
+    x: Array  # (P,) final parameters
+    cost: Array  # ½ Σ r², +inf if not finite
+    num_steps: Array  # iterations taken
+    converged: Array  # bool
+
+
+class FitResult(NamedTuple):
+    """Best-of-starts fit per candidate (float64 numpy).
+
+    Attributes:
+      params: natural parameters by name, each (M,).
+      raw: (M, P) raw (log) parameters.
+      loss: (M,) objective at the optimum, mean of ρ(r) over the candidate's points.
+      rmse: (M,) root mean squared residual of log L (in-sample).
+      status: (M,) `FitStatus` values.
+      num_points: (M,) usable points per candidate.
+      law: the law's name.
+    """
+
+    params: dict[str, np.ndarray]
+    raw: np.ndarray
+    loss: np.ndarray
+    rmse: np.ndarray
+    status: np.ndarray
+    num_points: np.ndarray
+    law: str
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(M,) bool: the parameters are usable (converged, or the best within max_steps)."""
+        return self.status <= FitStatus.MAX_STEPS
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+def _spd_solve(a: Array, b: Array) -> Array:
+    """Solve a x = b for a small symmetric positive-definite `a` by an unrolled Cholesky.
+
+    P is static and tiny (3-4), so this is O(P³) scalar ops that XLA fuses across a vmapped
+    batch; a batched `linalg.solve` would call LAPACK once per matrix on CPU.
+    """
+    p = a.shape[0]
+    low = [[None] * p for _ in range(p)]
+    for i in range(p):
+        for j in range(i + 1):
+            s = a[i, j] - sum(low[i][k] * low[j][k] for k in range(j))
+            low[i][j] = jnp.sqrt(jnp.maximum(s, 1e-300)) if i == j else s / low[j][j]
+    y = [None] * p
+    for i in range(p):
+        y[i] = (b[i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
+    x = [None] * p
+    for i in reversed(range(p)):
+        x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, p))) / low[i][i]
+    return jnp.stack(x)
+
+
+def levenberg_marquardt(
+    residual_and_jac: Callable[[Array], tuple[Array, Array]],
+    x0: Array,
+    free: Array | None = None,
+    *,
+    max_steps: int = 200,
+    ftol: float = 1e-10,
+    gtol: float = 1e-12,
+) -> Solution:
+    """Minimise ½‖r(x)‖² from `x0` by Levenberg-Marquardt; pure, jit- and vmap-able.
+
+    `residual_and_jac(x)` returns r (S,) and its Jacobian (S, P) (e.g. from
+    `jax.jacfwd`, or in closed form). Step: (JᵀJ + λ·D + εI) δ = −Jᵀr with Moré's scaling
+    D = running max of diag(JᵀJ), accepted when it lowers the cost; λ follows Nielsen's
+    rule (λ ← λ·max(1/3, 1 − (2ρ − 1)³) for gain ratio ρ; on rejection λ ← νλ, ν ← 2ν).
+    Stops when an accepted step improves the cost by less than `ftol` relatively, when
+    ‖Jᵀr‖∞ < gtol, or when λ saturates (no descent direction left). Coordinates with
+    ``free[i] == False`` stay at x0.
+
+    Cost per step: one evaluation of `residual_and_jac` (at the trial point, reused as the
+    next step's linearisation when accepted) and a P x P Cholesky solve. Never raises: a
+    non-finite start gives cost = +inf and converged = False.
+    """
+    p = x0.shape[0]
+    free_f = jnp.ones((p,), x0.dtype) if free is None else jnp.asarray(free, x0.dtype)
+
+    def evaluate(x):
+        r, jac = residual_and_jac(x)
+        c = 0.5 * jnp.sum(r * r)
+        return r, jac * free_f[None, :], jnp.where(jnp.isfinite(c), c, jnp.inf)
+
+    def body(state):
+        x, r, jac, cost, lam, nu, scale, step, _done, _conv = state
+        # Elementwise products + reductions rather than dot_general: XLA:CPU fuses these
+        # across the vmapped batch, where tiny batched matmuls become per-problem calls.
+        g = jnp.sum(jac * r[:, None], axis=0)
+        h = jnp.sum(jac[:, :, None] * jac[:, None, :], axis=0)
+        scale = jnp.maximum(scale, jnp.diag(h))  # Moré: never shrink the scaling
+        a = h + jnp.diag(lam * scale) + 1e-12 * (1.0 + jnp.max(scale)) * jnp.eye(p)
+        delta = _spd_solve(a, -g) * free_f
+        delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, jnp.zeros_like(delta))
+        x_new = x + delta
+        r_new, jac_new, cost_new = evaluate(x_new)
+        predicted = 0.5 * jnp.sum(delta * (lam * scale * delta - g))
+        gain = (cost - cost_new) / jnp.maximum(predicted, 1e-300)
+        accept = (cost_new < cost) & (gain > 0)
+        small_gain = accept & ((cost - cost_new) <= ftol * cost)
+        converged = small_gain | (jnp.max(jnp.abs(g)) < gtol) | (lam > 1e15)
+        keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
+        # Nielsen's damping update: shrink λ by how well the quadratic model predicted the
+        # gain; on a rejected step grow it by ν and double ν.
+        shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain - 1.0) ** 3)
+        state = (
+            keep(x_new, x),
+            keep(r_new, r),
+            keep(jac_new, jac),
+            keep(cost_new, cost),
+            jnp.where(accept, lam * shrink, lam * nu),
+            jnp.where(accept, 2.0, nu * 2.0),
+            scale,
+            step + 1,
+            converged | ~jnp.isfinite(cost),
+            converged,
+        )
+        return state
+
+    def cond(state):
+        return (~state[8]) & (state[7] < max_steps)
+
+    r0, jac0, cost0 = evaluate(x0)
+    init = (
+        x0,
+        r0,
+        jac0,
+        cost0,
+        jnp.asarray(1e-3, x0.dtype),
+        jnp.asarray(2.0, x0.dtype),
+        jnp.zeros((p,), x0.dtype),
+        jnp.asarray(0, jnp.int32),
+        ~jnp.isfinite(cost0),
+        jnp.asarray(False),
+    )
+    x, _, _, cost, _, _, _, steps, _, conv = jax.lax.while_loop(cond, body, init)
+    return Solution(x=x, cost=cost, num_steps=steps, converged=conv & jnp.isfinite(cost))
+
+
+def _optimistix_lm(residual_and_jac, x0, free=None, *, max_steps=200):
+    """The same problem through optimistix.LevenbergMarquardt (for measurement)."""
+    import optimistix as optx
+
+    def residual_fn(x):
+        return residual_and_jac(x)[0]
+
+    free_b = jnp.ones(x0.shape, bool) if free is None else jnp.asarray(free, bool)
+
+    def fn(x, args):
+        return residual_fn(jnp.where(free_b, x, x0))
+
+    sol = optx.least_squares(
+        fn,
+        optx.LevenbergMarquardt(rtol=1e-10, atol=1e-12),
+        x0,
+        max_steps=max_steps,
+        throw=False,
+    )
+    x = jnp.where(free_b, sol.value, x0)
+    r = residual_fn(x)
+    cost = 0.5 * jnp.sum(r * r)
+    cost = jnp.where(jnp.isfinite(cost), cost, jnp.inf)
+    ok = sol.result == optx.RESULTS.successful
+    return Solution(x=x, cost=cost, num_steps=sol.stats["num_steps"], converged=ok)
+
+
+_SOLVERS = {"lm": levenberg_marquardt, "optimistix": _optimistix_lm}
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta: float):
+    """Masked (pseudo-)residuals of log L and their Jacobian, (S,) and (S, P)."""
+    if law.value_and_jac is not None:
+        y, jac = law.value_and_jac(raw, log_d, aux)
+    else:
+        y = law.log_predict(raw, log_d, aux)
+        jac = jax.jacfwd(law.log_predict)(raw, log_d, aux)
+    r = y - log_l
+    if loss == "huber":
+        a = jnp.abs(r)
+        inside = a <= delta
+        root = jnp.sqrt(jnp.maximum(2 * delta * a - delta**2, delta**2))
+        jac = jac * jnp.where(inside, 1.0, delta / root)[:, None]
+        r = jnp.where(inside, r, jnp.sign(r) * root)
+    return jnp.where(mask, r, 0.0), jnp.where(mask[:, None], jac, 0.0)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("law_name", "loss", "solver", "max_steps", "explore_steps", "num_polish"),
+)
+def _solve_batch(
+    law_name: str,
+    x0: Array,  # (M, K, P)
+    free: Array,  # (P,) bool
+    log_d: Array,  # (M, S)
+    log_l: Array,  # (M, S)
+    mask: Array,  # (M, S)
+    aux: Any,  # pytree with leading M axis, or None
+    loss: str,
+    delta: Array,
+    solver: str,
+    max_steps: int,
+    explore_steps: int,
+    num_polish: int,
+):
+    """Two-phase multi-start: every start takes `explore_steps` LM steps, then the
+    `num_polish` best per candidate run to convergence (`max_steps`). Most starts fall
+    into the same few basins within a few steps, so this spends the step budget where it
+    matters: K·explore + polish·max lane-steps instead of K·max."""
+    law = get_law(law_name)
+    solve = _SOLVERS[solver]
+    aux_axis = None if aux is None else 0
+
+    def run(x_start, ld, ll, mk, ax, steps):
+        fn = functools.partial(
+            _residuals_and_jac, law, log_d=ld, log_l=ll, mask=mk, aux=ax, loss=loss, delta=delta
+        )
+        return solve(fn, x_start, free, max_steps=steps)
+
+    def batch(x, steps):
+        over_starts = jax.vmap(run, in_axes=(0, None, None, None, None, None))
+        over_all = jax.vmap(over_starts, in_axes=(0, 0, 0, 0, aux_axis, None))
+        return over_all(x, log_d, log_l, mask, aux, steps)
+
+    take = jax.vmap(lambda a, i: a[i])
+    if explore_steps < max_steps and num_polish < x0.shape[1]:
+        explored = batch(x0, explore_steps)
+        order = jnp.argsort(explored.cost, axis=1)[:, :num_polish]
+        sol = batch(take(explored.x, order), max_steps)
+    else:
+        sol = batch(x0, max_steps)
+    best = jnp.argmin(sol.cost, axis=1)
+    x = take(sol.x, best)
+    plain = jax.vmap(
+        lambda xx, ld, ll, mk, ax: _residuals_and_jac(law, xx, ld, ll, mk, ax, "mse", 0.0)[0],
+        in_axes=(0, 0, 0, 0, aux_axis),
+    )(x, log_d, log_l, mask, aux)
+    return x, take(sol.cost, best), take(sol.converged, best), plain
+
+
+# ----------------------------------------------------------------------------- starts
+
+
+def initial_starts(
+    law: str | Law,
+    log_d: Array,
+    log_l: Array,
+    mask: Array,
+    key: Array,
+    num_starts: int,
+    aux: Any = None,
+) -> Array:
+    """Data-driven random starting points, (M, K, P) raw parameters.
+
+    The normalised draws are shared by all candidates (so a fit never depends on batch
+    order). E is a random fraction of the smallest observed loss, β log-uniform in [0.02, 2],
+    the curvature term (D_l or F) equals D*^β for a crossover size D* log-uniform in
+    [1, 1e8] (so it is sampled relative to the data, whatever β is), and B is then set in
+    closed form so the curve passes through the data on average:
+    log B = mean_s[log(L_s − E) + log(F + D_s^β)]. Start 0 is a fixed central point.
+    """
+    law = get_law(law)
+    m = log_d.shape[0]
+    k_e, k_b, k_c = jax.random.split(key, 3)
+    # The same normalised starts for every candidate: a candidate's fit then depends on
+    # its own curve alone, not on its position in the batch.
+    shape = (1, num_starts)
+    u_e = jax.random.uniform(k_e, shape, minval=0.02, maxval=0.98).at[:, 0].set(0.5)
+    log_beta = jax.random.uniform(k_b, shape, minval=jnp.log(0.02), maxval=jnp.log(2.0))
+    log_beta = log_beta.at[:, 0].set(jnp.log(0.3))
+    log_dstar = jax.random.uniform(k_c, shape, minval=0.0, maxval=jnp.log(1e8))
+    log_dstar = log_dstar.at[:, 0].set(jnp.log(1e3))
+    u_e, log_beta, log_dstar = (
+        jnp.broadcast_to(a, (m, num_starts)) for a in (u_e, log_beta, log_dstar)
+    )
+
+    l_min = jnp.min(jnp.where(mask, jnp.exp(log_l), jnp.inf), axis=1)  # (M,)
+    log_e = jnp.log(u_e * l_min[:, None])
+    beta = jnp.exp(log_beta)
+    if law.curvature_name is None:
+        log_curv = None
+    elif law.name == "lensllm_ntk":
+        # log t: ηλ_max·t log-uniform in [1e-3, 1e5], from "nothing learned" to "all learned".
+        eta_lmax = jnp.max(aux[0], axis=1) * jnp.broadcast_to(jnp.asarray(aux[2]), (m,))
+        log_curv = jnp.log(1e-3 / eta_lmax)[:, None] + log_dstar
+    else:
+        log_curv = beta * log_dstar  # F = D*^β
+    # log of 1/(F + D^β): the law itself with B = 1 and E negligible.
+    unit = [jnp.zeros_like(log_e), log_beta, jnp.full_like(log_e, -700.0)]
+    unit_raw = jnp.stack(unit + ([] if log_curv is None else [log_curv]), axis=-1)
+    per_start = jax.vmap(law.log_predict, in_axes=(0, None, None))
+    log_inv_den = jax.vmap(per_start, in_axes=(0, 0, None if aux is None else 0))(
+        unit_raw, log_d, aux
+    )
+    gap = jnp.exp(log_l)[:, None, :] - jnp.exp(log_e)[..., None]
+    log_gap = jnp.log(jnp.where(mask[:, None, :], gap, 1.0))
+    n = jnp.maximum(jnp.sum(mask, axis=1), 1)[:, None]
+    log_b = jnp.sum(jnp.where(mask[:, None, :], log_gap - log_inv_den, 0.0), axis=-1) / n
+    cols = [log_b, log_beta, log_e] + ([] if log_curv is None else [log_curv])
+    return jnp.stack(cols, axis=-1)
+
+
+# ----------------------------------------------------------------------------- front door
+
+
+def _as_2d(name: str, a: Any) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape (M, S) or (S,), got {arr.shape}")
+    return arr
+
+
+def fit_law(
+    law: str | Law,
+    d: Any,
+    loss_values: Any,
+    mask: Any = None,
+    *,
+    num_starts: int = 16,
+    seed: int = 0,
+    key: Array | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    shared: Sequence[str] = (),
+    groups: Any = None,
+    aux: Any = None,
+    loss: str = "mse",
+    huber_delta: float = 0.01,
+    solver: str = "lm",
+    max_steps: int = 200,
+    explore_steps: int = 20,
+    num_polish: int = 2,
+    beta_grid: Sequence[float] | None = None,
+) -> FitResult:
+    """Fit `law` to M loss curves at once; the best of `num_starts` starts per candidate.
+
+    Args:
+      law: "vanilla", "rectified", "lensllm", "lensllm_ntk" or a `Law`.
+      d: (M, S) or (S,) sizes D (> 0 where used; enter the zero-shot point as D = 1e-10).
+      loss_values: (M, S) or (S,) losses L (> 0 where used).
+      mask: (M, S) bool, True where a point is used; None uses every finite point.
+        Curves with different numbers of points share one batch through the mask.
+      num_starts: random starts per candidate (`initial_starts`), seeded by `seed`/`key`.
+      fixed: natural values for parameters to hold fixed, scalar or (M,) each
+        (e.g. ``{"F": f_ntk}`` for LENSLLM with F from the NTK).
+      shared: ``("beta",)`` fits one β per group of candidates (a task's learning
+        difficulty), by profiling: each candidate is fitted with β fixed on a grid, the
+        group's total objective picks β, and a finer grid around it refines it.
+      groups: (M,) integer group labels for `shared` (default: one group).
+      aux: per-candidate side data with a leading M axis (`lensllm_ntk`: (eigenvalues,
+        projected_residual, eta)).
+      loss: "mse" or "huber" (on log-loss residuals, threshold `huber_delta`).
+      solver: "lm" (ours) or "optimistix".
+      max_steps: LM iterations for each polished start.
+      explore_steps, num_polish: every start first takes `explore_steps` LM steps; the
+        `num_polish` best per candidate then run up to `max_steps` (see `_solve_batch`).
+      beta_grid: the coarse β grid for `shared` (default 48 values log-spaced in [0.005, 5]).
+
+    Returns:
+      `FitResult`. Never raises for a curve that cannot be fitted: its status says so.
+    """
+    law = get_law(law)
+    d2 = _as_2d("d", d)
+    l2 = _as_2d("loss_values", loss_values)
+    if d2.shape[0] == 1 and l2.shape[0] > 1:
+        d2 = np.broadcast_to(d2, l2.shape)
+    if d2.shape != l2.shape:
+        raise ValueError(f"d and loss_values must have the same shape, got {d2.shape}, {l2.shape}")
+    m, _ = l2.shape
+    usable = np.isfinite(d2) & np.isfinite(l2) & (d2 > 0) & (l2 > 0)
+    mk = usable if mask is None else (np.broadcast_to(np.asarray(mask, bool), l2.shape) & usable)
+    if loss not in ("mse", "huber"):
+        raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {solver!r}")
+    unknown = set(shared) - {"beta"}
+    if unknown:
+        raise ValueError(f"only 'beta' can be shared across candidates, got {sorted(unknown)}")
+    fixed = dict(fixed or {})
+    for name in fixed:
+        if name not in law.param_names:
+            raise ValueError(f"cannot fix {name!r}: law {law.name!r} has {law.param_names}")
+    if "beta" in shared and "beta" in fixed:
+        raise ValueError("beta cannot be both shared and fixed")
+
+    # Sanitise unused entries so no NaN leaks into gradients through masked lanes.
+    log_d = np.log(np.where(mk, d2, 1.0))
+    log_l = np.log(np.where(mk, l2, 1.0))
+    # Pad to bucketed shapes so differently sized calls share compiled code: duplicated
+    # rows are fitted and dropped; padded columns are masked out.
+    m_pad, s_pad = _bucket(m, 64), _bucket(l2.shape[1], 4) - l2.shape[1]
+    rows = np.concatenate([np.arange(m), np.zeros(m_pad - m, np.int64)])
+    log_d, log_l, mk_pad = (np.pad(a[rows], ((0, 0), (0, s_pad))) for a in (log_d, log_l, mk))
+    if aux is not None:
+        aux = jax.tree.map(lambda a: np.asarray(a)[rows] if np.ndim(a) else a, aux)
+    if groups is not None:
+        groups = np.asarray(groups)[rows]
+    free = np.array([n not in fixed and n not in shared for n in law.param_names])
+    num_points = mk.sum(axis=1)
+
+    with jax.enable_x64(True):
+        key = jax.random.PRNGKey(seed) if key is None else key
+        x0 = initial_starts(
+            law, jnp.asarray(log_d), jnp.asarray(log_l), jnp.asarray(mk_pad), key, num_starts, aux
+        )
+        x0 = np.array(x0)
+        for name, value in fixed.items():
+            i = law.param_names.index(name)
+            value = np.broadcast_to(np.asarray(value, np.float64), (m,))[rows]
+            x0[:, :, i] = np.log(value)[:, None]
+
+        run = functools.partial(
+            _run,
+            law.name,
+            free=free,
+            loss=loss,
+            delta=huber_delta,
+            solver=solver,
+            max_steps=max_steps,
+            explore_steps=explore_steps,
+            num_polish=num_polish,
+        )
+        if "beta" in shared:
+            x, cost, conv, resid = _profile_beta(
+                run, law, x0, log_d, log_l, mk_pad, aux, groups, beta_grid
+            )
+        else:
+            x, cost, conv, resid = run(x0, log_d, log_l, mk_pad, aux)
+        x, cost, conv, resid = x[:m], cost[:m], conv[:m], resid[:m]
+
+    n = np.maximum(num_points, 1)
+    finite = np.isfinite(cost)
+    status = np.where(conv, FitStatus.SUCCESS, FitStatus.MAX_STEPS)
+    status = np.where(finite, status, FitStatus.NONFINITE)
+    status = np.where(num_points < free.sum(), FitStatus.TOO_FEW_POINTS, status).astype(np.int64)
+    failed = status > FitStatus.MAX_STEPS
+    x = np.where(failed[:, None], np.nan, x)
+    params = {name: np.exp(x[:, i]) for i, name in enumerate(law.param_names)}
+    rmse = np.sqrt(np.sum(resid**2, axis=1) / n)
+    return FitResult(
+        params=params,
+        raw=x,
+        loss=np.where(failed, np.nan, 2.0 * cost / n),
+        rmse=np.where(failed, np.nan, rmse),
+        status=status,
+        num_points=num_points,
+        law=law.name,
+    )
+
+
+def _bucket(n: int, step: int) -> int:
+    """n rounded up to a power of two below `step`, else to a multiple of `step`."""
+    if n <= step:
+        return max(1, 1 << (n - 1).bit_length())
+    return -(-n // step) * step
+
+
+def _run(
+    law_name,
+    x0,
+    log_d,
+    log_l,
+    mask,
+    aux,
+    *,
+    free,
+    loss,
+    delta,
+    solver,
+    max_steps,
+    explore_steps,
+    num_polish,
+):
+    x, cost, conv, resid = _solve_batch(
+        law_name,
+        jnp.asarray(x0),
+        jnp.asarray(free),
+        jnp.asarray(log_d),
+        jnp.asarray(log_l),
+        jnp.asarray(mask),
+        aux,
+        loss,
+        delta,
+        solver,
+        max_steps,
+        explore_steps,
+        num_polish,
+    )
+    return np.asarray(x), np.asarray(cost), np.asarray(conv), np.asarray(resid)
+
+
+def _profile_beta(run, law: Law, x0, log_d, log_l, mask, aux, groups, beta_grid):
+    """Shared-β fit by profiling: fit everything else with β fixed on a grid, pick the β
+    that minimises each group's total objective, then refine on a finer grid around it."""
+    m, k, p = x0.shape
+    ib = law.param_names.index("beta")
+    grp = np.zeros(m, np.int64) if groups is None else np.asarray(groups)
+    if grp.shape != (m,):
+        raise ValueError(f"groups must have shape ({m},), got {grp.shape}")
+    labels, grp_idx = np.unique(grp, return_inverse=True)
+    coarse = np.log(np.asarray(beta_grid if beta_grid is not None else np.geomspace(0.005, 5, 48)))
+
+    def at_betas(log_betas):  # log_betas: (G, m) per candidate
+        g = log_betas.shape[0]
+        xs = np.repeat(x0[None], g, axis=0)  # (G, M, K, P)
+        xs[..., ib] = log_betas[:, :, None]
+        rep = lambda a: np.concatenate([a] * g, axis=0)  # noqa: E731
+        aux_g = None if aux is None else jax.tree.map(lambda a: jnp.concatenate([a] * g), aux)
+        x, cost, conv, resid = run(
+            xs.reshape(g * m, k, p), rep(log_d), rep(log_l), rep(mask), aux_g
+        )
+        return (
+            x.reshape(g, m, p),
+            cost.reshape(g, m),
+            conv.reshape(g, m),
+            resid.reshape(g, m, -1),
+        )
+
+    def group_totals(cost):  # (G, M) -> (G, n_groups); a curve unfittable everywhere is ignored
+        fit_somewhere = np.isfinite(cost).any(axis=0)
+        c = np.where(np.isfinite(cost), cost, np.where(fit_somewhere, np.inf, 0.0))
+        out = np.zeros((cost.shape[0], len(labels)))
+        np.add.at(out.T, grp_idx, c.T)
+        return out
+
+    _, cost, _, _ = at_betas(np.repeat(coarse[:, None], m, axis=1))
+    best = np.argmin(group_totals(cost), axis=0)  # (n_groups,)
+    lo = coarse[np.maximum(best - 1, 0)]
+    hi = coarse[np.minimum(best + 1, len(coarse) - 1)]
+    fine = lo[None, :] + (hi - lo)[None, :] * np.linspace(0.0, 1.0, 17)[:, None]  # (17, groups)
+    xf, costf, convf, residf = at_betas(fine[:, grp_idx])
+    bestf = np.argmin(group_totals(costf), axis=0)[grp_idx]  # per candidate
+    rows = np.arange(m)
+    return xf[bestf, rows], costf[bestf, rows], convf[bestf, rows], residf[bestf, rows]

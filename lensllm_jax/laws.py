@@ -1,0 +1,174 @@
+"""Scaling laws for fine-tuning loss as pure functions of (params, D), evaluated in log space.
+
+Every law is written over *raw* parameters, the logarithms of its natural (positive)
+parameters, so positivity holds by construction and the optimiser works on an
+unconstrained vector. The log loss is assembled with `logaddexp`, which keeps it exact
+when one term underflows (D = 1e-10 for the zero-shot point, tiny E, huge D_l):
+
+  vanilla    L(D) = B / D^β + E                  log L = lae(e, b − β log D)
+  rectified  L(D) = B / (D_l + D^β) + E          log L = lae(e, b − lae(d_l, β log D))
+  lensllm    L(D) = B / (F + D^β) + E            the rectified form with F in place of D_l;
+                                                 F is fitted, held fixed per candidate, or
+                                                 computed from NTK features (`lensllm_ntk`)
+  lensllm_ntk L(D) = B / (F(t) + D^β) + E,  F(t) = Σ_k e^{−2ηλ_k t} (u_kᵀ r)²
+                                                 (the NTK test loss ‖exp(−ηΘt) r‖², fitted t)
+
+(lae = logaddexp; lower-case letters are the logs of the capitals.) Each evaluation costs
+O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+__all__ = [
+    "LAWS",
+    "Law",
+    "get_law",
+    "log_predict",
+    "predict",
+    "raw_from_params",
+]
+
+
+class Law(NamedTuple):
+    """A scaling law over raw (log) parameters.
+
+    Attributes:
+      name: registry key.
+      param_names: natural parameter names; raw parameter i is log(param_names[i]).
+      log_predict: `(raw (P,), log_d (S,), aux) -> log L (S,)`. `aux` carries per-candidate
+        side data (NTK features for `lensllm_ntk`, else None).
+      curvature_name: the parameter that plays the role of D_l / F (None for vanilla).
+      value_and_jac: optional `(raw, log_d, aux) -> (log L (S,), d log L / d raw (S, P))`
+        in closed form; the fitter falls back to `jax.jacfwd` when it is None. The closed
+        forms share one exp per `logaddexp` between value and derivative, which makes a
+        fitting step about 5x cheaper than forward-mode AD on CPU.
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    log_predict: Callable[[Array, Array, Any], Array]
+    curvature_name: str | None
+    value_and_jac: Callable[[Array, Array, Any], tuple[Array, Array]] | None = None
+
+
+def _vanilla(raw: Array, log_d: Array, aux: Any = None) -> Array:
+    log_b, log_beta, log_e = raw[0], raw[1], raw[2]
+    return jnp.logaddexp(log_e, log_b - jnp.exp(log_beta) * log_d)
+
+
+def _rectified(raw: Array, log_d: Array, aux: Any = None) -> Array:
+    log_b, log_beta, log_e, log_f = raw[0], raw[1], raw[2], raw[3]
+    log_denominator = jnp.logaddexp(log_f, jnp.exp(log_beta) * log_d)
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
+def _lae_and_sigmoid(a: Array, b: Array) -> tuple[Array, Array]:
+    """logaddexp(a, b) and σ(a − b) = ∂/∂a logaddexp(a, b), sharing one exp."""
+    z = jnp.exp(-jnp.abs(a - b))
+    value = jnp.maximum(a, b) + jnp.log1p(z)
+    sig = jnp.where(a >= b, 1.0, z) / (1.0 + z)
+    return value, sig
+
+
+def _vanilla_value_and_jac(raw: Array, log_d: Array, aux: Any = None):
+    log_b, log_beta, log_e = raw[0], raw[1], raw[2]
+    u = jnp.exp(log_beta) * log_d
+    y, s_e = _lae_and_sigmoid(log_e, log_b - u)  # s_e = ∂y/∂e
+    s = 1.0 - s_e
+    return y, jnp.stack([s, -s * u, s_e], axis=-1)
+
+
+def _rectified_value_and_jac(raw: Array, log_d: Array, aux: Any = None):
+    log_b, log_beta, log_e, log_f = raw[0], raw[1], raw[2], raw[3]
+    u = jnp.exp(log_beta) * log_d
+    a, q = _lae_and_sigmoid(log_f, u)  # q = ∂a/∂f, 1 − q = ∂a/∂u
+    y, s_e = _lae_and_sigmoid(log_e, log_b - a)
+    s = 1.0 - s_e  # ∂y/∂b
+    return y, jnp.stack([s, -s * (1.0 - q) * u, s_e, -s * q], axis=-1)
+
+
+def _ntk_log_f(log_t: Array, aux: Any) -> Array:
+    """log F(t) = log Σ_k exp(−2ηλ_k t) c_k², computed as a log-sum-exp (no underflow)."""
+    eigenvalues, projected_residual, eta = aux
+    log_terms = -2.0 * eta * eigenvalues * jnp.exp(log_t) + jnp.log(projected_residual**2 + 1e-300)
+    return jnp.log(jnp.sum(jnp.exp(log_terms - jnp.max(log_terms)))) + jnp.max(log_terms)
+
+
+def _lensllm_ntk(raw: Array, log_d: Array, aux: Any) -> Array:
+    log_b, log_beta, log_e, log_t = raw[0], raw[1], raw[2], raw[3]
+    log_f = _ntk_log_f(log_t, aux)
+    log_denominator = jnp.logaddexp(log_f, jnp.exp(log_beta) * log_d)
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
+LAWS: dict[str, Law] = {
+    "vanilla": Law("vanilla", ("B", "beta", "E"), _vanilla, None, _vanilla_value_and_jac),
+    "rectified": Law(
+        "rectified", ("B", "beta", "E", "D_l"), _rectified, "D_l", _rectified_value_and_jac
+    ),
+    "lensllm": Law("lensllm", ("B", "beta", "E", "F"), _rectified, "F", _rectified_value_and_jac),
+    "lensllm_ntk": Law("lensllm_ntk", ("B", "beta", "E", "t"), _lensllm_ntk, "t"),
+}
+
+
+def get_law(law: str | Law) -> Law:
+    """The `Law` named `law` (or `law` itself). Raises ValueError naming the known laws."""
+    if isinstance(law, Law):
+        return law
+    try:
+        return LAWS[law]
+    except KeyError:
+        known = ", ".join(sorted(LAWS))
+        raise ValueError(f"unknown law {law!r}; choose one of: {known}") from None
+
+
+def raw_from_params(law: str | Law, params: Mapping[str, Any]) -> Array:
+    """Stack natural parameters into raw (log) form, shape (..., P)."""
+    law = get_law(law)
+    return jnp.stack([jnp.log(jnp.asarray(params[n])) for n in law.param_names], axis=-1)
+
+
+def log_predict(law: str | Law, raw: Array, d: Array, aux: Any = None) -> Array:
+    """log L at sizes `d` (any shape) for one candidate's raw parameters (P,)."""
+    law = get_law(law)
+    d = jnp.asarray(d)
+    return law.log_predict(raw, jnp.log(d.reshape(-1)), aux).reshape(d.shape)
+
+
+def predict(law: str | Law, params: Mapping[str, Any], d: Any, aux: Any = None) -> np.ndarray:
+    """L(D) for a batch of M candidates (float64 numpy).
+
+    Args:
+      law: a law name or `Law`.
+      params: natural parameters, each of shape (M,), or scalars for a single candidate.
+      d: sizes: a scalar (-> (M,)), a 1-D array shared by all candidates (-> (M, S)), or
+        (M, S) per candidate (-> (M, S)).
+      aux: per-candidate side data with a leading M axis (`lensllm_ntk` only).
+    """
+    import jax
+
+    law = get_law(law)
+    with jax.enable_x64(True):
+        raw = jnp.asarray(raw_from_params(law, params), dtype=jnp.float64)
+        single = raw.ndim == 1
+        raw = jnp.atleast_2d(raw)
+        d_in = np.asarray(d, dtype=np.float64)
+        if d_in.ndim == 2:
+            d_2d = d_in
+        else:
+            d_2d = np.broadcast_to(d_in.reshape(1, -1), (raw.shape[0], d_in.size))
+        log_d = jnp.log(jnp.asarray(d_2d))
+        fn = jax.vmap(
+            lambda r, ld, a: law.log_predict(r, ld, a), in_axes=(0, 0, None if aux is None else 0)
+        )
+        out = np.exp(np.asarray(fn(raw, log_d, aux)))
+    if d_in.ndim == 0:
+        out = out[:, 0]
+    return out[0] if single else out

@@ -1,0 +1,86 @@
+"""Laws against independent references: the plain formulas in numpy, forward-mode AD for
+the closed-form Jacobians, and scipy's matrix exponential for the NTK test loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from lensllm_jax import laws
+
+D = np.array([1e-10, 200.0, 800.0, 6400.0, 102400.0, 1638400.0])
+
+
+def _naive(name, p, d):
+    if name == "vanilla":
+        return p["B"] / d ** p["beta"] + p["E"]
+    curv = p["D_l"] if name == "rectified" else p["F"]
+    return p["B"] / (curv + d ** p["beta"]) + p["E"]
+
+
+@pytest.mark.parametrize("name", ["vanilla", "rectified", "lensllm"])
+def test_predict_matches_plain_formula(name):
+    rng = np.random.default_rng(0)
+    params = {
+        "B": rng.uniform(1, 100, 5),
+        "beta": rng.uniform(0.05, 1.5, 5),
+        "E": rng.uniform(0.01, 2, 5),
+        "D_l": 10 ** rng.uniform(-2, 5, 5),
+        "F": 10 ** rng.uniform(-2, 5, 5),
+    }
+    params = {k: params[k] for k in laws.get_law(name).param_names}
+    got = laws.predict(name, params, D)
+    want = np.stack([_naive(name, {k: v[i] for k, v in params.items()}, D) for i in range(5)])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # scalar size -> one value per candidate; per-candidate sizes (M, S) -> (M, S)
+    np.testing.assert_allclose(laws.predict(name, params, 1638400.0), want[:, -1], rtol=1e-12)
+    np.testing.assert_allclose(laws.predict(name, params, np.tile(D, (5, 1))), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "rectified"])
+def test_closed_form_jacobian_matches_forward_mode(name):
+    law = laws.get_law(name)
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        log_d = jnp.log(jnp.asarray(D))
+        for _ in range(5):
+            raw = jnp.asarray(rng.normal(0, 2, len(law.param_names)))
+            y, jac = law.value_and_jac(raw, log_d, None)
+            np.testing.assert_allclose(y, law.log_predict(raw, log_d, None), rtol=1e-13)
+            ref = jax.jacfwd(law.log_predict)(raw, log_d, None)
+            np.testing.assert_allclose(jac, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_log_space_stays_finite_where_naive_underflows():
+    # B/D_l = e^-920 and E = e^-921 both underflow float64; their log-space sum does not.
+    raw = np.array([-690.0, 0.0, -921.0, 230.0])  # log B, log β, log E, log D_l
+    with jax.enable_x64(True):
+        y = np.asarray(laws.log_predict("rectified", jnp.asarray(raw), jnp.asarray([1.0, 10.0])))
+    assert np.exp(-920.0) == 0.0
+    np.testing.assert_allclose(
+        y, np.logaddexp(-921.0, -690.0 - np.logaddexp(230.0, [0.0, np.log(10.0)])), rtol=1e-14
+    )
+
+
+def test_ntk_law_uses_the_matrix_exponential():
+    """F(t) inside `lensllm_ntk` equals ‖expm(−ηΘt) r‖² (scipy) for a random PSD Θ."""
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(6, 6))
+    theta = a @ a.T + 0.1 * np.eye(6)
+    r = rng.normal(size=6)
+    eta, t = 0.05, 3.0
+    f_ref = np.sum((scipy.linalg.expm(-eta * theta * t) @ r) ** 2)
+    lam, u = np.linalg.eigh(theta)
+    aux = (lam[None], (u.T @ r)[None], np.array([eta]))  # numpy float64, leading M = 1
+    params = {"B": 2.0, "beta": 0.4, "E": 0.3, "t": t}
+    got = laws.predict("lensllm_ntk", params, D, aux=aux)
+    want = 2.0 / (f_ref + D**0.4) + 0.3
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_unknown_law_is_one_clear_line():
+    with pytest.raises(ValueError, match="unknown law 'nope'; choose one of: lensllm"):
+        laws.get_law("nope")
