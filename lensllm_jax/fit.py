@@ -251,11 +251,21 @@ def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("law_name", "loss", "solver", "max_steps", "explore_steps", "num_polish"),
+    static_argnames=(
+        "law_name",
+        "num_starts",
+        "loss",
+        "solver",
+        "max_steps",
+        "explore_steps",
+        "num_polish",
+    ),
 )
 def _solve_batch(
     law_name: str,
-    x0: Array,  # (M, K, P)
+    key: Array,
+    num_starts: int,
+    fixed_raw: Array,  # (M, P), NaN where free
     free: Array,  # (P,) bool
     log_d: Array,  # (M, S)
     log_l: Array,  # (M, S)
@@ -275,6 +285,7 @@ def _solve_batch(
     law = get_law(law_name)
     solve = _SOLVERS[solver]
     aux_axis = None if aux is None else 0
+    x0 = initial_starts(law, log_d, log_l, mask, key, num_starts, aux, fixed_raw)
 
     def run(x_start, ld, ll, mk, ax, steps):
         fn = functools.partial(
@@ -288,7 +299,7 @@ def _solve_batch(
         return over_all(x, log_d, log_l, mask, aux, steps)
 
     take = jax.vmap(lambda a, i: a[i])
-    if explore_steps < max_steps and num_polish < x0.shape[1]:
+    if explore_steps < max_steps and num_polish < num_starts:
         explored = batch(x0, explore_steps)
         order = jnp.argsort(explored.cost, axis=1)[:, :num_polish]
         sol = batch(take(explored.x, order), max_steps)
@@ -314,6 +325,7 @@ def initial_starts(
     key: Array,
     num_starts: int,
     aux: Any = None,
+    fixed_raw: Array | None = None,
 ) -> Array:
     """Data-driven random starting points, (M, K, P) raw parameters.
 
@@ -323,9 +335,12 @@ def initial_starts(
     [1, 1e8] (so it is sampled relative to the data, whatever β is), and B is then set in
     closed form so the curve passes through the data on average:
     log B = mean_s[log(L_s − E) + log(F + D_s^β)]. Start 0 is a fixed central point.
+    `fixed_raw` (M, P), NaN where free, replaces draws by held values before B is solved.
     """
     law = get_law(law)
     m = log_d.shape[0]
+    p = len(law.param_names)
+    fixed_raw = jnp.full((m, p), jnp.nan) if fixed_raw is None else fixed_raw
     k_e, k_b, k_c = jax.random.split(key, 3)
     # The same normalised starts for every candidate: a candidate's fit then depends on
     # its own curve alone, not on its position in the batch.
@@ -335,21 +350,22 @@ def initial_starts(
     log_beta = log_beta.at[:, 0].set(jnp.log(0.3))
     log_dstar = jax.random.uniform(k_c, shape, minval=0.0, maxval=jnp.log(1e8))
     log_dstar = log_dstar.at[:, 0].set(jnp.log(1e3))
-    u_e, log_beta, log_dstar = (
-        jnp.broadcast_to(a, (m, num_starts)) for a in (u_e, log_beta, log_dstar)
-    )
+
+    def held(i, drawn):  # (M, K): the fixed value of parameter i where there is one
+        return jnp.where(jnp.isnan(fixed_raw[:, i : i + 1]), drawn, fixed_raw[:, i : i + 1])
 
     l_min = jnp.min(jnp.where(mask, jnp.exp(log_l), jnp.inf), axis=1)  # (M,)
-    log_e = jnp.log(u_e * l_min[:, None])
-    beta = jnp.exp(log_beta)
+    log_e = held(2, jnp.log(u_e * l_min[:, None]))
+    log_beta = held(1, jnp.broadcast_to(log_beta, (m, num_starts)))
+    log_dstar = jnp.broadcast_to(log_dstar, (m, num_starts))
     if law.curvature_name is None:
         log_curv = None
     elif law.name == "lensllm_ntk":
         # log t: ηλ_max·t log-uniform in [1e-3, 1e5], from "nothing learned" to "all learned".
         eta_lmax = jnp.max(aux[0], axis=1) * jnp.broadcast_to(jnp.asarray(aux[2]), (m,))
-        log_curv = jnp.log(1e-3 / eta_lmax)[:, None] + log_dstar
+        log_curv = held(3, jnp.log(1e-3 / eta_lmax)[:, None] + log_dstar)
     else:
-        log_curv = beta * log_dstar  # F = D*^β
+        log_curv = held(3, jnp.exp(log_beta) * log_dstar)  # F = D*^β
     # log of 1/(F + D^β): the law itself with B = 1 and E negligible.
     unit = [jnp.zeros_like(log_e), log_beta, jnp.full_like(log_e, -700.0)]
     unit_raw = jnp.stack(unit + ([] if log_curv is None else [log_curv]), axis=-1)
@@ -358,9 +374,10 @@ def initial_starts(
         unit_raw, log_d, aux
     )
     gap = jnp.exp(log_l)[:, None, :] - jnp.exp(log_e)[..., None]
-    log_gap = jnp.log(jnp.where(mask[:, None, :], gap, 1.0))
+    log_gap = jnp.log(jnp.where(mask[:, None, :], jnp.maximum(gap, 1e-300), 1.0))
     n = jnp.maximum(jnp.sum(mask, axis=1), 1)[:, None]
     log_b = jnp.sum(jnp.where(mask[:, None, :], log_gap - log_inv_den, 0.0), axis=-1) / n
+    log_b = held(0, log_b)
     cols = [log_b, log_beta, log_e] + ([] if log_curv is None else [log_curv])
     return jnp.stack(cols, axis=-1)
 
@@ -463,21 +480,17 @@ def fit_law(
         groups = np.asarray(groups)[rows]
     free = np.array([n not in fixed and n not in shared for n in law.param_names])
     num_points = mk.sum(axis=1)
+    fixed_raw = np.full((m_pad, len(law.param_names)), np.nan)
+    for name, value in fixed.items():
+        value = np.broadcast_to(np.asarray(value, np.float64), (m,))[rows]
+        fixed_raw[:, law.param_names.index(name)] = np.log(value)
 
     with jax.enable_x64(True):
-        key = jax.random.PRNGKey(seed) if key is None else key
-        x0 = initial_starts(
-            law, jnp.asarray(log_d), jnp.asarray(log_l), jnp.asarray(mk_pad), key, num_starts, aux
-        )
-        x0 = np.array(x0)
-        for name, value in fixed.items():
-            i = law.param_names.index(name)
-            value = np.broadcast_to(np.asarray(value, np.float64), (m,))[rows]
-            x0[:, :, i] = np.log(value)[:, None]
-
         run = functools.partial(
             _run,
             law.name,
+            jax.random.PRNGKey(seed) if key is None else key,
+            num_starts,
             free=free,
             loss=loss,
             delta=huber_delta,
@@ -488,10 +501,10 @@ def fit_law(
         )
         if "beta" in shared:
             x, cost, conv, resid = _profile_beta(
-                run, law, x0, log_d, log_l, mk_pad, aux, groups, beta_grid
+                run, law, fixed_raw, log_d, log_l, mk_pad, aux, groups, beta_grid
             )
         else:
-            x, cost, conv, resid = run(x0, log_d, log_l, mk_pad, aux)
+            x, cost, conv, resid = run(fixed_raw, log_d, log_l, mk_pad, aux)
         x, cost, conv, resid = x[:m], cost[:m], conv[:m], resid[:m]
 
     n = np.maximum(num_points, 1)
@@ -501,7 +514,8 @@ def fit_law(
     status = np.where(num_points < free.sum(), FitStatus.TOO_FEW_POINTS, status).astype(np.int64)
     failed = status > FitStatus.MAX_STEPS
     x = np.where(failed[:, None], np.nan, x)
-    params = {name: np.exp(x[:, i]) for i, name in enumerate(law.param_names)}
+    with np.errstate(over="ignore"):  # a parameter that ran off to infinity stays inf
+        params = {name: np.exp(x[:, i]) for i, name in enumerate(law.param_names)}
     rmse = np.sqrt(np.sum(resid**2, axis=1) / n)
     return FitResult(
         params=params,
@@ -521,44 +535,27 @@ def _bucket(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def _run(
-    law_name,
-    x0,
-    log_d,
-    log_l,
-    mask,
-    aux,
-    *,
-    free,
-    loss,
-    delta,
-    solver,
-    max_steps,
-    explore_steps,
-    num_polish,
-):
-    x, cost, conv, resid = _solve_batch(
+def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, **static):
+    out = _solve_batch(
         law_name,
-        jnp.asarray(x0),
-        jnp.asarray(free),
+        key,
+        num_starts,
+        jnp.asarray(fixed_raw),
+        jnp.asarray(static.pop("free")),
         jnp.asarray(log_d),
         jnp.asarray(log_l),
         jnp.asarray(mask),
         aux,
-        loss,
-        delta,
-        solver,
-        max_steps,
-        explore_steps,
-        num_polish,
+        **static,
     )
-    return np.asarray(x), np.asarray(cost), np.asarray(conv), np.asarray(resid)
+    return tuple(np.asarray(a) for a in out)
 
 
-def _profile_beta(run, law: Law, x0, log_d, log_l, mask, aux, groups, beta_grid):
+def _profile_beta(run, law: Law, fixed_raw, log_d, log_l, mask, aux, groups, beta_grid):
     """Shared-β fit by profiling: fit everything else with β fixed on a grid, pick the β
-    that minimises each group's total objective, then refine on a finer grid around it."""
-    m, k, p = x0.shape
+    that minimises each group's total objective, then refine on a finer grid around it.
+    Every grid point of every candidate is one more row of a single batched solve."""
+    m, p = fixed_raw.shape
     ib = law.param_names.index("beta")
     grp = np.zeros(m, np.int64) if groups is None else np.asarray(groups)
     if grp.shape != (m,):
@@ -566,23 +563,16 @@ def _profile_beta(run, law: Law, x0, log_d, log_l, mask, aux, groups, beta_grid)
     labels, grp_idx = np.unique(grp, return_inverse=True)
     coarse = np.log(np.asarray(beta_grid if beta_grid is not None else np.geomspace(0.005, 5, 48)))
 
-    def at_betas(log_betas):  # log_betas: (G, m) per candidate
+    def at_betas(log_betas):  # (G, M) β per grid point and candidate
         g = log_betas.shape[0]
-        xs = np.repeat(x0[None], g, axis=0)  # (G, M, K, P)
-        xs[..., ib] = log_betas[:, :, None]
+        held = np.repeat(fixed_raw[None], g, axis=0)  # (G, M, P)
+        held[..., ib] = log_betas
         rep = lambda a: np.concatenate([a] * g, axis=0)  # noqa: E731
-        aux_g = None if aux is None else jax.tree.map(lambda a: jnp.concatenate([a] * g), aux)
-        x, cost, conv, resid = run(
-            xs.reshape(g * m, k, p), rep(log_d), rep(log_l), rep(mask), aux_g
-        )
-        return (
-            x.reshape(g, m, p),
-            cost.reshape(g, m),
-            conv.reshape(g, m),
-            resid.reshape(g, m, -1),
-        )
+        aux_g = None if aux is None else jax.tree.map(lambda a: np.concatenate([a] * g), aux)
+        x, cost, conv, resid = run(held.reshape(g * m, p), rep(log_d), rep(log_l), rep(mask), aux_g)
+        return x.reshape(g, m, p), cost.reshape(g, m), conv.reshape(g, m), resid.reshape(g, m, -1)
 
-    def group_totals(cost):  # (G, M) -> (G, n_groups); a curve unfittable everywhere is ignored
+    def group_totals(cost):  # (G, M) -> (G, groups); a curve unfittable everywhere is ignored
         fit_somewhere = np.isfinite(cost).any(axis=0)
         c = np.where(np.isfinite(cost), cost, np.where(fit_somewhere, np.inf, 0.0))
         out = np.zeros((cost.shape[0], len(labels)))
@@ -590,7 +580,7 @@ def _profile_beta(run, law: Law, x0, log_d, log_l, mask, aux, groups, beta_grid)
         return out
 
     _, cost, _, _ = at_betas(np.repeat(coarse[:, None], m, axis=1))
-    best = np.argmin(group_totals(cost), axis=0)  # (n_groups,)
+    best = np.argmin(group_totals(cost), axis=0)  # (groups,)
     lo = coarse[np.maximum(best - 1, 0)]
     hi = coarse[np.minimum(best + 1, len(coarse) - 1)]
     fine = lo[None, :] + (hi - lo)[None, :] * np.linspace(0.0, 1.0, 17)[:, None]  # (17, groups)
