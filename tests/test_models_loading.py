@@ -64,7 +64,7 @@ def test_missing_tensor(llama_dir, tmp_path):
     d = _copy(llama_dir[1], tmp_path / "m")
     _rewrite(d, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
     with pytest.raises(
-        models.ModelLoadError, match=r"'layers\.2\.mlp\.up_proj\.weight' is missing"
+        models.ModelLoadError, match=r"'model\.layers\.2\.mlp\.up_proj\.weight' is missing"
     ):
         models.load(d)
 
@@ -326,6 +326,14 @@ def test_gguf_dequantisation(gguf_model, tmp_path, qtype):
         qtype
     ]
     assert lo <= err < hi
+
+
+def test_gguf_missing_tensor(gguf_model, tmp_path):
+    model = copy.deepcopy(gguf_model)
+    model.model.layers[1].mlp.down_proj = None  # state_dict then lacks the tensor
+    write_gguf(model, tmp_path / "m.gguf", Q.F32)
+    with pytest.raises(models.ModelLoadError, match=r"m\.gguf: tensor 'blk\.1\.ffn_down\.weight'"):
+        models.load(tmp_path / "m.gguf")
 
 
 def test_gguf_truncated(gguf_model, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 import torch
 from models_helpers import rel_err, save, tiny_torch_model, tokens
 
@@ -44,6 +45,7 @@ def test_right_padding_and_prompt_mask(tmp_path):
     assert float(m.per_example_loss(m.params, empty)[0]) == 0.0
 
 
+@pytest.mark.slow
 def test_per_example_loss_vmaps_to_per_example_gradients(tmp_path):
     """The NTK/Hessian helpers differentiate per example: vmap(grad) equals a loop of grads."""
     m = models.load(save(tiny_torch_model("mistral_sliding"), tmp_path))

@@ -105,6 +105,7 @@ def test_sharded_checkpoint(name, tmp_path):
     assert rel_err(jax.jit(m.apply)(m.params, x), torch_logits(model, x)) < TOL
 
 
+@pytest.mark.slow
 def test_gradients_match_torch_backward(tmp_path):
     """jax.grad of the masked mean loss equals torch autograd, leaf by leaf (Llama, GQA)."""
     model = tiny_torch_model("llama3_gqa_head_dim_tied").train(False)
@@ -144,6 +145,7 @@ def test_gradients_match_torch_backward(tmp_path):
         assert rel_err(ours, tg[n]) < 1e-4, n
 
 
+@pytest.mark.slow
 def test_scan_unrolled_and_remat_agree(tmp_path):
     d = save(tiny_torch_model("neox_partial_rotary"), tmp_path)
     scanned = models.load(d)

@@ -19,7 +19,7 @@ from .config import LMConfig
 from .errors import ModelConfigError, ModelLoadError
 from .weights import TensorRef
 
-__all__ = ["gguf_config", "gguf_refs", "open_gguf", "unpermute_qk"]
+__all__ = ["gguf_config", "gguf_name", "gguf_refs", "open_gguf", "unpermute_qk"]
 
 SUPPORTED_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
@@ -119,6 +119,16 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
         .swapaxes(1, 2)
         .reshape(w.shape)
     )
+
+
+def gguf_name(canonical: str) -> str:
+    """Canonical HF name -> GGUF tensor name (for error messages)."""
+    layer = {v: k for k, v in _LAYER.items()}
+    top = {v: k for k, v in _TOP.items()}
+    parts = canonical.split(".")
+    if parts[0] == "layers":
+        return f"blk.{parts[1]}.{layer.get('.'.join(parts[2:-1]), '?')}.{parts[-1]}"
+    return f"{top.get(parts[0], parts[0])}.{parts[-1]}"
 
 
 def _canonical(name: str) -> str | None:

@@ -231,6 +231,10 @@ def run_layers(
 
         x, _ = jax.lax.scan(body, x, (layers, jnp.arange(n)))
         return x
+    # One split per leaf (its transpose is one concatenate), not n slices whose gradients would
+    # be n zero-padded full-size arrays summed together.
+    leaves, treedef = jax.tree_util.tree_flatten(layers)
+    per_leaf = [jnp.unstack(a, axis=0) for a in leaves]
     for i in range(n):
-        x = fn(x, jax.tree_util.tree_map(lambda a, i=i: a[i], layers), jnp.asarray(i))
+        x = fn(x, jax.tree_util.tree_unflatten(treedef, [p[i] for p in per_leaf]), jnp.asarray(i))
     return x

@@ -216,12 +216,14 @@ def _torch_bin_refs(files: list[Path]) -> dict[str, TensorRef]:
 
 def _load_gguf(p: Path, dtype, scan_layers, remat) -> CausalLM:
     from . import llama
-    from .gguf_file import gguf_config, gguf_refs, open_gguf
+    from .gguf_file import gguf_config, gguf_name, gguf_refs, open_gguf
 
     reader = open_gguf(p)
     cfg = gguf_config(reader, p)
     refs, transforms = gguf_refs(reader, p, cfg)
-    params = build_params(cfg, llama, refs, dtype=dtype, where=str(p), transforms=transforms)
+    params = build_params(
+        cfg, llama, refs, dtype=dtype, where=str(p), transforms=transforms, display=gguf_name
+    )
 
     def load_tok():
         from transformers import AutoTokenizer

@@ -176,6 +176,12 @@ def canonical_refs(
     return out
 
 
+def _hf_display(family: ModuleType) -> Callable[[str], str]:
+    """Canonical name -> the name save_pretrained writes (family prefix restored)."""
+    head = family.hf_name(("lm_head", "kernel"))[0]
+    return lambda n: n if n == head else family.HF_PREFIXES[0] + n
+
+
 def _expected(cfg: LMConfig, family: ModuleType):
     """[(leaf path, per-layer?, params shape, HF name template, transpose?)] from eval_shape."""
     shapes = jax.eval_shape(lambda: family.init_params(cfg, jax.random.key(0)))
@@ -195,10 +201,12 @@ def build_params(
     dtype: Any = jnp.float32,
     where: str,
     transforms: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+    display: Callable[[str], str] | None = None,
 ) -> dict:
     """Assemble the params pytree from canonical-named refs (see module docstring).
 
-    `transforms` maps a canonical name to a function applied after reading (GGUF un-permute).
+    `transforms` maps a canonical name to a function applied after reading (GGUF un-permute);
+    `display` turns a canonical name into the file's own naming for error messages.
     Cost: one read of every tensor, O(N_params) memory in host RAM plus the device copy.
     """
     refs = canonical_refs(refs, family.HF_PREFIXES)
@@ -214,7 +222,8 @@ def build_params(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(
-            f"{where}: tensor {missing[0]!r} is missing{more}; the checkpoint does not match "
+            f"{where}: tensor {(display or _hf_display(family))(missing[0])!r} is missing{more}; "
+            f"the checkpoint does not match "
             f"its config ({cfg.model_type}, {cfg.num_layers} layers)"
         )
     ignore = [re.compile(p) for p in family.HF_IGNORE]
