@@ -170,7 +170,7 @@ def read_curve_table(path: str | PathLike[str]) -> CurveTable:
     Cost: O(M·S) parsing, no numerical work.
     """
     path = Path(path)
-    name = path.name
+    name = str(path)  # as the user gave it, so two flan.csv in different folders differ
     header, rows = _open_rows(path)
 
     lowered = [h.lower() for h in header]

@@ -146,7 +146,10 @@ def run(
         for ratio in ratios:
             budget = budget_label(ratio)
             for name, method in chosen.items():
-                sel = method(table, target / ratio, target)
+                with warnings.catch_warnings():
+                    # One warning per failure, below, with the dataset and budget in it.
+                    warnings.simplefilter("ignore", CurveFitWarning)
+                    sel = method(table, target / ratio, target)
                 _warn_failed(table, budget, name, sel.status)
                 scores = np.asarray(sel.scores, dtype=np.float64)
                 values = (

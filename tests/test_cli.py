@@ -352,3 +352,55 @@ def test_no_arguments_uses_env_then_cache(
     code, out, err = _run(["reproduce", "--methods", "LastPoint"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "cannot download" in err and "LENSLLM_DATA" in err
+
+
+# --- end to end on the real benchmark -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_end_to_end_reproduces_published(tmp_path, fts_dir, published_csv):
+    """`lensllm reproduce` with no data arguments, all methods, in a real process (twice:
+    the second run uses JAX's persistent compilation cache and must print the same)."""
+    select = pytest.importorskip("lensllm_jax.select", reason="select.py not landed yet")
+    env = {**os.environ, "LENSLLM_DATA": str(fts_dir), "LENSLLM_CACHE": str(tmp_path / "c")}
+    env.pop("LENSLLM_JIT_CACHE", None)
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.csv"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lensllm_jax.cli",
+                "reproduce",
+                "--format",
+                "csv",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    assert any((tmp_path / "c" / "jax").iterdir())  # the compilation cache was filled
+    rows = list(csv.DictReader(io.StringIO(outs[0])))
+    methods = list(select.METHODS)
+    assert len(rows) == 2 * len(RATIOS) * len(methods) * 4
+    assert {r["method"] for r in rows} == set(methods)
+    ours = {
+        (r["dataset"], r["budget"], r["method"], r["metric"]): float(r["value_percent"])
+        for r in rows
+    }
+    with open(published_csv, newline="") as f:
+        published = list(csv.DictReader(f))
+    exact = [p for p in published if p["method"] in ("AtS", "ZeroShot", "SubTuning", "ModelSize")]
+    assert len(exact) == 112  # PearCorr and RelAcc, 2 datasets x 7 budgets, 4 methods
+    for p in exact:
+        key = (p["dataset"], p["budget"], p["method"], p["metric"])
+        assert ours[key] == pytest.approx(float(p["value_percent"]), abs=0.2), key
