@@ -20,6 +20,7 @@ from scipy import stats
 import lensllm_jax
 from lensllm_jax import cli, data, reproduce
 from lensllm_jax.curves import read_curve_table
+from lensllm_jax.errors import LensLLMInputError
 
 TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
@@ -262,6 +263,26 @@ def test_bad_input_exit_2(tmp_path, fts_dir, toy_methods, capsys, case):
     assert "Traceback" not in err
     assert out.read_text() == "previous results\n"
     assert not list(tmp_path.glob(".out.csv*"))
+
+
+def test_library_checks_everything_before_running(tmp_path, fts_dir, toy_methods):
+    """reproduce.run raises the one-line error before any method runs."""
+    calls = []
+
+    def spy(table, budget_size, target):
+        calls.append(table.name)
+        return last_point(table, budget_size, target)
+
+    good = read_curve_table(fts_dir / "flan.csv")
+    bad_path, _ = _bad_tables(tmp_path, fts_dir)["fewpoints"]
+    bad = read_curve_table(bad_path)
+    with pytest.raises(LensLLMInputError, match=r"budget 1/512 .* need at least 3"):
+        reproduce.run([good, bad], {"Spy": spy})
+    with pytest.raises(LensLLMInputError, match=r"unknown method 'Nope'"):
+        reproduce.run([good], ["LastPoint", "Nope"])
+    with pytest.raises(LensLLMInputError, match="no curve tables"):
+        reproduce.run([], {"Spy": spy})
+    assert calls == []
 
 
 @pytest.mark.parametrize(
