@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,12 +30,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _time(cmd: list[str], env: dict[str, str]) -> float:
+CPU: dict[str, list[float]] = {}
+
+
+def _time(cmd: list[str], env: dict[str, str], label: str = "") -> float:
+    """Wall seconds of one run; its CPU seconds (user + sys) go to CPU[label]: on a busy
+    shared machine the CPU time is the steadier figure."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    CPU.setdefault(label, []).append(round(cpu, 3))
     return dt
 
 
@@ -55,9 +65,9 @@ def main() -> None:
         cache = tempfile.mkdtemp(prefix="lensllm-bench-")
         env = {**base, "LENSLLM_CACHE": cache}
         try:
-            first.append(_time(cli, env))
-            cached.append(_time(cli, env))
-            nocache.append(_time(cli, {**env, "LENSLLM_JIT_CACHE": "0"}))
+            first.append(_time(cli, env, "first"))
+            cached.append(_time(cli, env, "cached"))
+            nocache.append(_time(cli, {**env, "LENSLLM_JIT_CACHE": "0"}, "no_jit_cache"))
             jit_files = sum(1 for _ in Path(cache, "jax").rglob("*") if _.is_file())
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -75,6 +85,8 @@ def main() -> None:
         "import_jax_s": round(statistics.median(imp_jax), 3),
         "jit_cache_files": jit_files,
         "all_runs_s": {"first": first, "cached": cached, "no_jit_cache": nocache},
+        "cpu_s": CPU,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "target_s": 3.0,
         "machine": {
             "python": platform.python_version(),

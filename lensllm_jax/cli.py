@@ -39,6 +39,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+def _method_names() -> tuple[str, ...]:
+    from lensllm_jax.reproduce import method_names  # select is light: no jax until a fit
+
+    return method_names()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -71,7 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         metavar="M",
-        help="selection methods to run (default: all); e.g. AtS LensLLM",
+        help=f"selection methods to run (default: all): {', '.join(_method_names())}",
     )
     rep.add_argument("--format", choices=FORMATS, default="table", help="output format")
     rep.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
