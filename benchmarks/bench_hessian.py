@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_ntk import (
     PRESETS,
+    build_model,
+    default_model,
     gpt2_grad_flops,
-    init_gpt2,
     machine,
-    make_per_example_loss,
     peak_memory_bytes,
     time_jitted,
     to_torch,
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--probe-batch", type=int, default=None, help="probes vmapped at once")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--model", choices=["zoo", "builtin"], default=default_model())
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
     cfg["n"] = 8  # the Hutchinson batch, unless overridden
@@ -63,9 +64,8 @@ def main() -> None:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     n, seq = cfg["n"], cfg["seq"]
-    params = init_gpt2(jax.random.key(0), cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], seq)
-    tokens = jax.random.randint(jax.random.key(1), (n, seq), 0, cfg["vocab"])
-    per_ex = make_per_example_loss(cfg["heads"])
+    model = build_model(cfg, args.model)
+    params, tokens, per_ex = model["params"], model["batch"], model["loss"]
 
     def run(p, x, key):
         est = hessian.hutchinson_trace(
@@ -78,6 +78,7 @@ def main() -> None:
         "benchmark": "hutchinson_trace",
         "machine": machine(),
         "config": {**cfg, "preset": args.preset, "probes": args.probes},
+        "model": args.model,
         "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "target_s_h200_gpt2_small": 0.10,
     }
@@ -103,12 +104,12 @@ def main() -> None:
             res["torch_jvp_grad"] = "torch not installed"
         else:
             torch.set_num_threads(os.cpu_count() or 1)
-            tparams = to_torch(params)
+            tparams = to_torch(model["to_builtin"](params))
             tloss = torch_per_example_loss(cfg["heads"])
-            ttok = torch.tensor(np.asarray(tokens), dtype=torch.long)
+            ttok = torch.tensor(np.asarray(model["tokens"]), dtype=torch.long)
             # the same Rademacher probes as ours (hessian.rademacher on the split keys)
             keys = jax.random.split(key, args.probes)
-            probes = [to_torch(hessian.rademacher(k, params)) for k in keys]
+            probes = [to_torch(model["to_builtin"](hessian.rademacher(k, params))) for k in keys]
             g_fn = grad(lambda p: tloss(p, ttok).mean())
 
             def torch_trace():

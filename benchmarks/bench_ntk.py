@@ -19,8 +19,10 @@ Peak memory: the device's `memory_stats()` when it has one (GPU), else process m
 
 Usage: python benchmarks/bench_ntk.py --preset gpt2-small          # on a GPU
        python benchmarks/bench_ntk.py --preset tiny --n 16 --seq 32  # CPU-sized
-The model is a minimal GPT-2 (pre-LN, tied embeddings, GELU MLP, learned positions) with its
-layers stacked and scanned, defined here so the benchmark does not depend on the model zoo.
+--model zoo (default when importable): lensllm_jax.models' GPT-2 (scanned layers); --model
+builtin: a minimal GPT-2 defined here (pre-LN, tied embeddings, tanh-GELU, learned positions,
+stacked and scanned layers). The torch twin is the builtin architecture, loaded with the same
+weights in both cases, so its kernel must agree with ours.
 """
 
 from __future__ import annotations
@@ -155,6 +157,65 @@ def torch_per_example_loss(heads: int):
     return loss
 
 
+def zoo_to_builtin(p: dict[str, Any]) -> dict[str, Any]:
+    """lensllm_jax.models' GPT-2 params (or any tree of that shape) in the builtin layout."""
+    lay = p["layers"]
+    return {
+        "wte": p["wte"]["embedding"],
+        "wpe": p["wpe"]["embedding"],
+        "h": {
+            "ln1_g": lay["ln_1"]["scale"],
+            "ln1_b": lay["ln_1"]["bias"],
+            "attn_w": lay["c_attn"]["kernel"],
+            "attn_b": lay["c_attn"]["bias"],
+            "proj_w": lay["attn_proj"]["kernel"],
+            "proj_b": lay["attn_proj"]["bias"],
+            "ln2_g": lay["ln_2"]["scale"],
+            "ln2_b": lay["ln_2"]["bias"],
+            "fc_w": lay["c_fc"]["kernel"],
+            "fc_b": lay["c_fc"]["bias"],
+            "mlp_w": lay["mlp_proj"]["kernel"],
+            "mlp_b": lay["mlp_proj"]["bias"],
+        },
+        "lnf_g": p["ln_f"]["scale"],
+        "lnf_b": p["ln_f"]["bias"],
+    }
+
+
+def build_model(cfg: dict[str, int], which: str) -> dict[str, Any]:
+    """params, batch, per_example_loss(params, batch) -> (N,), and `to_builtin` (a params-shaped
+    tree in the builtin layout, for the torch twin). which="zoo": lensllm_jax.models' GPT-2."""
+    n, seq, vocab = cfg["n"], cfg["seq"], cfg["vocab"]
+    tokens = jax.random.randint(jax.random.key(1), (n, seq), 0, vocab)
+    if which == "zoo":
+        from lensllm_jax import models
+
+        hf = {
+            "model_type": "gpt2",
+            "n_embd": cfg["d"],
+            "n_layer": cfg["layers"],
+            "n_head": cfg["heads"],
+            "vocab_size": vocab,
+            "n_positions": seq,
+        }
+        m = models.from_config(hf, 0)
+        return {
+            "params": m.params,
+            "batch": {"tokens": tokens, "loss_mask": jnp.ones_like(tokens)},
+            "loss": lambda p, b: models.per_example_loss(m.apply, p, b),
+            "to_builtin": zoo_to_builtin,
+            "tokens": tokens,
+        }
+    params = init_gpt2(jax.random.key(0), vocab, cfg["d"], cfg["layers"], cfg["heads"], seq)
+    return {
+        "params": params,
+        "batch": tokens,
+        "loss": make_per_example_loss(cfg["heads"]),
+        "to_builtin": lambda p: p,
+        "tokens": tokens,
+    }
+
+
 def to_torch(params):
     import torch
 
@@ -176,6 +237,15 @@ def gpt2_grad_flops(cfg: dict[str, int], n: int, seq: int) -> float:
     d, nl, v = cfg["d"], cfg["layers"], cfg["vocab"]
     fwd_per_token = 2 * (nl * 12 * d * d + v * d) + nl * 4 * seq * d
     return 3.0 * fwd_per_token * n * seq
+
+
+def default_model() -> str:
+    """The model zoo's GPT-2 when it imports, else the builtin twin."""
+    try:
+        from lensllm_jax import models  # noqa: F401
+    except ImportError:
+        return "builtin"
+    return "zoo"
 
 
 def machine() -> dict[str, Any]:
@@ -246,6 +316,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--model", choices=["zoo", "builtin"], default=default_model())
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
     for k in cfg:
@@ -254,10 +325,9 @@ def main() -> None:
     n, seq = cfg["n"], cfg["seq"]
     chunk = args.chunk or max(1, n // 2)
 
-    params = init_gpt2(jax.random.key(0), cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], seq)
+    model = build_model(cfg, args.model)
+    params, tokens, loss = model["params"], model["batch"], model["loss"]
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    tokens = jax.random.randint(jax.random.key(1), (n, seq), 0, cfg["vocab"])
-    loss = make_per_example_loss(cfg["heads"])
 
     kernel_fn = ntk.empirical_ntk_fn(
         loss, chunk_size=chunk, jacobian_dtype=jnp.bfloat16 if args.bf16 else None
@@ -266,6 +336,7 @@ def main() -> None:
         "benchmark": "entk_loss_gradient_kernel",
         "machine": machine(),
         "config": {**cfg, "preset": args.preset, "chunk": chunk, "bf16": args.bf16},
+        "model": args.model,
         "n_params": n_params,
         "target_s_h200_gpt2_small": 0.10,
     }
@@ -284,7 +355,8 @@ def main() -> None:
     if not args.no_naive:
 
         def naive(p, x):
-            grads = jax.vmap(jax.grad(lambda p, xi: loss(p, xi[None])[0]), (None, 0))(p, x)
+            one = lambda xi: jax.tree.map(lambda a: a[None], xi)  # noqa: E731
+            grads = jax.vmap(jax.grad(lambda p, xi: loss(p, one(xi))[0]), (None, 0))(p, x)
             j = jnp.concatenate([a.reshape(n, -1) for a in jax.tree.leaves(grads)], axis=1)
             return j @ j.T
 
@@ -304,9 +376,9 @@ def main() -> None:
             res["torch_vmap_grad"] = "torch not installed"
         else:
             torch.set_num_threads(os.cpu_count() or 1)
-            tparams = to_torch(params)
+            tparams = to_torch(model["to_builtin"](params))
             tloss = torch_per_example_loss(cfg["heads"])
-            ttok = torch.tensor(np.asarray(tokens), dtype=torch.long)
+            ttok = torch.tensor(np.asarray(model["tokens"]), dtype=torch.long)
             per_ex = vmap(grad(tloss), in_dims=(None, 0))
 
             def torch_kernel():

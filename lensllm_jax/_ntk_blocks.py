@@ -7,8 +7,8 @@ most two chunks of Jacobians are alive at once: a "row" block R and a "column" b
 Symmetric schedule (x2 is None), nb = ceil(N / c) blocks: row i is held while the columns are
 visited from the last down to i + 1; the last column computed (i + 1) is promoted to be the next
 row, so the kernel costs 1 + nb (nb - 1) / 2 chunk Jacobians instead of the nb^2 of a naive
-double loop (exactly nb when nb <= 2). Everything runs inside one `lax.scan`, so the model
-appears once in the compiled program whatever nb is.
+double loop (exactly nb when nb <= 2). For nb <= UNROLL_MAX_BLOCKS the schedule is unrolled;
+beyond that it runs inside one `lax.scan`, so the model appears once in the program.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
+# Up to this many blocks the schedule is unrolled at trace time (the model appears
+# 1 + nb (nb - 1) / 2 times in the program); beyond it a `lax.scan` keeps one copy.
+UNROLL_MAX_BLOCKS = 3
 JacFn = Callable[
     [PyTree], PyTree
 ]  # chunk of inputs (c, ...) -> per-example Jacobians (c, A, C, *leaf)
@@ -75,7 +78,16 @@ def symmetric_kernel(
     theta = jnp.zeros((nb, nb, chunk, chunk, a, b), acc_dtype)
     theta = theta.at[0, 0].set(gram(r0, r0, acc_dtype, precision))
     steps = [(i, j, j == i + 1) for i in range(nb - 1) for j in range(nb - 1, i, -1)]
-    if not steps:
+    if nb <= UNROLL_MAX_BLOCKS:
+        # Few blocks: the schedule unrolled (no scan carry or cond copying the Jacobians).
+        r_jac = r0
+        for i, j, prom in steps:
+            c_jac = jac(take(j))
+            g = gram(r_jac, c_jac, acc_dtype, precision)
+            theta = theta.at[i, j].set(g).at[j, i].set(g.transpose(1, 0, 3, 2))
+            if prom:
+                theta = theta.at[j, j].set(gram(c_jac, c_jac, acc_dtype, precision))
+                r_jac = c_jac
         return _unblock(theta, n, n)
     rows, cols, promote = (np.asarray(s) for s in zip(*steps, strict=True))
 

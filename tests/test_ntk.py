@@ -93,7 +93,7 @@ IMPLS = list(ntk.NtkImplementation)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("chunk", [None, 3])  # 3: three blocks of 7, padded
+@pytest.mark.parametrize("chunk", [None, 2, 3])  # 7 = 4 x 2 (scan) or 3 x 3 (unrolled), padded
 def test_mlp_ntk_matches_dense_reference(impl, chunk):
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: a.astype(jnp.float64), mlp_init(jax.random.key(0)))
