@@ -254,7 +254,9 @@ def lensllm(table: CurveTable, budget_size: float, target: float = TARGET) -> Se
     """
     sizes, _ = visible_curves(table, budget_size)
     law_pred, ok, _ = lensllm_law_predictions(table, budget_size, target)
-    ats_pred = ats(table, budget_size, target).scores
+    with warnings.catch_warnings():  # one warning, below, for the combined prediction
+        warnings.simplefilter("ignore", CurveFitWarning)
+        ats_pred = ats(table, budget_size, target).scores
     with np.errstate(all="ignore"):
         pred = np.exp(0.5 * (np.log(law_pred) + np.log(ats_pred)))
     return _from_predictions(pred, ok, sizes, "LensLLM")

@@ -48,7 +48,13 @@ def _with_future(table: CurveTable, budget: float, value: float) -> CurveTable:
     )
 
 
-@pytest.mark.parametrize("name", list(select.METHODS))
+LAW_METHODS = ("VanillaFit", "RectifiedFit", "LensLLM")  # jit-compile on first use: slow
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in LAW_METHODS else n for n in select.METHODS],
+)
 def test_methods_never_see_sizes_above_budget(name):
     table = _synthetic()
     budget = select.TARGET / 64
@@ -109,6 +115,7 @@ def test_ats_matches_reference_and_stops_at_phase_change():
     assert got == pytest.approx(50.0 * select.TARGET**-0.3, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_failed_fit_is_status_nan_warning_and_ranks_last():
     table = _synthetic()
     losses = table.losses.copy()
@@ -125,6 +132,7 @@ def test_failed_fit_is_status_nan_warning_and_ranks_last():
         assert np.isfinite(np.delete(sel.scores, 2)).all()
 
 
+@pytest.mark.slow
 def test_lensllm_law_recovers_synthetic_extrapolation():
     table = _synthetic()
     with warnings.catch_warnings():
