@@ -50,9 +50,12 @@ def _timed(fn, *args, repeats: int) -> tuple[float, float]:
     return compile_s, best
 
 
-def bench(name: str, args: argparse.Namespace, scan_layers: bool) -> dict:
+def bench(name: str, args: argparse.Namespace, scan_layers: bool, depth: int | None) -> dict:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    m = models.from_config(SHAPES[name], 0, dtype=dtype, scan_layers=scan_layers, remat=args.remat)
+    cfg = models.config_from_hf(SHAPES[name])
+    if depth is not None:
+        cfg = cfg.replace(num_layers=depth)
+    m = models.from_config(cfg, 0, dtype=dtype, scan_layers=scan_layers, remat=args.remat)
     rng = np.random.default_rng(0)
     v = m.config.vocab_size
     toks = jnp.asarray(rng.integers(0, v, (args.batch, args.seq)), jnp.int32)
@@ -76,6 +79,7 @@ def bench(name: str, args: argparse.Namespace, scan_layers: bool) -> dict:
     return {
         "model": name,
         "layers": "scan" if scan_layers else "unrolled",
+        "num_layers": cfg.num_layers,
         "n_params": models.count_params(m.params),
         "dtype": args.dtype,
         "remat": args.remat,
@@ -103,8 +107,17 @@ def main() -> None:
     p.add_argument(
         "--layers", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"]
     )
+    p.add_argument(
+        "--depths", nargs="+", type=int, default=None,
+        help="override the number of layers (a sweep shows compile time vs depth)",
+    )  # fmt: skip
     args = p.parse_args()
-    results = [bench(n, args, mode == "scan") for n in args.models for mode in args.layers]
+    results = [
+        bench(n, args, mode == "scan", depth)
+        for n in args.models
+        for depth in (args.depths or [None])
+        for mode in args.layers
+    ]
     dev = jax.devices()[0]
     print(
         json.dumps(

@@ -81,7 +81,11 @@ def forward(
     scan_layers: bool = True,
     remat: bool = False,
 ) -> Array:
-    """Logits (batch, seq, vocab) in f32 for int tokens (batch, seq); mask 1 = real token."""
+    """Logits (batch, seq, vocab) in f32 for int tokens (batch, seq); mask 1 = real token.
+
+    Positions are 0..seq−1 whatever the mask (as transformers' forward without position_ids):
+    pad on the right, or expect left padding to shift positions.
+    """
     b, s = tokens.shape
     emb = params["embed"]["embedding"]
     x = emb[tokens]

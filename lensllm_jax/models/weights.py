@@ -102,6 +102,11 @@ def safetensors_refs(path: Path) -> dict[str, TensorRef]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(info, dict) and info.get("dtype") not in _ST_DTYPES:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r} "
+                f"(supported: {', '.join(_ST_DTYPES)})"
+            )
         try:
             dtype = np.dtype(_ST_DTYPES[info["dtype"]])
             shape = tuple(int(d) for d in info["shape"])
