@@ -287,16 +287,22 @@ def _solve_batch(
     aux_axis = None if aux is None else 0
     x0 = initial_starts(law, log_d, log_l, mask, key, num_starts, aux, fixed_raw)
 
+    m = log_d.shape[0]
+
     def run(x_start, ld, ll, mk, ax, steps):
         fn = functools.partial(
             _residuals_and_jac, law, log_d=ld, log_l=ll, mask=mk, aux=ax, loss=loss, delta=delta
         )
         return solve(fn, x_start, free, max_steps=steps)
 
-    def batch(x, steps):
-        over_starts = jax.vmap(run, in_axes=(0, None, None, None, None, None))
-        over_all = jax.vmap(over_starts, in_axes=(0, 0, 0, 0, aux_axis, None))
-        return over_all(x, log_d, log_l, mask, aux, steps)
+    def batch(x, steps):  # x: (M, k, P). One flat vmap over M·k lanes traces faster.
+        k = x.shape[1]
+        lane = jnp.repeat(jnp.arange(m), k)
+        ax = None if aux is None else jax.tree.map(lambda a: a[lane], aux)
+        flat = jax.vmap(run, in_axes=(0, 0, 0, 0, aux_axis, None))(
+            x.reshape(m * k, -1), log_d[lane], log_l[lane], mask[lane], ax, steps
+        )
+        return jax.tree.map(lambda a: a.reshape((m, k, *a.shape[1:])), flat)
 
     take = jax.vmap(lambda a, i: a[i])
     if explore_steps < max_steps and num_polish < num_starts:
@@ -469,26 +475,36 @@ def fit_law(
     # Sanitise unused entries so no NaN leaks into gradients through masked lanes.
     log_d = np.log(np.where(mk, d2, 1.0))
     log_l = np.log(np.where(mk, l2, 1.0))
-    # Pad to bucketed shapes so differently sized calls share compiled code: duplicated
-    # rows are fitted and dropped; padded columns are masked out.
-    m_pad, s_pad = _bucket(m, 64), _bucket(l2.shape[1], 4) - l2.shape[1]
+    # Pad to bucketed shapes so differently sized calls share compiled code (S to a
+    # multiple of 16, M to a power of two or a multiple of 64): duplicated rows are fitted
+    # and dropped; padded columns are masked out.
+    m_pad, s_pad = _bucket(m, 64), -(-l2.shape[1] // 16) * 16 - l2.shape[1]
     rows = np.concatenate([np.arange(m), np.zeros(m_pad - m, np.int64)])
     log_d, log_l, mk_pad = (np.pad(a[rows], ((0, 0), (0, s_pad))) for a in (log_d, log_l, mk))
     if aux is not None:
         aux = jax.tree.map(lambda a: np.asarray(a)[rows] if np.ndim(a) else a, aux)
     if groups is not None:
         groups = np.asarray(groups)[rows]
-    free = np.array([n not in fixed and n not in shared for n in law.param_names])
+    # The solve runs on the law's kernel: the law itself, or a more general law with some
+    # raw parameters pinned (vanilla = rectified with D_l = e^-700, i.e. D_l → 0).
+    kernel_name, pinned = _KERNELS.get(law.name, (law.name, {}))
+    kernel = get_law(kernel_name)
+    p_law = len(law.param_names)
+    free = np.array(
+        [n not in fixed and n not in shared for n in law.param_names] + [False] * len(pinned)
+    )
     num_points = mk.sum(axis=1)
-    fixed_raw = np.full((m_pad, len(law.param_names)), np.nan)
+    fixed_raw = np.full((m_pad, len(kernel.param_names)), np.nan)
     for name, value in fixed.items():
         value = np.broadcast_to(np.asarray(value, np.float64), (m,))[rows]
         fixed_raw[:, law.param_names.index(name)] = np.log(value)
+    for name, raw_value in pinned.items():
+        fixed_raw[:, kernel.param_names.index(name)] = raw_value
 
     with jax.enable_x64(True):
         run = functools.partial(
             _run,
-            law.name,
+            kernel_name,
             jax.random.PRNGKey(seed) if key is None else key,
             num_starts,
             free=free,
@@ -505,7 +521,7 @@ def fit_law(
             )
         else:
             x, cost, conv, resid = run(fixed_raw, log_d, log_l, mk_pad, aux)
-        x, cost, conv, resid = x[:m], cost[:m], conv[:m], resid[:m]
+        x, cost, conv, resid = x[:m, :p_law], cost[:m], conv[:m], resid[:m]
 
     n = np.maximum(num_points, 1)
     finite = np.isfinite(cost)
@@ -526,6 +542,15 @@ def fit_law(
         num_points=num_points,
         law=law.name,
     )
+
+
+# Laws solved through another law's compiled kernel: same mathematics under other names
+# (lensllm with fitted F is the rectified law), or a limit of it with raw parameters pinned
+# (vanilla is rectified with D_l -> 0). One compilation then serves all three laws.
+_KERNELS: dict[str, tuple[str, dict[str, float]]] = {
+    "lensllm": ("rectified", {}),
+    "vanilla": ("rectified", {"D_l": -700.0}),
+}
 
 
 def _bucket(n: int, step: int) -> int:
