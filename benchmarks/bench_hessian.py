@@ -69,7 +69,13 @@ def main() -> None:
 
     def run(p, x, key):
         est = hessian.hutchinson_trace(
-            lambda q: per_ex(q, x).mean(), p, key, args.probes, batch_size=args.probe_batch
+            lambda q: per_ex(q, x).mean(),
+            p,
+            key,
+            args.probes,
+            group_by="top",
+            stacked="layers" if args.model == "zoo" else "h",  # per-layer traces
+            batch_size=args.probe_batch,
         )
         return est.mean, est.stderr, est.per_group
 
@@ -86,6 +92,7 @@ def main() -> None:
     mean, se, per_group = h.pop("_out")
     h["trace"], h["stderr"] = float(mean), float(se)
     h["per_group_sum_minus_total"] = float(sum(per_group.values()) - mean)
+    h["per_layer_trace"] = {g: float(v) for g, v in per_group.items()}
     res["hutchinson"] = h
     g = time_jitted(jax.grad(lambda p, x: per_ex(p, x).mean()), params, tokens, repeat=args.repeat)
     g.pop("_out")

@@ -15,7 +15,9 @@ unbiased estimate of tr(H_gg), and the groups sum to zᵀHz exactly.
 
 Groups: `group_by="leaf"` (every pytree leaf, labelled by its key path), `"top"` (the top-level
 key: e.g. {"wte": ..., "h_0": {...}} -> groups "['wte']", "['h_0']") or a callable
-`key_path -> label`.
+`key_path -> label`. Scanned models stack their layers on axis 0 of every leaf under one key:
+`stacked="layers"` splits those leaves per layer index, labels suffixed "[i]" (so "top" gives
+"['layers'][0]", "['layers'][1]", ... : true per-layer traces).
 
 Checks that need values (NaN / inf) run only outside `jit`, in the eager front doors; they raise
 `HessianError` (a `ValueError`) naming `name=`.
@@ -131,22 +133,64 @@ def _check_finite(x: Any, what: str, name: str | None) -> None:
             )
 
 
-def _group_labels(params: PyTree, group_by: GroupBy) -> list[str]:
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    if group_by == "leaf":
-        return [jax.tree_util.keystr(p) for p in paths]
-    if group_by == "top":
-        return [jax.tree_util.keystr(p[:1]) for p in paths]
-    if callable(group_by):
-        return [str(group_by(p)) for p in paths]
-    raise HessianError(f"group_by must be 'leaf', 'top' or a callable, got {group_by!r}")
+Grouping = list[str | tuple[str, ...]]  # per leaf: one label, or one per stacked layer
 
 
-def _by_group(per_leaf: list[jax.Array], labels: list[str]) -> dict[str, jax.Array]:
-    out: dict[str, jax.Array] = {}
-    for val, lab in zip(per_leaf, labels, strict=True):
-        out[lab] = out[lab] + val if lab in out else val
+def _grouping(params: PyTree, group_by: GroupBy, stacked: str | None) -> Grouping:
+    """Label of each leaf; a leaf under the top-level key `stacked` (layers stacked on axis 0,
+    as in scanned models) gets one label per layer index, suffixed "[i]"."""
+    out: Grouping = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if group_by == "leaf":
+            lab = jax.tree_util.keystr(path)
+        elif group_by == "top":
+            lab = jax.tree_util.keystr(path[:1])
+        elif callable(group_by):
+            lab = str(group_by(path))
+        else:
+            raise HessianError(f"group_by must be 'leaf', 'top' or a callable, got {group_by!r}")
+        top = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
+        if stacked is not None and top == stacked:
+            if jnp.ndim(leaf) < 1:
+                raise HessianError(
+                    f"leaf {jax.tree_util.keystr(path)} under stacked={stacked!r} is a scalar; "
+                    "stacked leaves need a leading layer axis"
+                )
+            out.append(tuple(f"{lab}[{i}]" for i in range(jnp.shape(leaf)[0])))
+        else:
+            out.append(lab)
     return out
+
+
+def _group_dots(a: PyTree, b: PyTree, grouping: Grouping) -> dict[str, jax.Array]:
+    """Σ over each group's entries of a * b (per layer index for stacked leaves)."""
+    out: dict[str, jax.Array] = {}
+
+    def add(lab: str, val: jax.Array) -> None:
+        out[lab] = out[lab] + val if lab in out else val
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    for x, y, lab in zip(leaves_a, leaves_b, grouping, strict=True):
+        if isinstance(lab, tuple):
+            per_layer = jnp.sum(x * y, axis=tuple(range(1, x.ndim)))
+            for i, sub in enumerate(lab):
+                add(sub, per_layer[i])
+        else:
+            add(lab, jnp.vdot(x, y))
+    return out
+
+
+def _mask_group(v: PyTree, grouping: Grouping, group: str) -> PyTree:
+    """v restricted to one group (zeros elsewhere)."""
+    leaves, tree = jax.tree.flatten(v)
+    masked = []
+    for x, lab in zip(leaves, grouping, strict=True):
+        if isinstance(lab, tuple):
+            keep = jnp.asarray([sub == group for sub in lab], x.dtype)
+            masked.append(x * keep.reshape(-1, *([1] * (x.ndim - 1))))
+        else:
+            masked.append(x if lab == group else jnp.zeros_like(x))
+    return jax.tree.unflatten(tree, masked)
 
 
 def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -229,6 +273,7 @@ def hutchinson_trace(
     *,
     sampler: str | Callable[[jax.Array, PyTree], PyTree] = "rademacher",
     group_by: GroupBy = "leaf",
+    stacked: str | None = None,
     batch_size: int | None = None,
     linearize: bool = True,
     name: str | None = None,
@@ -246,7 +291,7 @@ def hutchinson_trace(
         )
     _check_loss_and_params(loss_fn, params, name)
     draw = _sampler(sampler, name)
-    labels = _group_labels(params, group_by)
+    grouping = _grouping(params, group_by, stacked)
 
     @jax.jit
     def run(keys):
@@ -254,7 +299,7 @@ def hutchinson_trace(
 
         def integrand(k):
             z = draw(k, params)
-            return _by_group(_leaf_dots(z, matvec(z)), labels)
+            return _group_dots(z, matvec(z), grouping)
 
         return jax.lax.map(integrand, keys, batch_size=batch_size)
 
@@ -380,6 +425,7 @@ def hessian_distance(
     *,
     hessian_at: PyTree | None = None,
     group_by: GroupBy = "leaf",
+    stacked: str | None = None,
     name: str | None = None,
 ) -> HessianDistance:
     """Hessian-weighted distance vᵀHv, v = θ_finetuned − θ_pretrained, total and per group.
@@ -409,18 +455,14 @@ def hessian_distance(
     v = jax.tree.map(
         lambda a, b: jnp.asarray(b) - jnp.asarray(a), params_pretrained, params_finetuned
     )
-    labels = _group_labels(at, group_by)
+    grouping = _grouping(at, group_by, stacked)
 
     @jax.jit
     def run(at, v):
-        per_group = _by_group(_leaf_dots(v, hvp(loss_fn, at, v)), labels)
-        leaves, tree = jax.tree.flatten(v)
+        per_group = _group_dots(v, hvp(loss_fn, at, v), grouping)
         block = {}
         for g in per_group:
-            masked = [
-                x if lab == g else jnp.zeros_like(x) for x, lab in zip(leaves, labels, strict=True)
-            ]
-            vg = jax.tree.unflatten(tree, masked)
+            vg = _mask_group(v, grouping, g)
             block[g] = sum(_leaf_dots(vg, hvp(loss_fn, at, vg)))
         return per_group, block
 

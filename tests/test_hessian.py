@@ -198,6 +198,75 @@ def test_bad_input_raises_one_line_errors():
     nan_params = jax.tree.map(lambda a: a * jnp.nan, params)
     with pytest.raises(hessian.HessianError, match=r"'cand'.*not finite"):
         hessian.hutchinson_trace(loss, nan_params, key, 4, name="cand")
+    with pytest.raises(hessian.HessianError, match="stacked leaves need a leading layer axis"):
+        hessian.hutchinson_trace(
+            loss, {**params, "layers": jnp.array(1.0)}, key, 4, stacked="layers"
+        )
     with pytest.raises(hessian.HessianError, match="num_matvecs"):
         hessian.hutchpp_trace(loss, params, key, 3)
     assert issubclass(hessian.HessianError, ValueError)
+
+
+def stacked_model(key):
+    """A scanned 3-layer residual MLP: layers stacked on axis 0 under "layers"."""
+    k = jax.random.split(key, 5)
+    params = {
+        "embed": jax.random.normal(k[0], (3, 4)) / 2,
+        "layers": {
+            "w": jax.random.normal(k[1], (3, 4, 4)) / 2,
+            "b": 0.1 * jax.random.normal(k[2], (3, 4)),
+        },
+        "head": jax.random.normal(k[3], (4, 2)) / 2,
+    }
+    x = jax.random.normal(k[4], (12, 3))
+    y = jnp.sin(jnp.arange(24.0)).reshape(12, 2)
+
+    def loss(p):
+        h = jnp.tanh(x.astype(p["embed"].dtype) @ p["embed"])
+        h, _ = jax.lax.scan(
+            lambda h, lp: (h + jnp.tanh(h @ lp["w"] + lp["b"]), None), h, p["layers"]
+        )
+        return jnp.mean((h @ p["head"] - y) ** 2)
+
+    return f64(params), loss
+
+
+def stacked_index_sets(params):
+    """Raveled indices of each group under group_by='top', stacked='layers'."""
+    flat, unravel = ravel_pytree(params)
+    idx = jax.tree.map(
+        lambda a: np.asarray(a).astype(int), unravel(jnp.arange(flat.size, dtype=flat.dtype))
+    )
+    sets = {"['embed']": idx["embed"].ravel(), "['head']": idx["head"].ravel()}
+    for i in range(3):
+        sets[f"['layers'][{i}]"] = np.concatenate(
+            [idx["layers"]["b"][i].ravel(), idx["layers"]["w"][i].ravel()]
+        )
+    return sets
+
+
+def test_stacked_layers_give_per_layer_traces_and_distances():
+    with jax.enable_x64(True):
+        params, loss = stacked_model(jax.random.key(30))
+        h = dense_hessian(loss, params)
+        sets = stacked_index_sets(params)
+        est = hessian.hutchinson_trace(
+            loss, params, jax.random.key(31), 200, group_by="top", stacked="layers"
+        )
+        assert set(est.per_group) == set(sets)
+        np.testing.assert_allclose(sum(est.per_group.values()), est.mean, rtol=1e-12)
+        assert abs(float(est.mean) - np.trace(h)) < 3 * float(est.stderr)
+        for g, ix in sets.items():
+            exact = np.trace(h[np.ix_(ix, ix)])
+            assert abs(float(est.per_group[g]) - exact) < 3 * float(est.per_group_stderr[g]) + 1e-9
+        ft = jax.tree.map(lambda a: a + 0.05 * jnp.cos(a * 7.0), params)
+        v = np.asarray(ravel_pytree(ft)[0] - ravel_pytree(params)[0])
+        hf = dense_hessian(loss, ft)
+        dist = hessian.hessian_distance(loss, params, ft, group_by="top", stacked="layers")
+        np.testing.assert_allclose(dist.total, v @ hf @ v, rtol=1e-10)
+        for g, ix in sets.items():
+            np.testing.assert_allclose(
+                dist.per_group[g], v[ix] @ (hf @ v)[ix], rtol=1e-9, atol=1e-14
+            )
+            block = v[ix] @ hf[np.ix_(ix, ix)] @ v[ix]
+            np.testing.assert_allclose(dist.per_group_block[g], block, rtol=1e-9, atol=1e-14)
