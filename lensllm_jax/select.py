@@ -248,7 +248,10 @@ def lensllm(table: CurveTable, budget_size: float, target: float = TARGET) -> Se
     the extrapolation variance (a two-model average with a uniform prior: no weight is
     tuned, and nothing but sizes <= budget, the zero-shot losses enters).
     Measured in `benchmarks/lensllm_vs_ats.py` (means over the 7 budgets, PearCorr / RelAcc):
-    FLAN 63.0 / 93.7 vs AtS 62.7 / 92.1; Gigaword 92.2 / 97.6 vs AtS 93.8 / 95.1.
+    FLAN 63.0 / 93.7 vs AtS 62.7 / 92.1; Gigaword 92.2 / 97.6 vs AtS 93.8 / 95.1. The law
+    alone: FLAN 54.1 / 93.7, Gigaword 87.0 / 96.6. With smaller targets (819,200, 409,600)
+    the margins over AtS are not stable (same script): curves alone do not settle F, which
+    is what the NTK term F(Θ, t) is for.
     A model whose law fit fails is "failed" (NaN, ranks last, `CurveFitWarning`).
     Cost: one batched LM fit (M x 64 starts) plus O(M·S²) for AtS.
     """
