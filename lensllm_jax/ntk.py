@@ -301,7 +301,8 @@ def empirical_ntk_fn(
       precision: `lax.Precision` for the Gram contractions (e.g. HIGHEST to avoid TF32 on GPU).
 
     The returned function is jittable (shape checks at trace time); outside `jit` it also
-    checks the kernel for NaN/inf and names `name` in the error.
+    checks the kernel for NaN/inf and names `name` in the error. Keep and reuse it: it compiles
+    once per input shape (`empirical_ntk` builds a fresh one, so it compiles on every call).
     """
     try:
         impl = NtkImplementation(implementation)
@@ -312,6 +313,19 @@ def empirical_ntk_fn(
         ) from None
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise NTKError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    # One compiled program per factory and input shapes (a no-op under an outer jit); eager
+    # op-by-op dispatch would compile every scan and jacobian separately.
+    compiled = jax.jit(
+        functools.partial(
+            _IMPLEMENTATIONS[impl],
+            f,
+            chunk_size=chunk_size,
+            jacobian_dtype=jacobian_dtype,
+            precision=precision,
+        ),
+        static_argnames=("lay", "n1", "n2"),
+    )
 
     def kernel_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None, *, name=None):
         n1 = _batch_size(x1, "x1", name)
@@ -332,19 +346,7 @@ def empirical_ntk_fn(
             )
         axes = _normalise_trace_axes(trace_axes, out.ndim, name)
         lay = _layout(out.shape, axes)
-        # One compiled program (a no-op under an outer jit): op-by-op dispatch of the scans and
-        # jacobians would compile every primitive separately.
-        impl_fn = functools.partial(
-            _IMPLEMENTATIONS[impl],
-            f,
-            lay=lay,
-            n1=n1,
-            n2=n2,
-            chunk_size=chunk_size,
-            jacobian_dtype=jacobian_dtype,
-            precision=precision,
-        )
-        theta = jax.jit(impl_fn)(params, x1, x2)
+        theta = compiled(params, x1, x2, lay=lay, n1=n1, n2=n2)
         theta = _finish(theta, lay)
         if _is_concrete(theta):
             _check_finite(theta, "empirical NTK", name)
