@@ -232,8 +232,10 @@ _SOLVERS = {"lm": levenberg_marquardt, "optimistix": _optimistix_lm}
 # ----------------------------------------------------------------------------- objective
 
 
-def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta: float):
-    """Masked (pseudo-)residuals of log L and their Jacobian, (S,) and (S, P)."""
+def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta: float, prior=None):
+    """Masked (pseudo-)residuals of log L and their Jacobian, (S,) and (S, P); with a
+    Gaussian prior (mean μ, weight w = σ_noise/τ per raw parameter) P more residuals
+    w·(θ − μ) follow, so the least-squares optimum is the MAP estimate."""
     if law.value_and_jac is not None:
         y, jac = law.value_and_jac(raw, log_d, aux)
     else:
@@ -246,7 +248,12 @@ def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta:
         root = jnp.sqrt(jnp.maximum(2 * delta * a - delta**2, delta**2))
         jac = jac * jnp.where(inside, 1.0, delta / root)[:, None]
         r = jnp.where(inside, r, jnp.sign(r) * root)
-    return jnp.where(mask, r, 0.0), jnp.where(mask[:, None], jac, 0.0)
+    r, jac = jnp.where(mask, r, 0.0), jnp.where(mask[:, None], jac, 0.0)
+    if prior is not None:
+        mean, weight = prior
+        r = jnp.concatenate([r, weight * (raw - mean)])
+        jac = jnp.concatenate([jac, jnp.diag(weight)])
+    return r, jac
 
 
 @functools.partial(
@@ -271,6 +278,7 @@ def _solve_batch(
     log_l: Array,  # (M, S)
     mask: Array,  # (M, S)
     aux: Any,  # pytree with leading M axis, or None
+    prior: Any,  # (mean (M, P), weight (M, P)) or None
     loss: str,
     delta: Array,
     solver: str,
@@ -289,9 +297,17 @@ def _solve_batch(
 
     m = log_d.shape[0]
 
-    def run(x_start, ld, ll, mk, ax, steps):
+    def run(x_start, ld, ll, mk, ax, pr, steps):
         fn = functools.partial(
-            _residuals_and_jac, law, log_d=ld, log_l=ll, mask=mk, aux=ax, loss=loss, delta=delta
+            _residuals_and_jac,
+            law,
+            log_d=ld,
+            log_l=ll,
+            mask=mk,
+            aux=ax,
+            loss=loss,
+            delta=delta,
+            prior=pr,
         )
         return solve(fn, x_start, free, max_steps=steps)
 
@@ -299,8 +315,9 @@ def _solve_batch(
         k = x.shape[1]
         lane = jnp.repeat(jnp.arange(m), k)
         ax = None if aux is None else jax.tree.map(lambda a: a[lane], aux)
-        flat = jax.vmap(run, in_axes=(0, 0, 0, 0, aux_axis, None))(
-            x.reshape(m * k, -1), log_d[lane], log_l[lane], mask[lane], ax, steps
+        pr = None if prior is None else jax.tree.map(lambda a: a[lane], prior)
+        flat = jax.vmap(run, in_axes=(0, 0, 0, 0, aux_axis, None if prior is None else 0, None))(
+            x.reshape(m * k, -1), log_d[lane], log_l[lane], mask[lane], ax, pr, steps
         )
         return jax.tree.map(lambda a: a.reshape((m, k, *a.shape[1:])), flat)
 
@@ -420,6 +437,8 @@ def fit_law(
     explore_steps: int = 20,
     num_polish: int = 2,
     beta_grid: Sequence[float] | None = None,
+    prior: Mapping[str, tuple[Any, Any]] | None = None,
+    prior_noise_sd: float = 0.01,
 ) -> FitResult:
     """Fit `law` to M loss curves at once; the best of `num_starts` starts per candidate.
 
@@ -444,6 +463,10 @@ def fit_law(
       explore_steps, num_polish: every start first takes `explore_steps` LM steps; the
         `num_polish` best per candidate then run up to `max_steps` (see `_solve_batch`).
       beta_grid: the coarse β grid for `shared` (default 48 values log-spaced in [0.005, 5]).
+      prior: Gaussian priors on log-parameters, ``{name: (center, tau)}`` (natural center,
+        std of log(param); scalars or (M,) each): the fit becomes the MAP estimate under
+        log-loss noise of std `prior_noise_sd`, i.e. extra residuals
+        (σ/τ)·(log θ − log center). `loss` then includes the prior term; `rmse` does not.
 
     Returns:
       `FitResult`. Never raises for a curve that cannot be fitted: its status says so.
@@ -500,6 +523,19 @@ def fit_law(
         fixed_raw[:, law.param_names.index(name)] = np.log(value)
     for name, raw_value in pinned.items():
         fixed_raw[:, kernel.param_names.index(name)] = raw_value
+    prior_arrays = None
+    if prior:
+        mean = np.zeros_like(fixed_raw)
+        weight = np.zeros_like(fixed_raw)
+        for name, (center, tau) in prior.items():
+            if name not in law.param_names:
+                raise ValueError(
+                    f"no parameter {name!r} for a prior: law {law.name!r} has {law.param_names}"
+                )
+            i = law.param_names.index(name)
+            mean[:, i] = np.log(np.broadcast_to(np.asarray(center, np.float64), (m,))[rows])
+            weight[:, i] = prior_noise_sd / np.broadcast_to(np.asarray(tau, np.float64), (m,))[rows]
+        prior_arrays = (mean, weight)
 
     with jax.enable_x64(True):
         run = functools.partial(
@@ -517,10 +553,10 @@ def fit_law(
         )
         if "beta" in shared:
             x, cost, conv, resid = _profile_beta(
-                run, law, fixed_raw, log_d, log_l, mk_pad, aux, groups, beta_grid
+                run, law, fixed_raw, log_d, log_l, mk_pad, aux, prior_arrays, groups, beta_grid
             )
         else:
-            x, cost, conv, resid = run(fixed_raw, log_d, log_l, mk_pad, aux)
+            x, cost, conv, resid = run(fixed_raw, log_d, log_l, mk_pad, aux, prior_arrays)
         x, cost, conv, resid = x[:m, :p_law], cost[:m], conv[:m], resid[:m]
 
     n = np.maximum(num_points, 1)
@@ -560,7 +596,7 @@ def _bucket(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, **static):
+def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, prior, **static):
     out = _solve_batch(
         law_name,
         key,
@@ -571,12 +607,13 @@ def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, **static
         jnp.asarray(log_l),
         jnp.asarray(mask),
         aux,
+        None if prior is None else tuple(jnp.asarray(a) for a in prior),
         **static,
     )
     return tuple(np.asarray(a) for a in out)
 
 
-def _profile_beta(run, law: Law, fixed_raw, log_d, log_l, mask, aux, groups, beta_grid):
+def _profile_beta(run, law: Law, fixed_raw, log_d, log_l, mask, aux, prior, groups, beta_grid):
     """Shared-β fit by profiling: fit everything else with β fixed on a grid, pick the β
     that minimises each group's total objective, then refine on a finer grid around it.
     Every grid point of every candidate is one more row of a single batched solve."""
@@ -594,7 +631,10 @@ def _profile_beta(run, law: Law, fixed_raw, log_d, log_l, mask, aux, groups, bet
         held[..., ib] = log_betas
         rep = lambda a: np.concatenate([a] * g, axis=0)  # noqa: E731
         aux_g = None if aux is None else jax.tree.map(lambda a: np.concatenate([a] * g), aux)
-        x, cost, conv, resid = run(held.reshape(g * m, p), rep(log_d), rep(log_l), rep(mask), aux_g)
+        prior_g = None if prior is None else tuple(rep(a) for a in prior)
+        x, cost, conv, resid = run(
+            held.reshape(g * m, p), rep(log_d), rep(log_l), rep(mask), aux_g, prior_g
+        )
         return x.reshape(g, m, p), cost.reshape(g, m), conv.reshape(g, m), resid.reshape(g, m, -1)
 
     def group_totals(cost):  # (G, M) -> (G, groups); a curve unfittable everywhere is ignored

@@ -18,6 +18,11 @@ TARGET = 1_638_400.0
 floats = st.floats
 
 
+def _np_rectified(x, log_d):
+    """log L of the rectified law in plain float64 numpy: the independent reference."""
+    return np.logaddexp(x[2], x[0] - np.logaddexp(x[3], np.exp(x[1]) * log_d))
+
+
 def _rectified_params(draw_list):
     """(ratio, β, E, D*) -> natural parameters. D* = D_l^(1/β) is where D^β overtakes D_l;
     ratio sets the reducible loss at D = 200 relative to E, so every term is visible."""
@@ -196,7 +201,7 @@ def test_fits_at_least_as_well_as_scipy_from_the_same_starts(fts_dir):
         log_d, log_l = np.log(d[mask[i]]), np.log(losses[i, mask[i]])
         best = min(
             least_squares(
-                lambda x, ld=log_d, ll=log_l: np.asarray(laws._rectified(x, ld)) - ll,
+                lambda x, ld=log_d, ll=log_l: _np_rectified(x, ld) - ll,
                 x0,
                 method="lm",
                 xtol=1e-15,
@@ -223,3 +228,22 @@ def test_bad_arguments_are_one_line_errors():
         fit.fit_law("rectified", SIZES, np.ones(15), shared=("E",))
     with pytest.raises(ValueError, match="cannot fix 'F'"):
         fit.fit_law("rectified", SIZES, np.ones(15), fixed={"F": 1.0})
+
+
+def test_prior_gives_the_map_estimate():
+    """With a Gaussian prior on log β the fit minimises ½Σr² + ½(σ/τ)²(log β − log μ)²:
+    compare with scipy on the same augmented residuals, and check a tight prior pins β."""
+    curves = _noisy_curves(2, 9)
+    center, tau, sd = 0.45, 0.2, 0.01
+    res = fit.fit_law("rectified", SIZES, curves, prior={"beta": (center, tau)}, prior_noise_sd=sd)
+    for i in range(2):
+
+        def augmented(x, i=i):
+            r = _np_rectified(x, np.log(SIZES)) - np.log(curves[i])
+            return np.append(r, sd / tau * (x[1] - np.log(center)))
+
+        ref = least_squares(augmented, res.raw[i] + 0.05, method="lm", xtol=1e-15, ftol=1e-15)
+        assert 0.5 * res.loss[i] * res.num_points[i] <= ref.cost * (1 + 1e-8)
+        np.testing.assert_allclose(res.raw[i], ref.x, rtol=1e-4, atol=1e-6)
+    tight = fit.fit_law("rectified", SIZES, curves, prior={"beta": (center, 1e-7)})
+    np.testing.assert_allclose(tight.params["beta"], center, rtol=1e-5)
