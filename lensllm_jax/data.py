@@ -7,7 +7,9 @@ Search order (first hit wins):
 2. the folder in the environment variable ``LENSLLM_DATA`` (offline use);
 3. the cache folder ``$LENSLLM_CACHE/fts`` (default ``~/.cache/lensllm_jax/fts``), where
    missing files are downloaded from Lin et al.'s public repository at a pinned commit,
-   written atomically (temporary file + rename) and checked against a SHA-256 digest.
+   written atomically (temporary file + rename) and checked against a SHA-256 digest;
+4. offline (the download cannot reach the host), a ``shared/data/fts`` folder beside a
+   source checkout of this package, as the project's own machines and CI lay it out.
 
 A cached file whose digest is wrong (a torn or edited copy) is fetched again; a downloaded
 file whose digest is wrong is an error, never used.
@@ -21,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from lensllm_jax.errors import DataUnavailableError, LensLLMInputError
+from lensllm_jax.errors import DataUnavailableError, DownloadError, LensLLMInputError
 
 __all__ = [
     "BENCHMARK_COMMIT",
@@ -31,6 +33,7 @@ __all__ = [
     "DATA_ENV",
     "benchmark_url",
     "cache_root",
+    "copy_beside_checkout",
     "ensure_benchmark",
     "fetch_url",
     "resolve_data",
@@ -129,7 +132,7 @@ def ensure_benchmark(
             data = fetch(url)
         except OSError as err:  # URLError, HTTPError, timeouts are all OSErrors
             reason = getattr(err, "reason", None) or err
-            raise DataUnavailableError(
+            raise DownloadError(
                 f"cannot download {url} ({reason})",
                 file=name,
                 hint=f"pass --data PATH or set {DATA_ENV} to a folder holding the CSVs",
@@ -197,4 +200,20 @@ def resolve_data(
                 hint=f"set {DATA_ENV} to the folder holding the benchmark CSVs, or unset it",
             )
         return _csvs_in(folder)
-    return ensure_benchmark(cache_root(env) / "fts", fetcher=fetcher)
+    try:
+        return ensure_benchmark(cache_root(env) / "fts", fetcher=fetcher)
+    except DownloadError:
+        beside = copy_beside_checkout()
+        if beside is None:
+            raise
+        return _csvs_in(beside)
+
+
+def copy_beside_checkout() -> Path | None:
+    """``shared/data/fts`` next to a source checkout of this package (how the project's own
+    machines and CI provide the benchmark offline), or None when there is none."""
+    root = Path(__file__).resolve().parents[1]
+    folder = root.parent / "shared" / "data" / "fts"
+    if (root / "pyproject.toml").is_file() and (folder / "flan.csv").is_file():
+        return folder
+    return None

@@ -60,5 +60,9 @@ class DataUnavailableError(LensLLMInputError):
     """The benchmark could not be found, downloaded, or failed its checksum."""
 
 
+class DownloadError(DataUnavailableError):
+    """The benchmark could not be fetched (offline, unreachable host)."""
+
+
 class CurveFitWarning(UserWarning):
     """Some curves could not be fitted; they carry status "failed" and rank last."""

@@ -327,3 +327,15 @@ def test_atomic_write_on_failure(tmp_path, fts_dir, monkeypatch):
     with pytest.raises(DataUnavailableError, match="cannot write the cache"):
         data.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir))
     assert list(cache.iterdir()) == []  # neither the file nor its temp copy
+
+
+def test_offline_falls_back_to_the_copy_beside_the_checkout(tmp_path, fts_dir):
+    beside = data.copy_beside_checkout()
+    if beside is None:
+        pytest.skip("no shared/data/fts beside this checkout")
+    env = {"LENSLLM_CACHE": str(tmp_path / "root")}
+    got = data.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir, fail=True))
+    assert got == sorted(beside.glob("*.csv"))
+    # a corrupt download is never papered over by the fallback
+    with pytest.raises(DataUnavailableError, match="SHA-256"):
+        data.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir, corrupt=True))
