@@ -119,7 +119,7 @@ def levenberg_marquardt(
     free: Array | None = None,
     *,
     max_steps: int = 200,
-    ftol: float = 1e-10,
+    ftol: float = 1e-9,
     gtol: float = 1e-12,
 ) -> Solution:
     """Minimise ½‖r(x)‖² from `x0` by Levenberg-Marquardt; pure, jit- and vmap-able.
