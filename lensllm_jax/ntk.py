@@ -18,7 +18,12 @@ Two implementations (neural-tangents `empirical.py` style, dispatched by a dict)
 
 Language-model helpers: `loss_gradient_kernel` (outputs = per-example loss, N x N) and
 `logit_kernel` (outputs = target-token log-probs, traced over positions), both on generic
-`per_example_loss(params, batch)` / `token_logprobs(params, batch)` functions.
+`per_example_loss(params, batch)` / `token_logprobs(params, batch)` functions, e.g. with the
+model zoo:
+
+    loss = functools.partial(models.per_example_loss, m.apply)   # (params, batch) -> (N,)
+    theta = ntk.loss_gradient_kernel(loss, m.params, batch, chunk_size=32, name=repo)
+    feats, diag = ntk.checked_features(theta, residual, name=repo)  # residual: (N,)
 
 Test loss. F(Θ, t) = ‖exp(−η Θ t) r‖² = Σ_k exp(−2 η λ_k t) (u_kᵀ r)² with Θ = U diag(λ) Uᵀ
 (`eigh` of the symmetrised kernel, negative round-off eigenvalues clipped to 0). `features`

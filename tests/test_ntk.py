@@ -339,3 +339,29 @@ def test_bad_ntk_inputs_raise_one_line_errors():
         ntk.empirical_ntk(nan_f, params, x, name="llama")
     for err in ntk.NTKError.__mro__[:2]:
         assert issubclass(err, ValueError)
+
+
+@pytest.mark.slow
+def test_model_zoo_plugs_in():
+    """The model zoo's GPT-2 per_example_loss / token_logprobs feed both LM kernels."""
+    import functools
+
+    from lensllm_jax import models
+
+    with jax.enable_x64(True):
+        hf = {"model_type": "gpt2", "n_embd": 8, "n_layer": 2, "n_head": 2, "vocab_size": 13}
+        m = models.from_config({**hf, "n_positions": 8}, 0, dtype=jnp.float64)
+        toks = jax.random.randint(jax.random.key(40), (3, 6), 0, 13)
+        batch = {"tokens": toks, "loss_mask": jnp.ones_like(toks).at[:, :2].set(0)}
+        loss = functools.partial(models.per_example_loss, m.apply)
+        got = ntk.loss_gradient_kernel(loss, m.params, batch, chunk_size=2, name="gpt2-tiny")
+        # 1e-6 of the scale, not 1e-9: the zoo's token_logprobs does its log-softmax in float32
+        want = dense_ntk(loss, m.params, batch, batch, None)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.max(want)))
+
+        def logprobs(p, b):
+            return models.token_logprobs(m.apply, p, b["tokens"]) * b["loss_mask"][:, 1:]
+
+        got = ntk.logit_kernel(logprobs, m.params, batch, implementation="ntk_vector_products")
+        want = dense_ntk(logprobs, m.params, batch, batch, None)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.max(want)))
