@@ -50,7 +50,7 @@ from lensllm_jax import hessian
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    for k in ("vocab", "d", "layers", "heads", "n", "seq"):
+    for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
         ap.add_argument(f"--{k}", type=int, default=None, help="override the preset")
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--probe-batch", type=int, default=None, help="probes vmapped at once")
@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
     cfg["n"] = 8  # the Hutchinson batch, unless overridden
-    for k in cfg:
+    for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     n, seq = cfg["n"], cfg["seq"]

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from lensllm_jax import ntk
 
 PRESETS = {
-    "gpt2-small": dict(vocab=50257, d=768, layers=12, heads=12, n=64, seq=128),
+    "gpt2-small": dict(vocab=50257, d=768, layers=12, heads=12, n=64, seq=128, positions=1024),
     "small-cpu": dict(vocab=4096, d=256, layers=4, heads=4, n=16, seq=64),
     "tiny": dict(vocab=512, d=64, layers=2, heads=4, n=16, seq=32),
 }
@@ -196,7 +196,7 @@ def build_model(cfg: dict[str, int], which: str) -> dict[str, Any]:
             "n_layer": cfg["layers"],
             "n_head": cfg["heads"],
             "vocab_size": vocab,
-            "n_positions": seq,
+            "n_positions": max(seq, cfg.get("positions", seq)),
         }
         m = models.from_config(hf, 0)
         return {
@@ -206,7 +206,8 @@ def build_model(cfg: dict[str, int], which: str) -> dict[str, Any]:
             "to_builtin": zoo_to_builtin,
             "tokens": tokens,
         }
-    params = init_gpt2(jax.random.key(0), vocab, cfg["d"], cfg["layers"], cfg["heads"], seq)
+    pos = max(seq, cfg.get("positions", seq))
+    params = init_gpt2(jax.random.key(0), vocab, cfg["d"], cfg["layers"], cfg["heads"], pos)
     return {
         "params": params,
         "batch": tokens,
@@ -309,7 +310,7 @@ def torch_time(fn, repeat: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    for k in ("vocab", "d", "layers", "heads", "n", "seq"):
+    for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
         ap.add_argument(f"--{k}", type=int, default=None, help="override the preset")
     ap.add_argument("--chunk", type=int, default=None, help="examples per Jacobian block")
     ap.add_argument("--bf16", action="store_true", help="bf16 per-example grads, f32 Gram")
@@ -319,7 +320,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["zoo", "builtin"], default=default_model())
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
-    for k in cfg:
+    for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     n, seq = cfg["n"], cfg["seq"]
@@ -338,6 +339,8 @@ def main() -> None:
         "config": {**cfg, "preset": args.preset, "chunk": chunk, "bf16": args.bf16},
         "model": args.model,
         "n_params": n_params,
+        # two blocks of per-example gradients alive at once (row + column)
+        "jacobian_blocks_bytes": 2 * chunk * n_params * (2 if args.bf16 else 4),
         "target_s_h200_gpt2_small": 0.10,
     }
     r = time_jitted(lambda p, x: kernel_fn(p, x), params, tokens, repeat=args.repeat)
