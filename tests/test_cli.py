@@ -370,6 +370,10 @@ def test_no_arguments_uses_env_then_cache(
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(data, "fetch_url", offline)
+    if data.copy_beside_checkout() is not None:  # offline in a source checkout: its copy
+        code, out, err = _run(["reproduce", "--methods", "LastPoint", "--format", "csv"], capsys)
+        assert code == 0 and out == out_env, err
+    monkeypatch.setattr(data, "copy_beside_checkout", lambda: None)
     code, out, err = _run(["reproduce", "--methods", "LastPoint"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "cannot download" in err and "LENSLLM_DATA" in err
