@@ -27,7 +27,8 @@ Variants (law = the LENSLLM law L = B/(F + D^β) + E, MSE of log L, batched JAX 
                     extrapolated as a line
   rectified_lin     Lin et al.'s RectifiedFit (zero-shot entered as D = 1e-10)
   vanilla           B/D^β + E on sizes <= budget
-  ens_law_ats       SHIPPED `select.lensllm`: geometric mean of `law` and AtS
+  ens_law_ats       geometric mean of `law` and AtS (the previously shipped LensLLM)
+  lensllm_shipped   `select.lensllm` as shipped now (see its docstring and the fusion study)
   ens_bma_ats       geometric mean of `law_E_bma` and AtS
   ens_tangent_ats   geometric mean of `law_tangent` and AtS
   stack_law_ats     log-space weight w of AtS vs `law` chosen per budget by backtesting on
@@ -155,7 +156,8 @@ def variants(table, ratio, ats_fn, select):
 
     out["rectified_lin"] = select.rectified_fit(table, budget, TARGET).scores
     out["vanilla"] = select.vanilla_fit(table, budget, TARGET).scores
-    out["ens_law_ats"] = select.lensllm(table, budget, TARGET).scores
+    out["ens_law_ats"] = np.sqrt(law * ats)  # the previously shipped LensLLM
+    out["lensllm_shipped"] = select.lensllm(table, budget, TARGET).scores
     out["ens_bma_ats"] = np.sqrt(out["law_E_bma"] * ats)
 
     # Stacking by backtest on the visible data: fit sizes < budget, predict the budget size.
@@ -214,7 +216,8 @@ def other_targets(tables, select, metrics, targets=(819_200, 409_600)):
                     "AtS": ats,
                     "law": law,
                     "law_tangent": tangent,
-                    "ens_law_ats": select.lensllm(table, budget, target).scores,
+                    "ens_law_ats": np.sqrt(law * ats),
+                    "lensllm_shipped": select.lensllm(table, budget, target).scores,
                     "ens_tangent_ats": np.sqrt(tangent * ats),
                 }
                 for key, p in preds.items():
@@ -228,10 +231,186 @@ def other_targets(tables, select, metrics, targets=(819_200, 409_600)):
     return out
 
 
+# ----------------------------------------------------------------------------- fusion study
+# Variants added by the second research pass (see the module docstring, "fusion study").
+
+FUSION_TARGETS = (TARGET, 819_200, 409_600)
+
+
+def _np_log_law(raw, x):
+    """log L of the LENSLLM law over raw (log) params (..., 4) at log sizes x (numpy)."""
+    b, lb, e, f = (raw[..., i : i + 1] for i in range(4))
+    return np.logaddexp(e, b - np.logaddexp(f, np.exp(lb) * x))
+
+
+def _np_tangent(raw, x_top, x_target, h=1e-4):
+    """The law's tangent line in (log D, log L) at x_top, evaluated at x_target."""
+    slope = (_np_log_law(raw, x_top + h) - _np_log_law(raw, x_top - h)) / (2 * h)
+    return (_np_log_law(raw, x_top) + slope * (x_target - x_top))[..., 0]
+
+
+def _np_jac(fn, raw, h=1e-6):
+    cols = []
+    for i in range(raw.shape[-1]):
+        step = np.zeros(raw.shape[-1])
+        step[i] = h
+        cols.append((fn(raw + step) - fn(raw - step)) / (2 * h))
+    return np.stack(cols, -1)
+
+
+class _Parts:
+    """Per-model pieces for one (table, budget, target): law fit, its tangent line and its
+    Laplace geometry, AtS's line and its OLS geometry (all log-space)."""
+
+    def __init__(self, table, budget, target, select, law_res):
+        sizes, losses = select.visible_curves(table, budget)
+        d0, l0 = _with_zero(table, sizes, losses)
+        x, xt, xT = np.log(d0), np.log(sizes[-1]), np.log(target)
+        m = losses.shape[0]
+        z = {k: np.zeros(m) for k in ("tan", "geo_t", "sse_t", "dof_t", "ats", "geo_a")}
+        z.update(sse_a=np.zeros(m), dof_a=np.zeros(m))
+        log_d = np.log(sizes)
+        for i in range(m):
+            raw = law_res.raw[i]
+            jac = _np_jac(lambda p: _np_log_law(p, x), raw)
+            res = _np_log_law(raw, x) - np.log(l0[i])
+            g = _np_jac(lambda p: np.atleast_1d(_np_tangent(p, xt, xT)), raw)[0]
+            z["tan"][i] = _np_tangent(raw, xt, xT)
+            z["geo_t"][i] = g @ np.linalg.pinv(jac.T @ jac) @ g  # Laplace: Var = s² gᵀ(JᵀJ)⁻¹g
+            z["sse_t"][i], z["dof_t"][i] = res @ res, x.size - 4
+            y = np.log(losses[i])
+            first = select.ats_first_point(log_d, y)
+            xa, ya = log_d[first:], y[first:]
+            slope, icpt = select._line(xa, ya)
+            ra = ya - (slope * xa + icpt)
+            z["ats"][i] = slope * xT + icpt
+            z["sse_a"][i], z["dof_a"][i] = ra @ ra, ya.size - 2
+            z["geo_a"][i] = 1 / ya.size + (xT - xa.mean()) ** 2 / np.sum((xa - xa.mean()) ** 2)
+        self.__dict__.update(z)
+
+    def variances(self, nu0):
+        """Laplace / OLS prediction variances; each model's residual variance shrunk toward
+        the task's pooled one with nu0 prior degrees of freedom (nu0 = 0: per model)."""
+
+        def shrink(sse, dof):
+            pooled = sse.sum() / max(dof.sum(), 1)
+            return (nu0 * pooled + sse) / np.maximum(nu0 + np.maximum(dof, 0), 1e-12)
+
+        return (
+            shrink(self.sse_t, self.dof_t) * self.geo_t,
+            shrink(self.sse_a, self.dof_a) * self.geo_a,
+        )
+
+
+def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
+    """PearCorr/RelAcc means over the budgets T/8 ... T/512 (>= 3 sizes) for the fusion
+    variants, at the official target and the two pseudo-targets. Law fits are cached per
+    (dataset, budget): they do not depend on the target. Returns {T: {dataset: {variant:
+    [PearCorr mean, RelAcc mean]}}}."""
+    from lensllm_jax import fit, laws
+
+    cache: dict = {}
+
+    def fits(table, budget):
+        key = (table.name, float(budget))
+        if key not in cache:
+            sizes, losses = select.visible_curves(table, budget)
+            d0, l0 = _with_zero(table, sizes, losses)
+            dd = np.broadcast_to(d0, l0.shape)
+            mle = fit.fit_law("lensllm", dd, l0, num_starts=64)
+            sd = max(float(np.nanmedian(mle.rmse)), 1e-4)
+            out = {"mle": mle}
+            for tag, pool in (("eb_beta", ("beta",)), ("eb_all", ("B", "beta", "E", "F"))):
+                prior = {}
+                for name in pool:
+                    v = np.log(mle.params[name])
+                    v = v[np.isfinite(v)]
+                    med = np.median(v)
+                    prior[name] = (np.exp(med), max(1.4826 * np.median(np.abs(v - med)), 0.05))
+                out[tag] = fit.fit_law(
+                    "lensllm", dd, l0, num_starts=64, prior=prior, prior_noise_sd=sd
+                )
+            cache[key] = out
+        return cache[key]
+
+    def law_pred(res, target):
+        with np.errstate(all="ignore"):
+            p = np.asarray(laws.predict("lensllm", res.params, float(target)))
+        return np.where(res.ok, p, np.nan)
+
+    out: dict = {}
+    for target in targets:
+        for table in tables:
+            truth = table.column(target)
+            acc: dict[str, list[list[float]]] = {}
+            for ratio in RATIOS:
+                budget = target / ratio
+                if (table.sizes <= budget * (1 + 1e-12)).sum() < 3:
+                    continue
+                f = fits(table, budget)
+                parts = _Parts(table, budget, target, select, f["mle"])
+                ats = np.exp(parts.ats)
+                preds = {"AtS": ats, "law": law_pred(f["mle"], target)}
+                for tag in ("eb_beta", "eb_all"):
+                    preds[f"law_{tag}"] = law_pred(f[tag], target)
+                    preds[f"ens_law_{tag}_ats"] = np.sqrt(preds[f"law_{tag}"] * ats)
+                preds["ens_law_ats"] = np.sqrt(preds["law"] * ats)
+                preds["lensllm_shipped"] = select.lensllm(table, budget, target).scores
+                preds["ens_tangent_ats"] = np.exp(0.5 * (parts.tan + parts.ats))
+                for nu0 in (0.0, 0.5, 2.0, np.inf):
+                    vt, va = parts.variances(nu0) if np.isfinite(nu0) else _pooled(parts)
+                    w = va / (va + vt)
+                    preds[f"ivf_tangent_ats_nu{nu0:g}"] = np.exp(
+                        w * parts.tan + (1 - w) * parts.ats
+                    )
+                # Bias-aware: each method's variances scaled by its calibration factor
+                # mean(err² / Var) on a one-doubling backtest (fit <= budget/2, predict budget).
+                sizes, losses = select.visible_curves(table, budget)
+                vt, va = parts.variances(0.5)
+                half = float(sizes[-1]) / 2
+                if (sizes <= half * (1 + 1e-12)).sum() >= 3:
+                    bt = _Parts(table, half, float(sizes[-1]), select, fits(table, half)["mle"])
+                    vtb, vab = bt.variances(0.5)
+                    y = np.log(losses[:, -1])
+                    vt = vt * np.mean((bt.tan - y) ** 2 / vtb)
+                    va = va * np.mean((bt.ats - y) ** 2 / vab)
+                w = va / (va + vt)
+                preds["ivf_tangent_ats_backtest_calibrated"] = np.exp(
+                    w * parts.tan + (1 - w) * parts.ats
+                )
+                # Log-log quadratic on AtS's power phase (curvature without a law).
+                log_d = np.log(sizes)
+                quad = []
+                for row in np.log(losses):
+                    first = select.ats_first_point(log_d, row)
+                    deg = 2 if log_d.size - first >= 4 else 1
+                    quad.append(
+                        np.polyval(np.polyfit(log_d[first:], row[first:], deg), np.log(target))
+                    )
+                preds["ens_quadratic_ats"] = np.sqrt(np.exp(np.array(quad)) * ats)
+                for key, p in preds.items():
+                    a = acc.setdefault(key, [[], []])
+                    a[0].append(metrics.pearson_percent(p, truth))
+                    a[1].append(metrics.relacc_percent(p, truth))
+            out.setdefault(str(target), {})[table.name] = {
+                k: [round(float(np.mean(v[0])), 2), round(float(np.mean(v[1])), 2)]
+                for k, v in acc.items()
+            }
+    return out
+
+
+def _pooled(parts):
+    """Task-pooled residual variances (nu0 -> infinity)."""
+    st = parts.sse_t.sum() / max(parts.dof_t.sum(), 1)
+    sa = parts.sse_a.sum() / max(parts.dof_a.sum(), 1)
+    return st * parts.geo_t, sa * parts.geo_a
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None, help="folder with flan.csv, gigaword.csv")
     ap.add_argument("--quick", action="store_true", help="skip the scipy reference")
+    ap.add_argument("--fusion-only", action="store_true", help="run only the fusion study")
     args = ap.parse_args()
     data = args.data or Path(
         os.environ.get("LENSLLM_DATA", Path(__file__).resolve().parents[2] / "shared/data/fts")
@@ -252,7 +431,7 @@ def main() -> None:
         "protocol": {"target": TARGET, "ratios": list(RATIOS)},
         "datasets": {},
     }
-    for name in ("flan", "gigaword"):
+    for name in () if args.fusion_only else ("flan", "gigaword"):
         table = read_curve_table(data / f"{name}.csv")
         truth = table.column(TARGET)
         per: dict[str, dict[str, list[float]]] = {}
@@ -299,7 +478,9 @@ def main() -> None:
             "law_vs_scipy_max_abs_log_pred_diff_per_budget": scipy_check,
         }
     tables = [read_curve_table(data / f"{n}.csv") for n in ("flan", "gigaword")]
-    report["other_targets_PearCorr_RelAcc_means"] = other_targets(tables, select, metrics)
+    if not args.fusion_only:
+        report["other_targets_PearCorr_RelAcc_means"] = other_targets(tables, select, metrics)
+    report["fusion_study_PearCorr_RelAcc_means"] = fusion_study(tables, select, metrics)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(report, indent=1))
 
