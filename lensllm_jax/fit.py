@@ -444,7 +444,8 @@ def fit_law(
 
     Args:
       law: "vanilla", "rectified", "lensllm", "lensllm_ntk" or a `Law`.
-      d: (M, S) or (S,) sizes D (> 0 where used; enter the zero-shot point as D = 1e-10).
+      d: (M, S) or (S,) sizes D (> 0 where used; laws with a curvature term also take the
+        zero-shot point at D = 0, where L = B/F + E; Lin et al. enter it as D = 1e-10).
       loss_values: (M, S) or (S,) losses L (> 0 where used).
       mask: (M, S) bool, True where a point is used; None uses every finite point.
         Curves with different numbers of points share one batch through the mask.
@@ -479,7 +480,9 @@ def fit_law(
     if d2.shape != l2.shape:
         raise ValueError(f"d and loss_values must have the same shape, got {d2.shape}, {l2.shape}")
     m, _ = l2.shape
-    usable = np.isfinite(d2) & np.isfinite(l2) & (d2 > 0) & (l2 > 0)
+    # D = 0 is usable where the law has a curvature term (L(0) = B/F + E), not for vanilla.
+    d_ok = (d2 >= 0) if law.curvature_name is not None else (d2 > 0)
+    usable = np.isfinite(d2) & np.isfinite(l2) & d_ok & (l2 > 0)
     mk = usable if mask is None else (np.broadcast_to(np.asarray(mask, bool), l2.shape) & usable)
     if loss not in ("mse", "huber"):
         raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
@@ -496,7 +499,8 @@ def fit_law(
         raise ValueError("beta cannot be both shared and fixed")
 
     # Sanitise unused entries so no NaN leaks into gradients through masked lanes.
-    log_d = np.log(np.where(mk, d2, 1.0))
+    with np.errstate(divide="ignore"):  # log 0 = −inf is meant
+        log_d = np.log(np.where(mk, d2, 1.0))
     log_l = np.log(np.where(mk, l2, 1.0))
     # Pad to bucketed shapes so differently sized calls share compiled code (S to a
     # multiple of 16, M to a power of two or a multiple of 64): duplicated rows are fitted

@@ -13,7 +13,9 @@ when one term underflows (D = 1e-10 for the zero-shot point, tiny E, huge D_l):
   lensllm_ntk L(D) = B / (F(t) + D^β) + E,  F(t) = Σ_k e^{−2ηλ_k t} (u_kᵀ r)²
                                                  (the NTK test loss ‖exp(−ηΘt) r‖², fitted t)
 
-(lae = logaddexp; lower-case letters are the logs of the capitals.) Each evaluation costs
+(lae = logaddexp; lower-case letters are the logs of the capitals.) The laws with a
+curvature term accept D = 0 exactly (log D = −inf): there L = B/F + E, the zero-shot loss,
+which is how LENSLLM's law ties the curve to the untuned model. Each evaluation costs
 O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues).
 """
 
@@ -58,6 +60,13 @@ class Law(NamedTuple):
     value_and_jac: Callable[[Array, Array, Any], tuple[Array, Array]] | None = None
 
 
+def _beta_log_d(log_beta: Array, log_d: Array) -> Array:
+    """β·log D, with D = 0 (log D = −inf) giving −inf and a zero derivative in β (the
+    double `where` keeps the unused branch's inf·0 out of the gradient)."""
+    finite = jnp.isfinite(log_d)
+    return jnp.where(finite, jnp.exp(log_beta) * jnp.where(finite, log_d, 0.0), -jnp.inf)
+
+
 def _vanilla(raw: Array, log_d: Array, aux: Any = None) -> Array:
     log_b, log_beta, log_e = raw[0], raw[1], raw[2]
     return jnp.logaddexp(log_e, log_b - jnp.exp(log_beta) * log_d)
@@ -65,7 +74,7 @@ def _vanilla(raw: Array, log_d: Array, aux: Any = None) -> Array:
 
 def _rectified(raw: Array, log_d: Array, aux: Any = None) -> Array:
     log_b, log_beta, log_e, log_f = raw[0], raw[1], raw[2], raw[3]
-    log_denominator = jnp.logaddexp(log_f, jnp.exp(log_beta) * log_d)
+    log_denominator = jnp.logaddexp(log_f, _beta_log_d(log_beta, log_d))
     return jnp.logaddexp(log_e, log_b - log_denominator)
 
 
@@ -87,11 +96,12 @@ def _vanilla_value_and_jac(raw: Array, log_d: Array, aux: Any = None):
 
 def _rectified_value_and_jac(raw: Array, log_d: Array, aux: Any = None):
     log_b, log_beta, log_e, log_f = raw[0], raw[1], raw[2], raw[3]
-    u = jnp.exp(log_beta) * log_d
+    u = _beta_log_d(log_beta, log_d)
     a, q = _lae_and_sigmoid(log_f, u)  # q = ∂a/∂f, 1 − q = ∂a/∂u
     y, s_e = _lae_and_sigmoid(log_e, log_b - a)
     s = 1.0 - s_e  # ∂y/∂b
-    return y, jnp.stack([s, -s * (1.0 - q) * u, s_e, -s * q], axis=-1)
+    du = jnp.where(jnp.isfinite(u), (1.0 - q) * u, 0.0)  # D = 0: a = f exactly, no β term
+    return y, jnp.stack([s, -s * du, s_e, -s * q], axis=-1)
 
 
 def _ntk_log_f(log_t: Array, aux: Any) -> Array:
@@ -104,7 +114,7 @@ def _ntk_log_f(log_t: Array, aux: Any) -> Array:
 def _lensllm_ntk(raw: Array, log_d: Array, aux: Any) -> Array:
     log_b, log_beta, log_e, log_t = raw[0], raw[1], raw[2], raw[3]
     log_f = _ntk_log_f(log_t, aux)
-    log_denominator = jnp.logaddexp(log_f, jnp.exp(log_beta) * log_d)
+    log_denominator = jnp.logaddexp(log_f, _beta_log_d(log_beta, log_d))
     return jnp.logaddexp(log_e, log_b - log_denominator)
 
 

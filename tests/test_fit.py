@@ -247,3 +247,20 @@ def test_prior_gives_the_map_estimate():
         np.testing.assert_allclose(res.raw[i], ref.x, rtol=1e-4, atol=1e-6)
     tight = fit.fit_law("rectified", SIZES, curves, prior={"beta": (center, 1e-7)})
     np.testing.assert_allclose(tight.params["beta"], center, rtol=1e-5)
+
+
+def test_zero_shot_point_enters_at_d_zero():
+    """D = 0 is a usable point for laws with a curvature term (vanilla cannot take it)."""
+    true = {
+        "B": np.array([20.0]),
+        "beta": np.array([0.4]),
+        "E": np.array([0.5]),
+        "D_l": np.array([4.0]),
+    }
+    d = np.concatenate([[0.0], SIZES[1:]])
+    curve = laws.predict("rectified", true, d)
+    res = fit.fit_law("rectified", d, curve)
+    assert res.num_points[0] == 15 and res.status[0] == FitStatus.SUCCESS
+    for name, value in true.items():
+        np.testing.assert_allclose(res.params[name], value, rtol=1e-4, err_msg=name)
+    assert fit.fit_law("vanilla", d, curve).num_points[0] == 14

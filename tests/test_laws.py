@@ -84,3 +84,23 @@ def test_ntk_law_uses_the_matrix_exponential():
 def test_unknown_law_is_one_clear_line():
     with pytest.raises(ValueError, match="unknown law 'nope'; choose one of: lensllm"):
         laws.get_law("nope")
+
+
+def test_zero_size_is_the_zero_shot_point_with_finite_derivatives():
+    """At D = 0 the rectified law is B/F + E, and its closed-form Jacobian stays finite and
+    equals the limit D -> 0 (β has no effect there)."""
+    law = laws.get_law("rectified")
+    raw = np.log([20.0, 0.4, 0.5, 4.0])
+    with jax.enable_x64(True):
+        y0, j0 = law.value_and_jac(jnp.asarray(raw), jnp.asarray([-np.inf]), None)
+        _, j1 = law.value_and_jac(jnp.asarray(raw), jnp.asarray([np.log(1e-300)]), None)
+        g = jax.grad(lambda r: law.log_predict(r, jnp.asarray([-np.inf]), None)[0])(
+            jnp.asarray(raw)
+        )
+    np.testing.assert_allclose(np.exp(np.asarray(y0)), 20.0 / 4.0 + 0.5, rtol=1e-14)
+    assert np.all(np.isfinite(np.asarray(j0))) and np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_allclose(np.asarray(j0), np.asarray(j1), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(j0)[0], atol=1e-14)
+    np.testing.assert_allclose(
+        laws.predict("rectified", {"B": 20.0, "beta": 0.4, "E": 0.5, "D_l": 4.0}, 0.0), 5.5
+    )
