@@ -234,7 +234,16 @@ def other_targets(tables, select, metrics, targets=(819_200, 409_600)):
 # ----------------------------------------------------------------------------- fusion study
 # Variants added by the second research pass (see the module docstring, "fusion study").
 
-FUSION_TARGETS = (TARGET, 819_200, 409_600)
+FUSION_TARGETS = (TARGET, 819_200, 409_600, 204_800)  # 204,800: a further held-out check
+ABLATIONS = {
+    "pool_to_task_mean": {"trend": "mean"},
+    "no_pooling": {"trend": "none"},
+    "no_calibration": {"calibrate": False},
+    "calibration_not_centred": {"centre": False},
+    "nu0_0.25": {"nu0": 0.25},
+    "nu0_1": {"nu0": 1.0},
+    "nu0_2": {"nu0": 2.0},
+}
 
 
 def _np_log_law(raw, x):
@@ -356,6 +365,11 @@ def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
                     preds[f"ens_law_{tag}_ats"] = np.sqrt(preds[f"law_{tag}"] * ats)
                 preds["ens_law_ats"] = np.sqrt(preds["law"] * ats)
                 preds["lensllm_shipped"] = select.lensllm(table, budget, target).scores
+                # Ablations of the shipped method (one choice changed at a time).
+                for tag, kw in ABLATIONS.items():
+                    preds[f"lensllm_{tag}"] = select._lensllm_predict(table, budget, target, **kw)[
+                        0
+                    ]
                 preds["ens_tangent_ats"] = np.exp(0.5 * (parts.tan + parts.ats))
                 for nu0 in (0.0, 0.5, 2.0, np.inf):
                     vt, va = parts.variances(nu0) if np.isfinite(nu0) else _pooled(parts)
