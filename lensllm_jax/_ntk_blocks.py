@@ -33,14 +33,20 @@ def gram(j1: PyTree, j2: PyTree, acc_dtype: Any, precision: Any = None) -> jax.A
     """Σ_leaves Σ_{c,p} J1[i,a,c,p] J2[j,b,c,p] -> (c1, c2, A, B); 2 c1 c2 A B C P FLOPs."""
     total = None
     for l1, l2 in zip(jax.tree.leaves(j1), jax.tree.leaves(j2), strict=True):
-        a = l1.reshape(*l1.shape[:3], -1)
-        b = l2.reshape(*l2.shape[:3], -1)
-        g = jnp.einsum(
-            "iacp,jbcp->ijab", a, b, preferred_element_type=acc_dtype, precision=precision
+        c1, a = l1.shape[:2]
+        c2, b = l2.shape[:2]
+        # (c1·A, C·P) x (c2·B, C·P)ᵀ: contiguous reshapes, one plain matmul, no transposed
+        # copy of the Jacobians (a 4-d einsum was ~3x slower on CPU).
+        g = jax.lax.dot_general(
+            l1.reshape(c1 * a, -1),
+            l2.reshape(c2 * b, -1),
+            (((1,), (1,)), ((), ())),
+            precision=precision,
+            preferred_element_type=acc_dtype,
         )
         total = g if total is None else total + g
     assert total is not None
-    return total
+    return total.reshape(c1, a, c2, b).transpose(0, 2, 1, 3)
 
 
 def pad_and_block(x: PyTree, chunk: int) -> tuple[PyTree, int]:

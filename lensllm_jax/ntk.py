@@ -220,8 +220,14 @@ def _ntk_jacobian_contraction(
         y = f(p, jax.tree.map(lambda leaf: leaf[None], xi))
         return _as_ac(y, lay)[0]  # (A, C)
 
+    if lay.n_untraced * lay.n_traced == 1:  # scalar per example (loss kernel): plain grad
+        per_example = jax.grad(lambda p, xi: f_example(p, xi)[0, 0])
+        jac_one = lambda p, xi: jax.tree.map(lambda g: g[None, None], per_example(p, xi))  # noqa: E731
+    else:
+        jac_one = jax.jacrev(f_example)
+
     def jac(x_chunk):
-        j = jax.vmap(jax.jacrev(f_example), in_axes=(None, 0))(params, x_chunk)
+        j = jax.vmap(jac_one, in_axes=(None, 0))(params, x_chunk)
         if jacobian_dtype is not None:
             j = jax.tree.map(lambda leaf: leaf.astype(jacobian_dtype), j)
         return j
