@@ -284,14 +284,31 @@ def _law_slope(raw: np.ndarray, x: float) -> np.ndarray:
     return -np.exp(lbeta) * _sigmoid(a - e) * (1 - _sigmoid(f - u))
 
 
+_LINES_CACHE: dict[tuple, _Lines] = {}  # keyed by the visible data: budget b/2 of one call
+_LINES_CACHE_SIZE = 64  # is budget b of the next ratio, so each law fit runs once
+
+
 def _lines(table: CurveTable, budget_size: float, num_starts: int = 64, nu0: float = 0.5) -> _Lines:
     """The law's tangent line (level + slope at the largest visible size, Laplace
-    covariance s²·gᵀ(JᵀJ)⁺g) and AtS's line (OLS covariance) for every model."""
+    covariance s²·gᵀ(JᵀJ)⁺g) and AtS's line (OLS covariance) for every model.
+    Memoised on the visible data (the result is a pure function of it)."""
+    sizes, losses = visible_curves(table, budget_size)
+    zero_shot = np.asarray(table.zero_shot, np.float64)
+    key = (sizes.tobytes(), losses.tobytes(), zero_shot.tobytes(), losses.shape, num_starts, nu0)
+    if key not in _LINES_CACHE:
+        if len(_LINES_CACHE) >= _LINES_CACHE_SIZE:
+            _LINES_CACHE.pop(next(iter(_LINES_CACHE)))  # oldest first
+        _LINES_CACHE[key] = _compute_lines(sizes, losses, zero_shot, num_starts, nu0)
+    return _LINES_CACHE[key]
+
+
+def _compute_lines(
+    sizes: np.ndarray, losses: np.ndarray, zero_shot: np.ndarray, num_starts: int, nu0: float
+) -> _Lines:
     from lensllm_jax import fit
 
-    sizes, losses = visible_curves(table, budget_size)
     d = np.concatenate([[LENSLLM_ZERO_D], sizes])
-    l_all = np.concatenate([np.asarray(table.zero_shot, np.float64)[:, None], losses], axis=1)
+    l_all = np.concatenate([zero_shot[:, None], losses], axis=1)
     res = fit.fit_law("lensllm", np.broadcast_to(d, l_all.shape), l_all, num_starts=num_starts)
     ok = np.asarray(res.ok) & np.isfinite(res.raw).all(axis=1)
     raw = np.where(ok[:, None], res.raw, 0.0)
@@ -317,7 +334,7 @@ def _lines(table: CurveTable, budget_size: float, num_starts: int = 64, nu0: flo
     ls = np.column_stack([level[:, 0], slope])
 
     x = np.log(sizes)
-    m = table.num_models
+    m = losses.shape[0]
     a_level, a_slope, a_sse, a_dof = (np.empty(m) for _ in range(4))
     a_geo = np.empty((m, 2, 2))
     with np.errstate(all="ignore"):
