@@ -33,6 +33,21 @@ Variants (law = the LENSLLM law L = B/(F + D^β) + E, MSE of log L, batched JAX 
   ens_tangent_ats   geometric mean of `law_tangent` and AtS
   stack_law_ats     log-space weight w of AtS vs `law` chosen per budget by backtesting on
                     the visible data (fit sizes < budget, predict the budget size)
+
+Fusion study (`fusion_study`, key `fusion_study_PearCorr_RelAcc_means`; targets 1,638,400,
+819,200, 409,600 and 204,800; `--fusion-only` runs just this, ~40 s):
+  law_eb_beta, law_eb_all   empirical-Bayes partial pooling: per-model MAP fits with Gaussian
+                    priors on log β (or log B, β, E, F) centred on the task's median, scale
+                    its MAD (floor 0.05), noise sd = median in-sample RMSE; ens_*: with AtS
+  ivf_tangent_ats_nu*  per-model inverse-variance fusion of the law's tangent line (Laplace
+                    variance) and AtS's line (OLS variance), residual variances pooled across
+                    the task with nu0 prior dof (0: per model, inf: fully pooled)
+  ivf_tangent_ats_backtest_calibrated  the same, variances scaled by each method's
+                    mean squared standardised error in a one-doubling backtest
+  ens_quadratic_ats quadratic in (log D, log L) on AtS's power phase, averaged with AtS
+  lensllm_shipped   `select.lensllm`: tangent + AtS lines fused by centred-backtest-
+                    calibrated variances, slopes pooled by Fay-Herriot EB toward a trend in
+                    log(model size); lensllm_<ablation>: one choice changed (`ABLATIONS`)
 """
 
 from __future__ import annotations
