@@ -10,7 +10,8 @@ target losses; the JSON holds the per-budget values and the 7-budget means, next
 No variant reads the target column or any size > budget; every variant is the same on every
 dataset (nothing is tuned per dataset). `other_targets_PearCorr_RelAcc_means` repeats the
 comparison for targets 819,200 and 409,600 (a check against fitting choices to one target).
-Runtime: ~7-9 min on a 2-core CPU (the scipy reference loop dominates; --quick skips it).
+Runtime: ~2.5-3 min on a 2-core CPU (measured 158 s; the scipy reference loop dominates;
+--quick skips it).
 
 Variants (law = the LENSLLM law L = B/(F + D^β) + E, MSE of log L, batched JAX LM fitter):
   law               per-model law, zero-shot point at D = 0 (B/F + E), all sizes <= budget
