@@ -435,7 +435,7 @@ def fit_law(
     solver: str = "lm",
     max_steps: int = 200,
     explore_steps: int = 20,
-    num_polish: int = 2,
+    num_polish: int = 1,
     beta_grid: Sequence[float] | None = None,
     prior: Mapping[str, tuple[Any, Any]] | None = None,
     prior_noise_sd: float = 0.01,
