@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -35,6 +36,8 @@ __all__ = [
     "log_predict",
     "predict",
     "raw_from_params",
+    "tangent",
+    "value_and_jac",
 ]
 
 
@@ -162,8 +165,6 @@ def predict(law: str | Law, params: Mapping[str, Any], d: Any, aux: Any = None) 
         (M, S) per candidate (-> (M, S)).
       aux: per-candidate side data with a leading M axis (`lensllm_ntk` only).
     """
-    import jax
-
     law = get_law(law)
     with jax.enable_x64(True):
         raw = jnp.asarray(raw_from_params(law, params), dtype=jnp.float64)
@@ -182,3 +183,51 @@ def predict(law: str | Law, params: Mapping[str, Any], d: Any, aux: Any = None) 
     if d_in.ndim == 0:
         out = out[:, 0]
     return out[0] if single else out
+
+
+def _batched_value_and_jac(law: Law, raw: Array, log_d: Array) -> tuple[Array, Array]:
+    def one(r):
+        if law.value_and_jac is not None:
+            return law.value_and_jac(r, log_d, None)
+        return law.log_predict(r, log_d, None), jax.jacfwd(law.log_predict)(r, log_d, None)
+
+    return jax.vmap(one)(raw)
+
+
+def value_and_jac(law: str | Law, raw: Any, d: Any) -> tuple[np.ndarray, np.ndarray]:
+    """log L and ∂ log L/∂raw for M candidates at shared sizes `d` (S,) (D = 0 allowed
+    where the law has a curvature term): (M, S) and (M, S, P), float64 numpy. Closed form
+    where the law has one, forward-mode AD otherwise. Cost O(M·S·P)."""
+    law = get_law(law)
+    with jax.enable_x64(True), np.errstate(divide="ignore"):
+        log_d = jnp.asarray(np.log(np.asarray(d, np.float64)).reshape(-1))
+        y, jac = _batched_value_and_jac(law, jnp.asarray(raw, jnp.float64), log_d)
+        return np.asarray(y), np.asarray(jac)
+
+
+def tangent(law: str | Law, raw: Any, d_top: float) -> tuple[np.ndarray, ...]:
+    """The law's tangent line in (log D, log L) at D = d_top, for M candidates:
+
+        level ℓ = log L(d_top),   slope s = d log L / d log D at d_top,
+
+    and their gradients in the raw parameters, ∂ℓ/∂raw and ∂s/∂raw, each (M, P), all by
+    forward-mode AD of `log_predict` (exact, no finite differences). Returns
+    (level (M,), slope (M,), grad_level (M, P), grad_slope (M, P)). Cost O(M·P²).
+    """
+    law = get_law(law)
+
+    def level_and_slope(r, x):
+        f = lambda t: law.log_predict(r, t[None], None)[0]  # noqa: E731
+        return jax.jvp(f, (x,), (jnp.ones_like(x),))  # (ℓ, dℓ/dx): log_predict is pointwise in x
+
+    def with_grads(r, x):
+        (lvl, slp), (g_lvl, g_slp) = (
+            level_and_slope(r, x),
+            jax.jacfwd(level_and_slope)(r, x),
+        )
+        return lvl, slp, g_lvl, g_slp
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.log(float(d_top)), jnp.float64)
+        out = jax.vmap(with_grads, in_axes=(0, None))(jnp.asarray(raw, jnp.float64), x)
+        return tuple(np.asarray(a) for a in out)

@@ -214,7 +214,7 @@ def ats(
 # ----------------------------------------------------------------------------- LensLLM
 
 
-LENSLLM_ZERO_D = 1e-300  # D = 0 in log space: D^β <= 1e-300^0.02 ≈ 1e-6, so the law gives B/F + E
+LENSLLM_ZERO_D = 0.0  # the zero-shot point: the law gives L(0) = B/F + E
 
 
 def lensllm_law_predictions(
@@ -259,31 +259,6 @@ def _shrunk_variance(sse: np.ndarray, dof: np.ndarray, nu0: float = 0.5) -> np.n
     return (nu0 * pooled + sse) / np.maximum(nu0 + dof, 1e-12)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-def _law_log_and_jac(raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log L and ∂ log L/∂raw of B/(F + D^β) + E at log sizes x, raw = log(B, β, E, F),
-    for (M, 4) raw and (S,) x: (M, S) and (M, S, 4). Closed form (numpy, O(M·S)):
-    with u = βx, q = lae(f, u), a = b − q, σ_a = σ(a − e), σ_f = σ(f − u):
-    ∂/∂(b, log β, e, f) = (σ_a, −σ_a(1 − σ_f)u, 1 − σ_a, −σ_a σ_f)."""
-    b, lbeta, e, f = (raw[:, i : i + 1] for i in range(4))
-    u = np.exp(lbeta) * x[None, :]
-    a = b - np.logaddexp(f, u)
-    sig_a, sig_f = _sigmoid(a - e), _sigmoid(f - u)
-    jac = np.stack([sig_a, -sig_a * (1 - sig_f) * u, 1 - sig_a, -sig_a * sig_f], axis=-1)
-    return np.logaddexp(e, a), jac
-
-
-def _law_slope(raw: np.ndarray, x: float) -> np.ndarray:
-    """d log L / d log D at log size x, (M,): −β σ_a (1 − σ_f)."""
-    b, lbeta, e, f = (raw[:, i] for i in range(4))
-    u = np.exp(lbeta) * x
-    a = b - np.logaddexp(f, u)
-    return -np.exp(lbeta) * _sigmoid(a - e) * (1 - _sigmoid(f - u))
-
-
 _LINES_CACHE: dict[tuple, _Lines] = {}  # keyed by the visible data: budget b/2 of one call
 _LINES_CACHE_SIZE = 64  # is budget b of the next ratio, so each law fit runs once
 
@@ -305,7 +280,7 @@ def _lines(table: CurveTable, budget_size: float, num_starts: int = 64, nu0: flo
 def _compute_lines(
     sizes: np.ndarray, losses: np.ndarray, zero_shot: np.ndarray, num_starts: int, nu0: float
 ) -> _Lines:
-    from lensllm_jax import fit
+    from lensllm_jax import fit, laws
 
     d = np.concatenate([[LENSLLM_ZERO_D], sizes])
     l_all = np.concatenate([zero_shot[:, None], losses], axis=1)
@@ -313,25 +288,14 @@ def _compute_lines(
     ok = np.asarray(res.ok) & np.isfinite(res.raw).all(axis=1)
     raw = np.where(ok[:, None], res.raw, 0.0)
     x_top = float(np.log(sizes[-1]))
-    with np.errstate(all="ignore"):
-        y, jac = _law_log_and_jac(raw, np.log(d))
-        level, g_level = _law_log_and_jac(raw, np.array([x_top]))
-        slope = _law_slope(raw, x_top)
-        h = 1e-6  # the slope's gradient by central differences (4 x 2 evaluations)
-        eye = np.eye(4) * h
-        g_slope = np.stack(
-            [
-                (_law_slope(raw + eye[i], x_top) - _law_slope(raw - eye[i], x_top)) / (2 * h)
-                for i in range(4)
-            ],
-            axis=-1,
-        )
-    g = np.stack([g_level[:, 0], g_slope], axis=1)  # (M, 2, 4)
+    y, jac = laws.value_and_jac("lensllm", raw, d)
+    level, slope, g_level, g_slope = laws.tangent("lensllm", raw, sizes[-1])
+    g = np.stack([g_level, g_slope], axis=1)  # (M, 2, 4)
     sse = np.where(ok, np.sum((y - np.log(l_all)) ** 2, axis=1), np.nan)
     s2 = _shrunk_variance(sse, np.full(ok.size, d.size - 4.0), nu0)
     info_inv = np.linalg.pinv(np.einsum("msp,msq->mpq", jac, jac))
     law_cov = s2[:, None, None] * np.einsum("mip,mpq,mjq->mij", g, info_inv, g)
-    ls = np.column_stack([level[:, 0], slope])
+    ls = np.column_stack([level, slope])
 
     x = np.log(sizes)
     m = losses.shape[0]

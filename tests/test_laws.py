@@ -104,3 +104,46 @@ def test_zero_size_is_the_zero_shot_point_with_finite_derivatives():
     np.testing.assert_allclose(
         laws.predict("rectified", {"B": 20.0, "beta": 0.4, "E": 0.5, "D_l": 4.0}, 0.0), 5.5
     )
+
+
+def test_batched_jacobian_and_tangent_match_finite_differences():
+    """`value_and_jac` and `tangent` (level, log-log slope and their raw gradients, used by
+    LensLLM's Laplace variances) against central differences of the plain formula."""
+    rng = np.random.default_rng(3)
+    raw = np.column_stack(
+        [
+            rng.uniform(0, 5, 5),  # log B
+            np.log(rng.uniform(0.1, 1.5, 5)),  # log β
+            rng.uniform(-3, 1, 5),  # log E
+            rng.uniform(-2, 9, 5),  # log F
+        ]
+    )
+
+    def log_l(r, d):  # plain float64 numpy
+        b, beta, e, f = np.exp(r)
+        return np.log(b / (f + d**beta) + e)
+
+    def slope_at(r, x, hx=1e-4):
+        return (log_l(r, np.exp(x + hx)) - log_l(r, np.exp(x - hx))) / (2 * hx)
+
+    d = np.concatenate([[0.0], D[1:]])
+    y, jac = laws.value_and_jac("lensllm", raw, d)
+    d_top = 3200.0
+    level, slope, g_level, g_slope = laws.tangent("lensllm", raw, d_top)
+    h = 1e-6
+    for i in range(5):
+        np.testing.assert_allclose(y[i], log_l(raw[i], d), rtol=1e-12)
+        np.testing.assert_allclose(level[i], log_l(raw[i], d_top), rtol=1e-12)
+        x = np.log(d_top)
+        fd_slope = (log_l(raw[i], np.exp(x + h)) - log_l(raw[i], np.exp(x - h))) / (2 * h)
+        np.testing.assert_allclose(slope[i], fd_slope, rtol=1e-6, atol=1e-9)
+        for p in range(4):
+            step = np.eye(4)[p] * h
+            fd = (log_l(raw[i] + step, d) - log_l(raw[i] - step, d)) / (2 * h)
+            np.testing.assert_allclose(jac[i, :, p], fd, rtol=1e-6, atol=1e-9)
+            # a derivative of a derivative: wider steps keep round-off (eps/h²) small
+            big = np.eye(4)[p] * 1e-4
+            fd_gs = (slope_at(raw[i] + big, x) - slope_at(raw[i] - big, x)) / 2e-4
+            np.testing.assert_allclose(g_slope[i, p], fd_gs, rtol=1e-5, atol=1e-7)
+            fd_gl = (log_l(raw[i] + step, d_top) - log_l(raw[i] - step, d_top)) / (2 * h)
+            np.testing.assert_allclose(g_level[i, p], fd_gl, rtol=1e-6, atol=1e-9)

@@ -156,41 +156,6 @@ def test_rectified_fit_in_sample_rmse_at_most_lins(fts_dir, dataset, lin_rmse):
     assert float(np.mean(res.rmse)) <= lin_rmse
 
 
-def test_law_jacobian_and_slope_match_jax():
-    # LensLLM's numpy closed forms (value, ∂/∂raw, log-log slope) against the JAX law and
-    # autodiff, at the zero-shot point (D = 1e-300), ordinary sizes and a saturated floor.
-    import jax
-    import jax.numpy as jnp
-
-    from lensllm_jax import laws
-
-    law = laws.get_law("lensllm")
-    rng = np.random.default_rng(3)
-    raw = np.column_stack(
-        [
-            rng.uniform(0, 5, 5),  # log B
-            np.log(rng.uniform(0.1, 1.5, 5)),  # log β
-            rng.uniform(-3, 1, 5),  # log E
-            rng.uniform(-2, 9, 5),  # log F
-        ]
-    )
-    x = np.log(np.concatenate([[1e-300], SIZES]))
-    y, jac = select._law_log_and_jac(raw, x)
-    with jax.enable_x64(True):
-        for i in range(raw.shape[0]):
-            r = jnp.asarray(raw[i])
-            np.testing.assert_allclose(y[i], law.log_predict(r, jnp.asarray(x), None), rtol=1e-12)
-            ref = jax.jacfwd(law.log_predict)(r, jnp.asarray(x), None)
-            np.testing.assert_allclose(jac[i], ref, rtol=1e-9, atol=1e-12)
-            for xt in (np.log(3200.0), np.log(1e7)):
-                slope = jax.grad(lambda t, r=r: law.log_predict(r, t[None], None)[0])(
-                    jnp.asarray(xt)
-                )
-                np.testing.assert_allclose(
-                    select._law_slope(raw[i : i + 1], xt)[0], slope, rtol=1e-9
-                )
-
-
 def test_fay_herriot_shrinks_toward_the_trend_and_lowers_error():
     # θ ~ N(1 + 2x, 0.1²), est = θ + N(0, v): the posterior means must be closer to θ than
     # the raw estimates, and a model measured exactly (v -> 0) keeps its estimate.
