@@ -21,6 +21,7 @@ O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -166,26 +167,34 @@ def predict(law: str | Law, params: Mapping[str, Any], d: Any, aux: Any = None) 
       aux: per-candidate side data with a leading M axis (`lensllm_ntk` only).
     """
     law = get_law(law)
-    with jax.enable_x64(True):
-        raw = jnp.asarray(raw_from_params(law, params), dtype=jnp.float64)
+    with np.errstate(divide="ignore"):  # log 0 = −inf: the zero-shot point
+        raw = np.stack([np.log(np.asarray(params[n], np.float64)) for n in law.param_names], -1)
         single = raw.ndim == 1
-        raw = jnp.atleast_2d(raw)
+        raw = np.atleast_2d(raw)
         d_in = np.asarray(d, dtype=np.float64)
         if d_in.ndim == 2:
             d_2d = d_in
         else:
             d_2d = np.broadcast_to(d_in.reshape(1, -1), (raw.shape[0], d_in.size))
-        log_d = jnp.log(jnp.asarray(d_2d))
-        fn = jax.vmap(
-            lambda r, ld, a: law.log_predict(r, ld, a), in_axes=(0, 0, None if aux is None else 0)
-        )
-        out = np.exp(np.asarray(fn(raw, log_d, aux)))
+        log_d = np.log(d_2d)
+    with jax.enable_x64(True):
+        out = np.exp(np.asarray(_predict_batch(law.name, raw, log_d, aux)))
     if d_in.ndim == 0:
         out = out[:, 0]
     return out[0] if single else out
 
 
-def _batched_value_and_jac(law: Law, raw: Array, log_d: Array) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnames="law_name")
+def _predict_batch(law_name: str, raw: Array, log_d: Array, aux: Any) -> Array:
+    law = get_law(law_name)
+    in_axes = (0, 0, None if aux is None else 0)
+    return jax.vmap(law.log_predict, in_axes=in_axes)(raw, log_d, aux)
+
+
+@functools.partial(jax.jit, static_argnames="law_name")
+def _batched_value_and_jac(law_name: str, raw: Array, log_d: Array) -> tuple[Array, Array]:
+    law = get_law(law_name)
+
     def one(r):
         if law.value_and_jac is not None:
             return law.value_and_jac(r, log_d, None)
@@ -200,9 +209,11 @@ def value_and_jac(law: str | Law, raw: Any, d: Any) -> tuple[np.ndarray, np.ndar
     where the law has one, forward-mode AD otherwise. Cost O(M·S·P)."""
     law = get_law(law)
     with jax.enable_x64(True), np.errstate(divide="ignore"):
-        log_d = jnp.asarray(np.log(np.asarray(d, np.float64)).reshape(-1))
-        y, jac = _batched_value_and_jac(law, jnp.asarray(raw, jnp.float64), log_d)
-        return np.asarray(y), np.asarray(jac)
+        log_d = np.log(np.asarray(d, np.float64)).reshape(-1)
+        s = log_d.size
+        padded = np.pad(log_d, (0, -(-s // 16) * 16 - s))  # one compilation per 16 sizes
+        y, jac = _batched_value_and_jac(law.name, jnp.asarray(raw, jnp.float64), padded)
+        return np.asarray(y)[:, :s], np.asarray(jac)[:, :s]
 
 
 def tangent(law: str | Law, raw: Any, d_top: float) -> tuple[np.ndarray, ...]:
@@ -215,19 +226,22 @@ def tangent(law: str | Law, raw: Any, d_top: float) -> tuple[np.ndarray, ...]:
     (level (M,), slope (M,), grad_level (M, P), grad_slope (M, P)). Cost O(M·P²).
     """
     law = get_law(law)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.log(float(d_top)), jnp.float64)
+        out = _tangent_batch(law.name, jnp.asarray(raw, jnp.float64), x)
+        return tuple(np.asarray(a) for a in out)
+
+
+@functools.partial(jax.jit, static_argnames="law_name")
+def _tangent_batch(law_name: str, raw: Array, x: Array):
+    law = get_law(law_name)
 
     def level_and_slope(r, x):
         f = lambda t: law.log_predict(r, t[None], None)[0]  # noqa: E731
         return jax.jvp(f, (x,), (jnp.ones_like(x),))  # (ℓ, dℓ/dx): log_predict is pointwise in x
 
     def with_grads(r, x):
-        (lvl, slp), (g_lvl, g_slp) = (
-            level_and_slope(r, x),
-            jax.jacfwd(level_and_slope)(r, x),
-        )
+        (lvl, slp), (g_lvl, g_slp) = level_and_slope(r, x), jax.jacfwd(level_and_slope)(r, x)
         return lvl, slp, g_lvl, g_slp
 
-    with jax.enable_x64(True):
-        x = jnp.asarray(np.log(float(d_top)), jnp.float64)
-        out = jax.vmap(with_grads, in_axes=(0, None))(jnp.asarray(raw, jnp.float64), x)
-        return tuple(np.asarray(a) for a in out)
+    return jax.vmap(with_grads, in_axes=(0, None))(raw, x)
