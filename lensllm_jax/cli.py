@@ -82,6 +82,35 @@ def _build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=FORMATS, default="table", help="output format")
     rep.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
     rep.set_defaults(handler=_cmd_reproduce)
+
+    sel = sub.add_parser(
+        "select",
+        help="rank your candidates from their small fine-tunes",
+        description=(
+            "Rank the candidates of one curve table (your models fine-tuned on a few small "
+            "nested subsets; columns 'config name', '0', one per subset size, 'size', "
+            "'family') by the loss each method predicts at --target samples. Rank 1 is "
+            "the model to fine-tune."
+        ),
+    )
+    sel.add_argument("table", metavar="CSV", help="the curve table")
+    sel.add_argument(
+        "--target",
+        type=float,
+        required=True,
+        metavar="N",
+        help="number of samples of the full fine-tuning run",
+    )
+    sel.add_argument(
+        "--methods",
+        nargs="+",
+        action="extend",
+        metavar="M",
+        help=f"selection methods (default: LensLLM): {', '.join(_method_names())}",
+    )
+    sel.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    sel.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
+    sel.set_defaults(handler=_cmd_select)
     return parser
 
 
@@ -172,6 +201,56 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     else:
         _write_atomic(out, text)
     return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from lensllm_jax import curves, ranking
+
+    out = _check_out(args.out)
+    path = Path(args.table)
+    if not path.is_file():
+        raise LensLLMInputError("no such file", file=path, hint="give the curve table's path")
+    table = curves.read_curve_table(path)
+    _enable_jit_cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = ranking.rank(table, args.target, args.methods)
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    if args.format == "csv":
+        text = ranking.rows_to_csv(rows)
+    elif args.format == "json":
+        text = ranking.rows_to_json(rows)
+    else:
+        text = render_ranking(rows, args.target, color=out is None and sys.stdout.isatty())
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        _write_atomic(out, text)
+    return 0
+
+
+def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str:
+    """One rich table per method: rank, model, score (predicted loss), status."""
+    import io
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=100, force_terminal=color, no_color=not color)
+    for method in dict.fromkeys(r.method for r in rows):
+        table = Table(title=f"{method} · predicted loss at D = {target:g}", title_justify="left")
+        for col, just in (("rank", "right"), ("model", "left"), ("score", "right")):
+            table.add_column(col, justify=just)
+        table.add_column("status")
+        for r in (r for r in rows if r.method == method):
+            score = "nan" if math.isnan(r.score) else f"{r.score:.4f}"
+            table.add_row(str(r.rank), r.model, score, r.status)
+        console.print(table)
+    return buf.getvalue()
 
 
 def render_table(rows: Sequence, *, color: bool = False, width: int = 100) -> str:

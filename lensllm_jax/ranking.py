@@ -1,0 +1,87 @@
+"""Rank your own candidates from your own small fine-tunes: the `lensllm select` job.
+
+Input: a curve table in the benchmark's layout (``config name``, the zero-shot column ``0``,
+one column per fine-tuning subset size D, ``size`` = parameters, ``family``), holding the
+test loss of each candidate fine-tuned on each of a few small nested subsets. Every chosen
+selection method sees all of those sizes (the budget is the largest) and scores each
+candidate for the full data size `target`; for the law-based methods and AtS the score is
+the predicted test loss L(target). Candidates are ranked by score, lower first; a failed
+fit ranks last with status "failed".
+
+Cost: that of the methods (one batched fit for the law-based ones, O(M·S²) for AtS).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from lensllm_jax.curves import CurveTable, check_budget
+from lensllm_jax.errors import LensLLMInputError
+
+__all__ = ["COLUMNS", "DEFAULT_METHODS", "RankRow", "rank", "rows_to_csv", "rows_to_json"]
+
+COLUMNS = ("method", "rank", "model", "score", "status")
+DEFAULT_METHODS = ("LensLLM",)
+
+
+class RankRow(NamedTuple):
+    """One candidate under one method: its place (1 = fine-tune this one) and score."""
+
+    method: str
+    rank: int
+    model: str
+    score: float  # predicted loss at the target for the fitting methods; NaN when failed
+    status: str
+
+
+def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None) -> list[RankRow]:
+    """Rank `table`'s candidates by each method's score for data size `target`.
+
+    Raises `LensLLMInputError` (one line) for a target not beyond the largest fine-tuned
+    size, fewer than 3 sizes, or an unknown method; nothing else raises for a bad curve.
+    """
+    from lensllm_jax.reproduce import resolve_methods
+
+    chosen = resolve_methods(list(DEFAULT_METHODS) if methods is None else methods)
+    largest = float(table.sizes[-1])
+    if not (math.isfinite(target) and target > largest):
+        raise LensLLMInputError(
+            f"target {target:g} must be larger than the largest fine-tuned size {largest:g}",
+            file=table.source or table.name,
+            hint="give --target the number of samples you will fine-tune on",
+        )
+    check_budget(table, largest)
+    rows: list[RankRow] = []
+    for name, method in chosen.items():
+        sel = method(table, largest, float(target))
+        scores = np.asarray(sel.scores, np.float64)
+        order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
+        rows.extend(
+            RankRow(name, place, table.models[i], float(scores[i]), sel.status[i])
+            for place, i in enumerate(order, start=1)
+        )
+    return rows
+
+
+def rows_to_csv(rows: Sequence[RankRow]) -> str:
+    """CSV with the columns method,rank,model,score,status."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        score = "nan" if math.isnan(r.score) else f"{r.score:.6g}"
+        writer.writerow([r.method, r.rank, r.model, score, r.status])
+    return buf.getvalue()
+
+
+def rows_to_json(rows: Sequence[RankRow]) -> str:
+    """A JSON array of objects with the CSV's keys; NaN is written null."""
+    items = [{**r._asdict(), "score": None if math.isnan(r.score) else r.score} for r in rows]
+    return json.dumps(items, indent=1) + "\n"
