@@ -143,20 +143,20 @@ def _fit_predict(law: str, d: np.ndarray, losses: np.ndarray, target: float, **k
 
 def vanilla_fit(table: CurveTable, budget_size: float, target: float = TARGET) -> Selection:
     """Fit the vanilla law L = B/D^β + E to every size D <= budget (MSE of log L, best of
-    64 starts); score = L(target). Cost: one batched fit of M x 64 starts."""
+    16 starts); score = L(target). Cost: one batched fit of M x 16 starts."""
     sizes, losses = visible_curves(table, budget_size)
-    pred, ok, _ = _fit_predict("vanilla", sizes, losses, target, num_starts=64)
+    pred, ok, _ = _fit_predict("vanilla", sizes, losses, target, num_starts=16)
     return _from_predictions(pred, ok, sizes, "VanillaFit")
 
 
 def rectified_fit(table: CurveTable, budget_size: float, target: float = TARGET) -> Selection:
     """Fit the rectified law L = B/(D_l + D^β) + E to {zero-shot at D = 1e-10, every size
-    D <= budget} (Lin et al.'s protocol; MSE of log L, best of 64 starts); score = L(target).
-    Cost: one batched fit of M x 64 starts."""
+    D <= budget} (Lin et al.'s protocol; MSE of log L, best of 16 starts); score = L(target).
+    Cost: one batched fit of M x 16 starts."""
     sizes, losses = visible_curves(table, budget_size)
     d = np.concatenate([[ZERO_SHOT_D], sizes])
     l_all = np.concatenate([np.asarray(table.zero_shot, np.float64)[:, None], losses], axis=1)
-    pred, ok, _ = _fit_predict("rectified", d, l_all, target, num_starts=64)
+    pred, ok, _ = _fit_predict("rectified", d, l_all, target, num_starts=16)
     return _from_predictions(pred, ok, sizes, "RectifiedFit")
 
 
@@ -218,7 +218,7 @@ LENSLLM_ZERO_D = 0.0  # the zero-shot point: the law gives L(0) = B/F + E
 
 
 def lensllm_law_predictions(
-    table: CurveTable, budget_size: float, target: float = TARGET, num_starts: int = 64
+    table: CurveTable, budget_size: float, target: float = TARGET, num_starts: int = 16
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit the LENSLLM law L(D) = B/(F + D^β) + E (F >= 0 fitted: curves only) to the
     zero-shot point at D = 0 (where the law gives B/F + E) and every size D <= budget.
@@ -263,7 +263,7 @@ _LINES_CACHE: dict[tuple, _Lines] = {}  # keyed by the visible data: budget b/2 
 _LINES_CACHE_SIZE = 64  # is budget b of the next ratio, so each law fit runs once
 
 
-def _lines(table: CurveTable, budget_size: float, num_starts: int = 64, nu0: float = 0.5) -> _Lines:
+def _lines(table: CurveTable, budget_size: float, num_starts: int = 16, nu0: float = 0.5) -> _Lines:
     """The law's tangent line (level + slope at the largest visible size, Laplace
     covariance s²·gᵀ(JᵀJ)⁺g) and AtS's line (OLS covariance) for every model.
     Memoised on the visible data (the result is a pure function of it)."""
@@ -403,7 +403,7 @@ def lensllm(table: CurveTable, budget_size: float, target: float = TARGET) -> Se
     The law fit and lines are memoised on the visible data, so the budget/2 backtest fit
     is shared with the next budget ratio.
     A model whose law fit fails is "failed" (NaN, ranks last, `CurveFitWarning`).
-    Cost: two batched LM fits (M x 64 starts; budget and budget/2; one when memoised), M
+    Cost: two batched LM fits (M x 16 starts; budget and budget/2; one when memoised), M
     Laplace covariances (P = 4), O(M·S²) for AtS, O(M) for the pooling.
     """
     pred, ok, sizes = _lensllm_predict(table, budget_size, target)
