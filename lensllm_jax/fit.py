@@ -263,19 +263,18 @@ def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta:
     jax.jit,
     static_argnames=(
         "law_name",
-        "num_starts",
         "loss",
         "solver",
         "max_steps",
         "explore_steps",
         "num_polish",
     ),
+    # LLVM at -O1 instead of -O2: measured 20 % less compile time for the same run time.
+    compiler_options={"xla_backend_optimization_level": 1},
 )
 def _solve_batch(
     law_name: str,
-    key: Array,
-    num_starts: int,
-    fixed_raw: Array,  # (M, P), NaN where free
+    x0: Array,  # (M, K, P) starting points (`initial_starts`)
     free: Array,  # (P,) bool
     log_d: Array,  # (M, S)
     log_l: Array,  # (M, S)
@@ -296,7 +295,7 @@ def _solve_batch(
     law = get_law(law_name)
     solve = _SOLVERS[solver]
     aux_axis = None if aux is None else 0
-    x0 = initial_starts(law, log_d, log_l, mask, key, num_starts, aux, fixed_raw)
+    num_starts = x0.shape[1]
 
     m = log_d.shape[0]
 
@@ -603,12 +602,21 @@ def _bucket(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+# Starting points are a separate, small program compiled without LLVM optimisation: it runs
+# once per fit, and keeping it out of `_solve_batch` shortens that compile by ~20 %.
+_starts_batch = jax.jit(
+    initial_starts,
+    static_argnames=("law", "num_starts"),
+    compiler_options={"xla_backend_optimization_level": 0},
+)
+
+
 def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, prior, **static):
+    log_d, log_l, mask = jnp.asarray(log_d), jnp.asarray(log_l), jnp.asarray(mask)
+    x0 = _starts_batch(law_name, log_d, log_l, mask, key, num_starts, aux, jnp.asarray(fixed_raw))
     out = _solve_batch(
         law_name,
-        key,
-        num_starts,
-        jnp.asarray(fixed_raw),
+        x0,
         jnp.asarray(static.pop("free")),
         jnp.asarray(log_d),
         jnp.asarray(log_l),
