@@ -20,9 +20,9 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lensllm_jax.errors import LensLLMInputError
 
@@ -72,15 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="curve-table CSVs or folders of them (default: $LENSLLM_DATA, else the cache)",
     )
-    rep.add_argument(
-        "--methods",
-        nargs="+",
-        action="extend",
-        metavar="M",
-        help=f"selection methods to run (default: all): {', '.join(_method_names())}",
-    )
-    rep.add_argument("--format", choices=FORMATS, default="table", help="output format")
-    rep.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
+    _add_method_and_output_args(rep, default="all")
     rep.set_defaults(handler=_cmd_reproduce)
 
     sel = sub.add_parser(
@@ -101,17 +93,22 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="number of samples of the full fine-tuning run",
     )
-    sel.add_argument(
+    _add_method_and_output_args(sel, default="LensLLM")
+    sel.set_defaults(handler=_cmd_select)
+    return parser
+
+
+def _add_method_and_output_args(cmd: argparse.ArgumentParser, default: str) -> None:
+    """--methods, --format and --out, shared by the subcommands."""
+    cmd.add_argument(
         "--methods",
         nargs="+",
         action="extend",
         metavar="M",
-        help=f"selection methods (default: LensLLM): {', '.join(_method_names())}",
+        help=f"selection methods to run (default: {default}): {', '.join(_method_names())}",
     )
-    sel.add_argument("--format", choices=FORMATS, default="table", help="output format")
-    sel.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
-    sel.set_defaults(handler=_cmd_select)
-    return parser
+    cmd.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    cmd.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +173,26 @@ def _enable_jit_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _with_warnings_reported(fn: Callable[[], Any]) -> Any:
+    """Run `fn`, then print each warning it raised as one ``lensllm: warning:`` line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    return result
+
+
+def _emit(text: str, out: Path | None) -> int:
+    """Write the finished output to stdout, or atomically to --out."""
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        _write_atomic(out, text)
+    return 0
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lensllm_jax import curves, data, reproduce
 
@@ -183,24 +200,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     paths = data.resolve_data(args.data)
     tables = curves.read_curve_tables(paths)
     _enable_jit_cache()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = reproduce.run(tables, args.methods)
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
-
+    rows = _with_warnings_reported(lambda: reproduce.run(tables, args.methods))
     if args.format == "csv":
-        text = reproduce.rows_to_csv(rows)
-    elif args.format == "json":
-        text = reproduce.rows_to_json(rows)
-    else:
-        text = render_table(rows, color=out is None and sys.stdout.isatty())
-    if out is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        _write_atomic(out, text)
-    return 0
+        return _emit(reproduce.rows_to_csv(rows), out)
+    if args.format == "json":
+        return _emit(reproduce.rows_to_json(rows), out)
+    return _emit(render_table(rows, color=out is None and sys.stdout.isatty()), out)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -212,23 +217,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
         raise LensLLMInputError("no such file", file=path, hint="give the curve table's path")
     table = curves.read_curve_table(path)
     _enable_jit_cache()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = ranking.rank(table, args.target, args.methods)
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    rows = _with_warnings_reported(lambda: ranking.rank(table, args.target, args.methods))
     if args.format == "csv":
-        text = ranking.rows_to_csv(rows)
-    elif args.format == "json":
-        text = ranking.rows_to_json(rows)
-    else:
-        text = render_ranking(rows, args.target, color=out is None and sys.stdout.isatty())
-    if out is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        _write_atomic(out, text)
-    return 0
+        return _emit(ranking.rows_to_csv(rows), out)
+    if args.format == "json":
+        return _emit(ranking.rows_to_json(rows), out)
+    color = out is None and sys.stdout.isatty()
+    return _emit(render_ranking(rows, args.target, color=color), out)
 
 
 def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str:

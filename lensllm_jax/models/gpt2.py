@@ -19,6 +19,7 @@ from .layers import (
     attend,
     attention_bias,
     layer_norm,
+    output_logits,
     run_layers,
     stack_init,
 )
@@ -91,8 +92,7 @@ def forward(
 
     x = run_layers(block, x, params["layers"], scan_layers=scan_layers, remat=remat)
     x = layer_norm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], cfg.norm_eps)
-    head = wte.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-    return jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return output_logits(cfg, params, x, wte)
 
 
 HF_PREFIXES = ("transformer.",)

@@ -21,6 +21,7 @@ from .layers import (
     attend,
     attention_bias,
     layer_norm,
+    output_logits,
     rope_tables,
     run_layers,
     stack_init,
@@ -98,8 +99,7 @@ def forward(
 
     x = run_layers(block, x, params["layers"], scan_layers=scan_layers, remat=remat)
     x = layer_norm(x, params["final_norm"]["scale"], params["final_norm"]["bias"], cfg.norm_eps)
-    head = emb.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-    return jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return output_logits(cfg, params, x, emb)
 
 
 HF_PREFIXES = ("gpt_neox.",)

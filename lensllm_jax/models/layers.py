@@ -238,3 +238,10 @@ def run_layers(
     for i in range(n):
         x = fn(x, jax.tree_util.tree_unflatten(treedef, [p[i] for p in per_leaf]), jnp.asarray(i))
     return x
+
+
+def output_logits(cfg: LMConfig, params: dict, x: Array, embedding: Array) -> Array:
+    """Final hidden states (batch, seq, hidden) -> f32 logits through the tied input
+    embedding or the untied ``params["lm_head"]``. Cost: one (hidden x vocab) matmul."""
+    head = embedding.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    return jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -20,6 +20,7 @@ from .layers import (
     apply_rope,
     attend,
     attention_bias,
+    output_logits,
     rms_norm,
     rope_tables,
     run_layers,
@@ -99,8 +100,7 @@ def forward(
 
     x = run_layers(block, x, params["layers"], scan_layers=scan_layers, remat=remat)
     x = rms_norm(x, params["norm"]["scale"], cfg.norm_eps)
-    head = emb.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-    return jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return output_logits(cfg, params, x, emb)
 
 
 # ---------------------------------------------------------------- Hugging Face names

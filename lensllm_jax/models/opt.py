@@ -19,6 +19,7 @@ from .layers import (
     attend,
     attention_bias,
     layer_norm,
+    output_logits,
     run_layers,
     stack_init,
 )
@@ -119,8 +120,7 @@ def forward(
         x = layer_norm(x, fn.get("scale"), fn.get("bias"), cfg.norm_eps)
     if "project_out" in params:
         x = jnp.dot(x, params["project_out"]["kernel"].astype(x.dtype))
-    head = emb.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-    return jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return output_logits(cfg, params, x, emb)
 
 
 HF_PREFIXES = ("model.decoder.", "decoder.")
