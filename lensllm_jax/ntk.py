@@ -13,6 +13,8 @@ Two implementations (neural-tangents `empirical.py` style, dispatched by a dict)
 
 * `JACOBIAN_CONTRACTION`: per-example Jacobians in chunks of `chunk_size` examples, the Gram
   matrix accumulated block by block (at most two chunks of Jacobians alive; never all N).
+  `chunk_size="auto"` (default) takes the largest chunk whose two Jacobian blocks fit a memory
+  budget (`memory_budget`, `auto_chunk_size`).
 * `NTK_VECTOR_PRODUCTS`: matrix-free, Θ e_k = J1 (J2ᵀ e_k) by a vjp then a jvp, one column per
   basis vector; `ntk_vp` exposes the kernel-vector product Θ v itself for large N.
 
@@ -40,6 +42,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -54,15 +58,18 @@ __all__ = [
     "NTKError",
     "NTKFeatures",
     "NtkImplementation",
+    "auto_chunk_size",
     "causal_lm_token_logprobs",
     "check_kernel",
     "checked_features",
     "empirical_ntk",
     "empirical_ntk_fn",
     "features",
+    "jacobian_bytes_per_example",
     "kernel_diagnostics",
     "logit_kernel",
     "loss_gradient_kernel",
+    "memory_budget",
     "ntk_test_loss",
     "ntk_test_loss_from_features",
     "ntk_vp",
@@ -71,6 +78,11 @@ __all__ = [
 PyTree = Any
 ApplyFn = Callable[[PyTree, PyTree], jax.Array]
 KernelFn = Callable[..., jax.Array]
+ChunkSize = int | str | None  # examples per Jacobian block, "auto" (memory budget) or None (all)
+
+MEMORY_ENV = "LENSLLM_NTK_MEMORY"  # bytes for the two Jacobian blocks, e.g. "8GiB" or "5e8"
+HOST_MEMORY_BUDGET = 2 * 1024**3  # when the device reports no memory (CPU): 2 GiB
+DEVICE_MEMORY_FRACTION = 0.5  # of the device's free memory; the rest is for activations
 
 
 class NTKError(ValueError):
@@ -150,6 +162,108 @@ def _check_finite(arr: jax.Array, what: str, name: str | None) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- memory budget
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
+
+
+def _parse_bytes(text: str, what: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m and _BYTE_UNITS.get(m.group(2).lower())
+    if not m or unit is None or float(m.group(1)) * unit < 1:
+        raise NTKError(
+            f"{what} = {text!r} is not a positive byte count; use e.g. 8GiB, 500MB or 2e9"
+        )
+    return int(float(m.group(1)) * unit)
+
+
+def memory_budget(
+    memory_budget_bytes: int | None = None,
+    *,
+    device: Any = None,
+    fraction: float = DEVICE_MEMORY_FRACTION,
+) -> int:
+    """Bytes the two live Jacobian blocks of JACOBIAN_CONTRACTION may take (`chunk_size="auto"`).
+
+    The first rule that applies:
+      1. `memory_budget_bytes` when given;
+      2. the environment variable LENSLLM_NTK_MEMORY (bytes, or with a unit: "8GiB", "500MB");
+      3. `fraction` (default 0.5) of the device's free memory, bytes_limit − bytes_in_use of
+         `device.memory_stats()` (GPU / TPU; default device `jax.devices()[0]`): the other half
+         is left for the activations of a chunk, the Gram and XLA's temporaries;
+      4. HOST_MEMORY_BUDGET (2 GiB) when the device reports no memory statistics (CPU).
+    Cost: one `memory_stats()` query (no device work).
+    """
+    if memory_budget_bytes is not None:
+        if not isinstance(memory_budget_bytes, int | np.integer) or memory_budget_bytes < 1:
+            raise NTKError(
+                f"memory_budget_bytes must be a positive int (bytes), got {memory_budget_bytes!r}"
+            )
+        return int(memory_budget_bytes)
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        return _parse_bytes(env, MEMORY_ENV)
+    dev = device if device is not None else jax.devices()[0]
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # backends without allocator statistics raise or return None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return max(1, int(fraction * free))
+    return HOST_MEMORY_BUDGET
+
+
+def jacobian_bytes_per_example(
+    params: PyTree, n_outputs: int = 1, jacobian_dtype: Any = None
+) -> int:
+    """Bytes of one example's Jacobian: n_outputs (= A·C) x Σ_leaves size · itemsize, with the
+    itemsize of `jacobian_dtype` when given, else of each leaf (gradients keep params' dtypes)."""
+    total = 0
+    for leaf in jax.tree.leaves(params):
+        dt = jnp.dtype(jacobian_dtype) if jacobian_dtype is not None else jnp.result_type(leaf)
+        total += int(np.prod(np.shape(leaf), dtype=np.int64)) * dt.itemsize
+    return int(n_outputs) * total
+
+
+def auto_chunk_size(n: int, bytes_per_example: int, budget_bytes: int) -> int:
+    """Examples per Jacobian block such that two blocks fit the budget: a pure function.
+
+    c_max = max(1, ⌊budget / (2 · bytes_per_example)⌋) (the row and the column block of
+    `_ntk_blocks`; a chunk of one is always allowed, even over budget). If c_max >= n, all n at
+    once; otherwise the fewest blocks nb = ⌈n / c_max⌉, balanced as c = ⌈n / nb⌉ <= c_max so the
+    last block wastes as little padding as possible (64 with c_max = 40: 2 blocks of 32, not 40 +
+    24 padded to 40). Cost of the choice: a symmetric kernel computes 1 + nb (nb − 1) / 2 chunk
+    Jacobians (nb when nb <= 2), i.e. (1 + nb (nb − 1) / 2) / nb per-example-gradient passes
+    over the batch (1, 1, 4/3, 7/4 for nb = 1..4): a larger budget means fewer passes.
+    """
+    if n < 1 or bytes_per_example < 1 or budget_bytes < 1:
+        raise NTKError(
+            f"auto_chunk_size needs positive sizes, got n={n}, bytes_per_example="
+            f"{bytes_per_example}, budget_bytes={budget_bytes}"
+        )
+    c_max = max(1, budget_bytes // (2 * bytes_per_example))
+    if c_max >= n:
+        return n
+    nb = -(-n // c_max)
+    return -(-n // nb)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -212,6 +326,7 @@ def _ntk_jacobian_contraction(
              for the Gram blocks.
       memory ≈ 2 · c · A·C · P Jacobian entries (in `jacobian_dtype`, e.g. bf16 halves it; the
              Gram is accumulated in float32 or wider) + the activations of c examples.
+    `chunk_size` arrives resolved (an int, or None for all examples at once).
     """
     acc = _acc_dtype(params)
     chunk = min(chunk_size or max(n1, n2), max(n1, n2))
@@ -291,9 +406,10 @@ def empirical_ntk_fn(
     *,
     trace_axes: Sequence[int] | None = None,
     implementation: NtkImplementation | str = NtkImplementation.JACOBIAN_CONTRACTION,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
     jacobian_dtype: Any = None,
     precision: Any = None,
+    memory_budget_bytes: int | None = None,
 ) -> KernelFn:
     """Return `kernel_fn(params, x1, x2=None, *, name=None) -> Θ` for `f(params, x)`.
 
@@ -304,12 +420,17 @@ def empirical_ntk_fn(
       f: pure function; every example of the batch must be processed independently.
       trace_axes: output axes (of the full (N, *out) output, not 0) summed over; None = all.
       implementation: `NtkImplementation` (or its value string); costs in their docstrings.
-      chunk_size: JACOBIAN_CONTRACTION: examples per Jacobian chunk (None = all N at once);
-        NTK_VECTOR_PRODUCTS: kernel columns vmapped at once (None = 1).
+      chunk_size: JACOBIAN_CONTRACTION: examples per Jacobian chunk; "auto" (default) = the
+        largest chunk whose two Jacobian blocks (2 · c · A·C · P · itemsize bytes) fit
+        `memory_budget(memory_budget_bytes)` (see `auto_chunk_size`; on CPU 2 GiB, on a GPU
+        half its free memory); None = all N at once. NTK_VECTOR_PRODUCTS: kernel columns
+        vmapped at once ("auto" / None = 1).
       jacobian_dtype: e.g. jnp.bfloat16 to store per-example Jacobians in bf16 (half memory
         and Gram bandwidth); the Gram is always accumulated in float32 or wider. Pass bf16
         params to make the backward passes themselves bf16.
       precision: `lax.Precision` for the Gram contractions (e.g. HIGHEST to avoid TF32 on GPU).
+      memory_budget_bytes: bytes for the two Jacobian blocks when chunk_size="auto" (default:
+        $LENSLLM_NTK_MEMORY, else from the device; see `memory_budget`).
 
     The returned function is jittable (shape checks at trace time); outside `jit` it also
     checks the kernel for NaN/inf and names `name` in the error. Keep and reuse it: it compiles
@@ -322,21 +443,31 @@ def empirical_ntk_fn(
             f"unknown NTK implementation {implementation!r}; use one of "
             f"{[m.value for m in NtkImplementation]}"
         ) from None
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise NTKError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size != "auto":
+        if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+            raise NTKError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")
+        chunk_size = int(chunk_size)
+    if memory_budget_bytes is not None:
+        memory_budget(memory_budget_bytes)  # validate now, not at the first call
 
     # One compiled program per factory and input shapes (a no-op under an outer jit); eager
     # op-by-op dispatch would compile every scan and jacobian separately.
     compiled = jax.jit(
         functools.partial(
-            _IMPLEMENTATIONS[impl],
-            f,
-            chunk_size=chunk_size,
-            jacobian_dtype=jacobian_dtype,
-            precision=precision,
+            _IMPLEMENTATIONS[impl], f, jacobian_dtype=jacobian_dtype, precision=precision
         ),
-        static_argnames=("lay", "n1", "n2"),
+        static_argnames=("lay", "n1", "n2", "chunk_size"),
     )
+
+    def resolve_chunk(params: PyTree, lay: _OutputLayout, n: int) -> int | None:
+        if chunk_size != "auto":
+            return chunk_size
+        if impl is not NtkImplementation.JACOBIAN_CONTRACTION:
+            return None
+        per_example = jacobian_bytes_per_example(
+            params, lay.n_untraced * lay.n_traced, jacobian_dtype
+        )
+        return auto_chunk_size(n, per_example, memory_budget(memory_budget_bytes))
 
     def kernel_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None, *, name=None):
         n1 = _batch_size(x1, "x1", name)
@@ -357,7 +488,8 @@ def empirical_ntk_fn(
             )
         axes = _normalise_trace_axes(trace_axes, out.ndim, name)
         lay = _layout(out.shape, axes)
-        theta = compiled(params, x1, x2, lay=lay, n1=n1, n2=n2)
+        chunk = resolve_chunk(params, lay, max(n1, n2))
+        theta = compiled(params, x1, x2, lay=lay, n1=n1, n2=n2, chunk_size=chunk)
         theta = _finish(theta, lay)
         if _is_concrete(theta):
             _check_finite(theta, "empirical NTK", name)
@@ -374,9 +506,10 @@ def empirical_ntk(
     *,
     implementation: NtkImplementation | str = NtkImplementation.JACOBIAN_CONTRACTION,
     trace_axes: Sequence[int] | None = None,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
     jacobian_dtype: Any = None,
     precision: Any = None,
+    memory_budget_bytes: int | None = None,
     name: str | None = None,
 ) -> jax.Array:
     """Θ = J(x1) J(x2)ᵀ traced over `trace_axes`; see `empirical_ntk_fn` for every argument."""
@@ -387,6 +520,7 @@ def empirical_ntk(
         chunk_size=chunk_size,
         jacobian_dtype=jacobian_dtype,
         precision=precision,
+        memory_budget_bytes=memory_budget_bytes,
     )
     return kernel_fn(params, x1, x2, name=name)
 

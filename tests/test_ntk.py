@@ -193,6 +193,89 @@ def test_ntk_vp_matches_kernel_times_vector(trace_axes):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- auto chunk
+
+
+def brute_force_chunk(n, bytes_per_example, budget):
+    """Independent statement of the rule: the fewest blocks nb whose balanced chunk ⌈n/nb⌉ keeps
+    two blocks within budget; a chunk of one when even that does not fit."""
+    for nb in range(1, n + 1):
+        c = -(-n // nb)
+        if 2 * c * bytes_per_example <= budget:
+            return c
+    return 1
+
+
+class FakeDevice:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_auto_chunk_follows_the_memory_rule(monkeypatch):
+    monkeypatch.delenv(ntk.MEMORY_ENV, raising=False)
+    gib = 2**30
+    # GPT-2 small (124,439,808 params) on an H200-like device: bf16 Jacobians, 100 GiB free
+    # of a 104 GiB pool -> budget 50 GiB -> c_max 215 >= 64: one block of all 64.
+    p = 124_439_808
+    fake_h200 = FakeDevice({"bytes_limit": 104 * gib, "bytes_in_use": 4 * gib})
+    budget = ntk.memory_budget(device=fake_h200)
+    assert budget == 50 * gib
+    assert ntk.auto_chunk_size(64, 2 * p, budget) == 64
+    # f32 Jacobians with 40 GiB free: budget 20 GiB, c_max = 21 -> 4 blocks of 16 (not 21 x 4)
+    budget = ntk.memory_budget(
+        device=FakeDevice({"bytes_limit": 44 * gib, "bytes_in_use": 4 * gib})
+    )
+    assert budget == 20 * gib
+    assert ntk.auto_chunk_size(64, 4 * p, budget) == 16
+    # a device without statistics (CPU) gets the fixed host budget; the env var overrides both
+    assert ntk.memory_budget(device=FakeDevice(None)) == ntk.HOST_MEMORY_BUDGET == 2 * gib
+    monkeypatch.setenv(ntk.MEMORY_ENV, "3GiB")
+    assert ntk.memory_budget(device=fake_h200) == 3 * gib
+    monkeypatch.setenv(ntk.MEMORY_ENV, "5e8")
+    assert ntk.memory_budget() == 500_000_000
+    assert ntk.memory_budget(123) == 123  # the argument beats the env var
+    monkeypatch.setenv(ntk.MEMORY_ENV, "lots")
+    with pytest.raises(ntk.NTKError, match=r"LENSLLM_NTK_MEMORY.*byte count"):
+        ntk.memory_budget()
+    with pytest.raises(ntk.NTKError, match="memory_budget_bytes"):
+        ntk.memory_budget(-1)
+    # the closed form equals the brute-force statement of the rule on a grid of sizes
+    for n in (1, 2, 7, 16, 63, 64, 65, 100):
+        for per in (1, 3, 1000, 4 * p):
+            for budget in (1, 2 * per - 1, 2 * per, 5 * per, 37 * per + 5, 2 * n * per, 10**13):
+                c = ntk.auto_chunk_size(n, per, budget)
+                assert c == brute_force_chunk(n, per, budget), (n, per, budget)
+                assert 1 <= c <= n
+                assert c == 1 or 2 * c * per <= budget
+    # bytes per example: A·C outputs x Σ size · itemsize (params' dtypes, or jacobian_dtype)
+    params = {"a": jnp.zeros((3, 4), jnp.float32), "b": jnp.zeros(5, jnp.bfloat16)}
+    assert ntk.jacobian_bytes_per_example(params) == 12 * 4 + 5 * 2
+    assert ntk.jacobian_bytes_per_example(params, 6, jnp.bfloat16) == 6 * 17 * 2
+
+
+@pytest.mark.parametrize("budget_examples", [1, 3, 100])  # chunks 1, 3 (3 blocks), 7 (all)
+def test_auto_chunk_kernel_equals_explicit_chunks(budget_examples):
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), mlp_init(jax.random.key(30)))
+        x = jax.random.normal(jax.random.key(31), (7, 3), jnp.float64)
+        per = ntk.jacobian_bytes_per_example(params, 2, None)  # A·C = 2 outputs per example
+        budget = 2 * budget_examples * per
+        chunk = ntk.auto_chunk_size(7, per, budget)
+        assert chunk == min(budget_examples, 7)
+        kw = dict(trace_axes=())
+        auto = ntk.empirical_ntk(mlp_apply, params, x, memory_budget_bytes=budget, **kw)
+        explicit = ntk.empirical_ntk(mlp_apply, params, x, chunk_size=chunk, **kw)
+        ref = dense_ntk(mlp_apply, params, x, x, ())
+        scale = float(jnp.max(jnp.abs(ref)))
+        np.testing.assert_allclose(auto, explicit, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(auto, ref, rtol=0, atol=1e-6 * scale)
+        jitted = jax.jit(ntk.empirical_ntk_fn(mlp_apply, memory_budget_bytes=budget, **kw))
+        np.testing.assert_allclose(jitted(params, x), ref, rtol=0, atol=1e-6 * scale)
+
+
 # ----------------------------------------------------------------------------- test loss
 
 
@@ -327,6 +410,10 @@ def test_bad_ntk_inputs_raise_one_line_errors():
         ntk.empirical_ntk(mlp_apply, params, x, implementation="svd")
     with pytest.raises(ntk.NTKError, match="chunk_size"):
         ntk.empirical_ntk(mlp_apply, params, x, chunk_size=0)
+    with pytest.raises(ntk.NTKError, match="chunk_size"):
+        ntk.empirical_ntk(mlp_apply, params, x, chunk_size="big")
+    with pytest.raises(ntk.NTKError, match="memory_budget_bytes"):
+        ntk.empirical_ntk(mlp_apply, params, x, memory_budget_bytes=0)
     with pytest.raises(ntk.NTKError, match="leading batch axis 4"):
         ntk.empirical_ntk(lambda p, x: mlp_apply(p, x).sum(), params, x)
     with pytest.raises(ntk.NTKError, match="failed to trace"):
