@@ -6,7 +6,9 @@ test loss of each candidate fine-tuned on each of a few small nested subsets. Ev
 selection method sees all of those sizes (the budget is the largest) and scores each
 candidate for the full data size `target`; for the law-based methods and AtS the score is
 the predicted test loss L(target). Candidates are ranked by score, lower first; a failed
-fit ranks last with status "failed".
+fit ranks last with status "failed". For LensLLM each row also carries P(best), the
+probability that the candidate is truly the best at the target under the benchmark-
+calibrated error model of `confidence` (σ = c · log₂(target / largest size)).
 
 Cost: that of the methods (one batched fit for the law-based ones, O(M·S²) for AtS).
 """
@@ -25,9 +27,17 @@ import numpy as np
 from lensllm_jax.curves import CurveTable, check_budget
 from lensllm_jax.errors import LensLLMInputError
 
-__all__ = ["COLUMNS", "DEFAULT_METHODS", "RankRow", "rank", "rows_to_csv", "rows_to_json"]
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_METHODS",
+    "RankRow",
+    "credible_set_text",
+    "rank",
+    "rows_to_csv",
+    "rows_to_json",
+]
 
-COLUMNS = ("method", "rank", "model", "score", "status")
+COLUMNS = ("method", "rank", "model", "score", "status", "p_best")
 DEFAULT_METHODS = ("LensLLM",)
 
 
@@ -39,6 +49,9 @@ class RankRow(NamedTuple):
     model: str
     score: float  # predicted loss at the target for the fitting methods; NaN when failed
     status: str
+    # P(this candidate is truly the best at the target) for the methods with a calibrated
+    # error model (`confidence.CONFIDENCE_METHODS`), NaN for the others and for failed fits.
+    p_best: float = math.nan
 
 
 def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None) -> list[RankRow]:
@@ -47,6 +60,7 @@ def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None)
     Raises `LensLLMInputError` (one line) for a target not beyond the largest fine-tuned
     size, fewer than 3 sizes, or an unknown method; nothing else raises for a bad curve.
     """
+    from lensllm_jax.confidence import CONFIDENCE_METHODS, confidence
     from lensllm_jax.reproduce import resolve_methods
 
     chosen = resolve_methods(list(DEFAULT_METHODS) if methods is None else methods)
@@ -62,9 +76,12 @@ def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None)
     for name, method in chosen.items():
         sel = method(table, largest, float(target))
         scores = np.asarray(sel.scores, np.float64)
+        p_best = np.full(scores.shape, np.nan)
+        if name in CONFIDENCE_METHODS:
+            p_best = confidence(scores, largest, float(target)).p_best
         order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
         rows.extend(
-            RankRow(name, place, table.models[i], float(scores[i]), sel.status[i])
+            RankRow(name, place, table.models[i], float(scores[i]), sel.status[i], float(p_best[i]))
             for place, i in enumerate(order, start=1)
         )
     return rows
@@ -77,11 +94,28 @@ def rows_to_csv(rows: Sequence[RankRow]) -> str:
     writer.writerow(COLUMNS)
     for r in rows:
         score = "nan" if math.isnan(r.score) else f"{r.score:.6g}"
-        writer.writerow([r.method, r.rank, r.model, score, r.status])
+        p_best = "" if math.isnan(r.p_best) else f"{r.p_best:.4f}"
+        writer.writerow([r.method, r.rank, r.model, score, r.status, p_best])
     return buf.getvalue()
+
+
+def credible_set_text(rows: Sequence[RankRow], level: float = 0.9) -> str:
+    """'A, B and C hold the best with probability >= 0.9' for one method's rows (with
+    P(best)); '' when the rows carry none."""
+    from lensllm_jax.confidence import credible_set
+
+    p = np.array([r.p_best for r in rows], np.float64)
+    if not np.isfinite(p).any():
+        return ""
+    chosen = [r.model for r, keep in zip(rows, credible_set(p, level), strict=True) if keep]
+    names = chosen[0] if len(chosen) == 1 else f"{', '.join(chosen[:-1])} and {chosen[-1]}"
+    return f"{names} hold the best with probability >= {level:g}"
 
 
 def rows_to_json(rows: Sequence[RankRow]) -> str:
     """A JSON array of objects with the CSV's keys; NaN is written null."""
-    items = [{**r._asdict(), "score": None if math.isnan(r.score) else r.score} for r in rows]
+    items = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r._asdict().items()}
+        for r in rows
+    ]
     return json.dumps(items, indent=1) + "\n"
