@@ -8,14 +8,20 @@ each jitted, compile excluded, median of --repeat runs:
   at a time by `lax.map` (memory of one HVP) or --probe-batch at once;
 - ``batched_grad``: one gradient of the same loss (an HVP costs about two of these);
 - ``torch_jvp_grad``: torch.func jvp(grad) on the same architecture and weights, one probe at a
-  time (when torch is installed; --no-torch skips it), and its trace vs ours on shared probes.
+  time, on the GPU when torch sees one (when torch is installed; --no-torch skips it), and its
+  trace vs ours on shared probes.
 
 FLOP floor: num_probes x 2 x the analytic forward+backward FLOPs of the batch (an HVP by
 forward-over-reverse carries a tangent through the forward and the backward). Peak memory:
 device `memory_stats()` when available, else process max RSS.
 
-Usage: python benchmarks/bench_hessian.py --preset gpt2-small --n 8 --probes 8
-       python benchmarks/bench_hessian.py --preset tiny            # CPU-sized
+JSON: the trace, its standard error and the number of probes (`num_probes`, `stderr`,
+`relative_stderr`), per-layer traces, TFLOP/s at the floor and as a fraction of the device's
+bf16 peak, peak device memory; a failing section is recorded as {"error": ...}, and --out
+rewrites the file after every section.
+
+Usage: python benchmarks/bench_hessian.py --preset gpt2-small --probe-batch 8   # on a GPU
+       python benchmarks/bench_hessian.py --preset tiny                          # CPU-sized
 """
 
 from __future__ import annotations
@@ -27,19 +33,24 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_ntk import (
     PRESETS,
+    add_config_args,
+    add_rates,
     build_model,
-    default_model,
+    dump,
     gpt2_grad_flops,
     machine,
     peak_memory_bytes,
+    section,
     time_jitted,
     to_torch,
+    torch_device,
     torch_per_example_loss,
     torch_time,
 )
@@ -49,14 +60,10 @@ from lensllm_jax import hessian
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
-        ap.add_argument(f"--{k}", type=int, default=None, help="override the preset")
+    add_config_args(ap)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--probe-batch", type=int, default=None, help="probes vmapped at once")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--model", choices=["zoo", "builtin"], default=default_model())
+    ap.add_argument("--no-linearize", action="store_true", help="full jvp(grad) per probe")
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
     cfg["n"] = 8  # the issue's Hutchinson batch, unless overridden
@@ -64,7 +71,8 @@ def main() -> None:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     n, seq = cfg["n"], cfg["seq"]
-    model = build_model(cfg, args.model)
+    pdtype = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
+    model = build_model(cfg, args.model, pdtype)
     params, tokens, per_ex = model["params"], model["batch"], model["loss"]
 
     def run(p, x, key):
@@ -76,63 +84,112 @@ def main() -> None:
             group_by="top",
             stacked="layers" if args.model == "zoo" else "h",  # per-layer traces
             batch_size=args.probe_batch,
+            linearize=not args.no_linearize,
         )
-        return est.mean, est.stderr, est.per_group
+        return est.mean, est.stderr, est.per_group, est.samples
 
     key = jax.random.key(2)
+    mach = machine()
+    peak = mach["peak_bf16_tflops_datasheet"]
+    out = args.out
     res: dict[str, Any] = {
         "benchmark": "hutchinson_trace",
-        "machine": machine(),
-        "config": {**cfg, "preset": args.preset, "probes": args.probes},
+        "machine": mach,
+        "config": {
+            **cfg,
+            "preset": args.preset,
+            "probes": args.probes,
+            "probe_batch": args.probe_batch,
+            "linearize": not args.no_linearize,
+            "param_dtype": args.param_dtype,
+        },
         "model": args.model,
         "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "target_s_h200_gpt2_small": 0.10,
     }
-    h = time_jitted(run, params, tokens, key, repeat=args.repeat)
-    mean, se, per_group = h.pop("_out")
-    h["trace"], h["stderr"] = float(mean), float(se)
-    h["per_group_sum_minus_total"] = float(sum(per_group.values()) - mean)
-    h["per_layer_trace"] = {g: float(v) for g, v in per_group.items()}
-    res["hutchinson"] = h
-    g = time_jitted(jax.grad(lambda p, x: per_ex(p, x).mean()), params, tokens, repeat=args.repeat)
-    g.pop("_out")
-    res["batched_grad"] = g
+    # FLOP floor: one HVP = a forward + backward carrying a tangent, ≈ 2 gradients
     floor = args.probes * 2 * gpt2_grad_flops(cfg, n, seq)
     res["flop_floor_analytic"] = floor
-    res["hutchinson_tflops_at_floor"] = floor / h["median_s"] / 1e12
-    res["hutchinson_over_batched_grad"] = h["median_s"] / g["median_s"]
+    dump(res, out)
+
+    def run_hutchinson():
+        h = time_jitted(run, params, tokens, key, repeat=args.repeat)
+        mean, se, per_group, samples = h.pop("_out")
+        samples = np.asarray(samples, dtype=np.float64)
+        h["num_probes"] = int(samples.shape[0])
+        h["trace"], h["stderr"] = float(mean), float(se)
+        h["relative_stderr"] = float(se) / abs(float(mean)) if float(mean) else None
+        # the estimator's standard error, recomputed here from the per-probe samples
+        h["stderr_from_samples"] = float(samples.std(ddof=1) / np.sqrt(samples.shape[0]))
+        h["per_group_sum_minus_total"] = float(sum(per_group.values()) - mean)
+        h["per_layer_trace"] = {g: float(v) for g, v in per_group.items()}
+        add_rates(h, floor, peak)
+        h["peak_memory_after"] = peak_memory_bytes()
+        h["meets_target_0p10_s"] = h["median_s"] <= 0.10
+        res["hutchinson"] = h
+
+    section(res, "hutchinson", out, run_hutchinson)
+
+    def run_grad():
+        g = time_jitted(
+            jax.grad(lambda p, x: per_ex(p, x).mean()), params, tokens, repeat=args.repeat
+        )
+        g.pop("_out")
+        add_rates(g, floor / (2 * args.probes), peak)
+        res["batched_grad"] = g
+        if "median_s" in res.get("hutchinson", {}):
+            res["hutchinson_over_batched_grad"] = res["hutchinson"]["median_s"] / g["median_s"]
+
+    section(res, "batched_grad", out, run_grad)
     res["peak_memory"] = peak_memory_bytes()
+    dump(res, out)
 
     if not args.no_torch:
-        try:
-            import torch
-            from torch.func import grad, jvp
-        except ImportError:
-            res["torch_jvp_grad"] = "torch not installed"
-        else:
-            torch.set_num_threads(os.cpu_count() or 1)
-            tparams = to_torch(model["to_builtin"](params))
-            tloss = torch_per_example_loss(cfg["heads"])
-            ttok = torch.tensor(np.asarray(model["tokens"]), dtype=torch.long)
-            # the same Rademacher probes as ours (hessian.rademacher on the split keys)
-            keys = jax.random.split(key, args.probes)
-            probes = [to_torch(model["to_builtin"](hessian.rademacher(k, params))) for k in keys]
-            g_fn = grad(lambda p: tloss(p, ttok).mean())
+        section(res, "torch_jvp_grad", out, lambda: run_torch(res, model, cfg, args, key))
+    print(json.dumps(res, indent=2, default=str))
 
-            def torch_trace():
-                vals = []
-                for z in probes:
-                    _, hz = jvp(g_fn, (tparams,), (z,))
-                    vals.append(sum(float((z[k] * hz[k]).sum()) for k in z))
-                return float(np.mean(vals))
 
-            tr = torch_time(torch_trace, max(1, args.repeat // 2))
-            tval = tr.pop("_out")
-            tr["trace"] = tval
-            tr["rel_diff_vs_jax_same_probes"] = abs(tval - h["trace"]) / abs(h["trace"])
-            tr["torch"] = torch.__version__
-            res["torch_jvp_grad"] = tr
-    print(json.dumps(res, indent=2))
+def run_torch(res, model, cfg, args, key) -> None:
+    try:
+        import torch
+        from torch.func import grad, jvp
+    except ImportError:
+        res["torch_jvp_grad"] = "torch not installed"
+        return
+    dev = torch_device(args.torch_device)
+    if dev == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    params = model["params"]
+
+    def on_dev(tree):
+        return {k: v.to(dev) for k, v in to_torch(model["to_builtin"](tree)).items()}
+
+    tparams = on_dev(params)
+    tloss = torch_per_example_loss(cfg["heads"])
+    ttok = torch.tensor(np.asarray(model["tokens"]), dtype=torch.long, device=dev)
+    # the same Rademacher probes as ours (hessian.rademacher on the split keys)
+    keys = jax.random.split(key, args.probes)
+    probes = [on_dev(hessian.rademacher(k, params)) for k in keys]
+    g_fn = grad(lambda p: tloss(p, ttok).mean())
+
+    def torch_trace():
+        vals = []
+        for z in probes:
+            _, hz = jvp(g_fn, (tparams,), (z,))
+            vals.append(sum((z[k] * hz[k]).sum() for k in z))
+        return float(torch.stack(vals).mean())
+
+    tr = torch_time(torch_trace, max(1, args.repeat // 2), sync)
+    tval = tr.pop("_out")
+    tr["trace"] = tval
+    if "trace" in res.get("hutchinson", {}):
+        tr["rel_diff_vs_jax_same_probes"] = abs(tval - res["hutchinson"]["trace"]) / abs(
+            res["hutchinson"]["trace"]
+        )
+    tr["torch"] = torch.__version__
+    tr["device"] = dev
+    res["torch_jvp_grad"] = tr
 
 
 if __name__ == "__main__":

@@ -1,24 +1,29 @@
 """eNTK loss-gradient kernel of a GPT-2-shaped causal LM: wall time, FLOP/s, peak memory; JSON.
 
 Target (issue 3): N = 64 sequences x 128 tokens, GPT-2 small (124M), <= 0.10 s on an H200.
-Measures, each jitted, compile excluded, median of --repeat runs:
+Measures, each jitted, compile excluded, median (and min / max) of --repeat runs:
 
 - ``ntk``: `ntk.loss_gradient_kernel` (block-wise Jacobian contraction, --chunk examples per
-  block, optional --bf16 per-example gradients with f32 Gram accumulation);
+  block or "auto" = the memory-budget rule of `ntk.auto_chunk_size`, optional --bf16
+  per-example gradients with f32 Gram accumulation, --param-dtype bf16 for bf16 backward passes);
 - ``batched_grad``: one gradient of the mean loss over the same N x T batch, the FLOP floor
   of any per-example method (the issue measured 55 ms on an H200);
-- ``naive_vmap_grad``: all N per-example gradients at once, raveled, then J Jᵀ (the baseline);
-- ``torch_vmap_grad``: torch.func vmap(grad) + Gram on the same architecture and weights
-  (when torch is installed; skipped with --no-torch), plus the max relative difference of
-  its kernel from ours (a correctness cross-check).
+- ``naive_vmap_grad``: all N per-example gradients at once, then J Jᵀ leaf by leaf (the
+  baseline; may run out of memory on GPT-2 small, which is recorded, not fatal);
+- ``torch_vmap_grad``: torch.func vmap(grad) + Gram on the same architecture and weights, on
+  the GPU when torch sees one (when torch is installed; skipped with --no-torch), plus the max
+  relative difference of its kernel from ours (a correctness cross-check).
 
 FLOPs: the analytic forward+backward count of the batch (`gpt2_grad_flops`, the floor of any
-per-example method; FLOP/s "at floor" = floor / time) and XLA's cost analysis of each compiled
-program (`flops`; it counts a scanned layer's body once, so it undercounts).
-Peak memory: the device's `memory_stats()` when it has one (GPU), else process max RSS.
+per-example method): `tflops_at_floor` = floor / time, `fraction_of_bf16_peak` against the
+device's datasheet peak; and XLA's cost analysis (`flops_xla`; it counts a scanned layer's body
+once, so it undercounts). Peak memory: the device's `memory_stats()["peak_bytes_in_use"]`
+(GPU) read right after each measurement, else the process max RSS.
+Every section that fails (e.g. out of memory) is recorded as {"error": ...}; --out rewrites
+the JSON file after every section, so a timeout keeps what was measured.
 
-Usage: python benchmarks/bench_ntk.py --preset gpt2-small          # on a GPU
-       python benchmarks/bench_ntk.py --preset tiny --n 16 --seq 32  # CPU-sized
+Usage: python benchmarks/bench_ntk.py --preset gpt2-small --chunk 32 --bf16   # on a GPU
+       python benchmarks/bench_ntk.py --preset tiny --n 16 --seq 32             # CPU-sized
 --model zoo (default when importable): lensllm_jax.models' GPT-2 (scanned layers); --model
 builtin: a minimal GPT-2 defined here (pre-LN, tied embeddings, tanh-GELU, learned positions,
 stacked and scanned layers). The torch twin is the builtin architecture, loaded with the same
@@ -135,7 +140,7 @@ def torch_per_example_loss(heads: int):
     def loss(params, tokens):  # tokens (..., T); mean NLL over positions, shape (...)
         t = tokens.shape[-1]
         x = params["wte"][tokens] + params["wpe"][:t]
-        mask = torch.tril(torch.ones(t, t, dtype=torch.bool))
+        mask = torch.tril(torch.ones(t, t, dtype=torch.bool, device=tokens.device))
         nl = params["h.attn_w"].shape[0]
         for i in range(nl):
             d = x.shape[-1]
@@ -182,9 +187,10 @@ def zoo_to_builtin(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: dict[str, int], which: str) -> dict[str, Any]:
+def build_model(cfg: dict[str, int], which: str, dtype: Any = jnp.float32) -> dict[str, Any]:
     """params, batch, per_example_loss(params, batch) -> (N,), and `to_builtin` (a params-shaped
-    tree in the builtin layout, for the torch twin). which="zoo": lensllm_jax.models' GPT-2."""
+    tree in the builtin layout, for the torch twin). which="zoo": lensllm_jax.models' GPT-2.
+    dtype: the parameters' dtype (bf16 makes every forward / backward matmul bf16)."""
     n, seq, vocab = cfg["n"], cfg["seq"], cfg["vocab"]
     tokens = jax.random.randint(jax.random.key(1), (n, seq), 0, vocab)
     if which == "zoo":
@@ -198,7 +204,7 @@ def build_model(cfg: dict[str, int], which: str) -> dict[str, Any]:
             "vocab_size": vocab,
             "n_positions": max(seq, cfg.get("positions", seq)),
         }
-        m = models.from_config(hf, 0)
+        m = models.from_config(hf, 0, dtype=dtype)
         return {
             "params": m.params,
             "batch": {"tokens": tokens, "loss_mask": jnp.ones_like(tokens)},
@@ -207,7 +213,7 @@ def build_model(cfg: dict[str, int], which: str) -> dict[str, Any]:
             "tokens": tokens,
         }
     pos = max(seq, cfg.get("positions", seq))
-    params = init_gpt2(jax.random.key(0), vocab, cfg["d"], cfg["layers"], cfg["heads"], pos)
+    params = init_gpt2(jax.random.key(0), vocab, cfg["d"], cfg["layers"], cfg["heads"], pos, dtype)
     return {
         "params": params,
         "batch": tokens,
@@ -241,34 +247,58 @@ def gpt2_grad_flops(cfg: dict[str, int], n: int, seq: int) -> float:
 
 
 def default_model() -> str:
-    """The model zoo's GPT-2 when it imports, else the builtin twin."""
+    """The model zoo's GPT-2 when it imports (its layers need flax, and flax needs rich), else
+    the builtin twin (plain JAX)."""
     try:
+        import flax.linen  # noqa: F401
+
         from lensllm_jax import models  # noqa: F401
     except ImportError:
         return "builtin"
     return "zoo"
 
 
+# Dense bf16 tensor-core peak by device kind (vendor datasheets; KINDS.md measured 769-798
+# TFLOP/s on an 8192^3 bf16 matmul on an H200), for "fraction of peak" in the JSON.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
 def machine() -> dict[str, Any]:
     dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", str(dev))
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
     return {
         "platform": dev.platform,
-        "device": getattr(dev, "device_kind", str(dev)),
+        "device": kind,
+        "device_count": jax.device_count(),
+        "peak_bf16_tflops_datasheet": peak,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "host": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", ""),
+        "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
     }
 
 
 def peak_memory_bytes() -> dict[str, Any]:
-    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    """Peak device memory so far (`memory_stats()["peak_bytes_in_use"]` on GPU / TPU; the
+    process's max RSS on CPU). Both are high-water marks of the whole process: read it right
+    after the measurement it belongs to."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        stats = None
     if stats and "peak_bytes_in_use" in stats:
-        return {"kind": "device_peak_bytes_in_use", "bytes": int(stats["peak_bytes_in_use"])}
-    return {
-        "kind": "process_max_rss",
-        "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+        return {
+            "kind": "device_peak_bytes_in_use",
+            "bytes": int(stats["peak_bytes_in_use"]),
+            "gib": round(int(stats["peak_bytes_in_use"]) / 2**30, 3),
+            "bytes_limit": int(stats.get("bytes_limit", 0)),
+        }
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"kind": "process_max_rss", "bytes": rss, "gib": round(rss / 2**30, 3)}
 
 
 def time_jitted(fn, *args, repeat: int) -> dict[str, Any]:
@@ -277,9 +307,12 @@ def time_jitted(fn, *args, repeat: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = jfn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    except Exception:  # not every backend / version provides it
+        flops = float("nan")
     out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeat):
@@ -290,110 +323,223 @@ def time_jitted(fn, *args, repeat: int) -> dict[str, Any]:
     return {
         "median_s": med,
         "min_s": min(times),
+        "max_s": max(times),
+        "repeat": repeat,
         "compile_s": compile_s,
-        "flops": flops,
-        "achieved_tflops": flops / med / 1e12,
+        "flops_xla": flops,
         "_out": out,
     }
 
 
-def torch_time(fn, repeat: int) -> dict[str, Any]:
+def add_rates(r: dict[str, Any], floor_flops: float, peak_tflops: float | None) -> None:
+    """Achieved TFLOP/s at the analytic floor (floor / time) and as a fraction of the device's
+    bf16 peak; XLA's own count (it counts a scanned layer body once) when it has one."""
+    r["tflops_at_floor"] = floor_flops / r["median_s"] / 1e12
+    r["fraction_of_bf16_peak"] = r["tflops_at_floor"] / peak_tflops if peak_tflops else None
+    r["tflops_xla_count"] = r["flops_xla"] / r["median_s"] / 1e12
+
+
+def torch_time(fn, repeat: int, sync=lambda: None) -> dict[str, Any]:
     out = fn()
+    sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "_out": out}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def torch_device(choice: str) -> str:
+    """ "auto": cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def add_config_args(ap: argparse.ArgumentParser) -> None:
+    """Arguments shared with bench_hessian.py."""
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
         ap.add_argument(f"--{k}", type=int, default=None, help="override the preset")
-    ap.add_argument("--chunk", type=int, default=None, help="examples per Jacobian block")
-    ap.add_argument("--bf16", action="store_true", help="bf16 per-example grads, f32 Gram")
+    ap.add_argument("--param-dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--torch-device", default="auto", help="auto (cuda if present), cpu, cuda")
     ap.add_argument("--model", choices=["zoo", "builtin"], default=default_model())
+    ap.add_argument("--out", default=None, help="also write the JSON here (after every section)")
+
+
+def dump(res: dict[str, Any], out: str | None) -> None:
+    """Write the results so far (a later crash or timeout keeps what was measured)."""
+    if out:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=2, default=str)
+        os.replace(tmp, out)
+
+
+def section(res: dict[str, Any], key: str, out: str | None, fn) -> Any:
+    """Run one measurement; an exception (e.g. out of memory) is recorded, not fatal."""
+    try:
+        val = fn()
+    except Exception as err:
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+        res[key] = {"error": f"{type(err).__name__}: {msg}"}
+        print(f"[{key}] failed: {res[key]['error']}", file=sys.stderr)
+        val = None
+    dump(res, out)
+    return val
+
+
+def parse_chunk(text: str) -> int | str | None:
+    if text in ("auto", "none", "None"):
+        return None if text.lower() == "none" else "auto"
+    return int(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(ap)
+    ap.add_argument(
+        "--chunk",
+        type=parse_chunk,
+        default="auto",
+        help="examples per Jacobian block: an int, auto (memory budget, default) or none (all)",
+    )
+    ap.add_argument("--bf16", action="store_true", help="bf16 per-example grads, f32 Gram")
+    ap.add_argument("--no-naive", action="store_true")
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
     for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     n, seq = cfg["n"], cfg["seq"]
-    chunk = args.chunk or max(1, n // 2)
+    pdtype = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
+    jdtype = jnp.bfloat16 if args.bf16 else None
 
-    model = build_model(cfg, args.model)
+    model = build_model(cfg, args.model, pdtype)
     params, tokens, loss = model["params"], model["batch"], model["loss"]
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    per_example = ntk.jacobian_bytes_per_example(params, 1, jdtype)
+    budget = ntk.memory_budget()
+    chunk = args.chunk
+    resolved = ntk.auto_chunk_size(n, per_example, budget) if chunk == "auto" else chunk or n
+    mach = machine()
+    peak = mach["peak_bf16_tflops_datasheet"]
 
-    kernel_fn = ntk.empirical_ntk_fn(
-        loss, chunk_size=chunk, jacobian_dtype=jnp.bfloat16 if args.bf16 else None
-    )
+    kernel_fn = ntk.empirical_ntk_fn(loss, chunk_size=chunk, jacobian_dtype=jdtype)
     res: dict[str, Any] = {
         "benchmark": "entk_loss_gradient_kernel",
-        "machine": machine(),
-        "config": {**cfg, "preset": args.preset, "chunk": chunk, "bf16": args.bf16},
+        "machine": mach,
+        "config": {
+            **cfg,
+            "preset": args.preset,
+            "chunk": chunk,
+            "chunk_resolved": resolved,
+            "bf16_jacobians": args.bf16,
+            "param_dtype": args.param_dtype,
+        },
         "model": args.model,
         "n_params": n_params,
-        # two blocks of per-example gradients alive at once (row + column)
-        "jacobian_blocks_bytes": 2 * chunk * n_params * (2 if args.bf16 else 4),
+        "memory_budget_bytes": budget,
+        # at most two blocks of per-example gradients alive at once (row + column)
+        "jacobian_blocks_bytes": min(2, -(-n // resolved)) * resolved * per_example,
         "target_s_h200_gpt2_small": 0.10,
     }
-    r = time_jitted(lambda p, x: kernel_fn(p, x), params, tokens, repeat=args.repeat)
-    theta = np.asarray(r.pop("_out"))
-    res["ntk"] = r
-    g = time_jitted(jax.grad(lambda p, x: loss(p, x).mean()), params, tokens, repeat=args.repeat)
-    g.pop("_out")
-    res["batched_grad"] = g
-    res["ntk_over_batched_grad"] = r["median_s"] / g["median_s"]
     floor = gpt2_grad_flops(cfg, n, seq)
     res["flop_floor_analytic"] = floor
-    res["ntk_tflops_at_floor"] = floor / r["median_s"] / 1e12
-    res["batched_grad_tflops_at_floor"] = floor / g["median_s"] / 1e12
+    out = args.out
+    dump(res, out)
+    theta = None
+
+    def run_ntk():
+        nonlocal theta
+        r = time_jitted(lambda p, x: kernel_fn(p, x), params, tokens, repeat=args.repeat)
+        theta = np.asarray(r.pop("_out"), dtype=np.float64)
+        add_rates(r, floor, peak)
+        r["peak_memory_after"] = peak_memory_bytes()
+        r["meets_target_0p10_s"] = r["median_s"] <= 0.10
+        res["ntk"] = r
+
+    section(res, "ntk", out, run_ntk)
+
+    def run_grad():
+        g = time_jitted(
+            jax.grad(lambda p, x: loss(p, x).mean()), params, tokens, repeat=args.repeat
+        )
+        g.pop("_out")
+        add_rates(g, floor, peak)
+        res["batched_grad"] = g
+        if "median_s" in res.get("ntk", {}):
+            res["ntk_over_batched_grad"] = res["ntk"]["median_s"] / g["median_s"]
+
+    section(res, "batched_grad", out, run_grad)
 
     if not args.no_naive:
 
         def naive(p, x):
             one = lambda xi: jax.tree.map(lambda a: a[None], xi)  # noqa: E731
             grads = jax.vmap(jax.grad(lambda p, xi: loss(p, one(xi))[0]), (None, 0))(p, x)
-            j = jnp.concatenate([a.reshape(n, -1) for a in jax.tree.leaves(grads)], axis=1)
-            return j @ j.T
+            # leaf by leaf (no concatenated copy of all N gradients)
+            return sum(
+                jnp.dot(a.reshape(n, -1), a.reshape(n, -1).T, preferred_element_type=jnp.float32)
+                for a in jax.tree.leaves(grads)
+            )
 
-        nv = time_jitted(naive, params, tokens, repeat=args.repeat)
-        theta_naive = np.asarray(nv.pop("_out"))
-        nv["max_rel_diff_vs_ntk"] = float(
-            np.max(np.abs(theta_naive - theta)) / np.max(np.abs(theta))
-        )
-        res["naive_vmap_grad"] = nv
+        def run_naive():
+            nv = time_jitted(naive, params, tokens, repeat=args.repeat)
+            theta_naive = np.asarray(nv.pop("_out"), dtype=np.float64)
+            add_rates(nv, floor, peak)
+            if theta is not None:
+                nv["max_rel_diff_vs_ntk"] = float(
+                    np.max(np.abs(theta_naive - theta)) / np.max(np.abs(theta))
+                )
+            nv["peak_memory_after"] = peak_memory_bytes()
+            res["naive_vmap_grad"] = nv
+
+        section(res, "naive_vmap_grad", out, run_naive)
     res["peak_memory"] = peak_memory_bytes()
+    dump(res, out)
 
     if not args.no_torch:
-        try:
-            import torch
-            from torch.func import functional_call, grad, vmap  # noqa: F401
-        except ImportError:
-            res["torch_vmap_grad"] = "torch not installed"
-        else:
-            torch.set_num_threads(os.cpu_count() or 1)
-            tparams = to_torch(model["to_builtin"](params))
-            tloss = torch_per_example_loss(cfg["heads"])
-            ttok = torch.tensor(np.asarray(model["tokens"]), dtype=torch.long)
-            per_ex = vmap(grad(tloss), in_dims=(None, 0))
+        section(res, "torch_vmap_grad", out, lambda: run_torch(res, model, cfg, args, theta))
+    print(json.dumps(res, indent=2, default=str))
 
-            def torch_kernel():
-                gs = per_ex(tparams, ttok)
-                return sum(v.reshape(n, -1) @ v.reshape(n, -1).T for v in gs.values())
 
-            tr = torch_time(torch_kernel, max(1, args.repeat // 2))
-            tk = tr.pop("_out").detach().numpy()
-            tr["max_rel_diff_vs_ntk"] = float(np.max(np.abs(tk - theta)) / np.max(np.abs(theta)))
-            tr["torch"] = torch.__version__
-            res["torch_vmap_grad"] = tr
-    print(json.dumps(res, indent=2))
+def run_torch(res, model, cfg, args, theta) -> None:
+    try:
+        import torch
+        from torch.func import grad, vmap
+    except ImportError:
+        res["torch_vmap_grad"] = "torch not installed"
+        return
+    n = cfg["n"]
+    dev = torch_device(args.torch_device)
+    if dev == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    tparams = {k: v.to(dev) for k, v in to_torch(model["to_builtin"](model["params"])).items()}
+    tloss = torch_per_example_loss(cfg["heads"])
+    ttok = torch.tensor(np.asarray(model["tokens"]), dtype=torch.long, device=dev)
+    per_ex = vmap(grad(tloss), in_dims=(None, 0))
+
+    def torch_kernel():
+        gs = per_ex(tparams, ttok)
+        return sum(v.reshape(n, -1) @ v.reshape(n, -1).T for v in gs.values())
+
+    tr = torch_time(torch_kernel, max(1, args.repeat // 2), sync)
+    tk = tr.pop("_out").detach().cpu().double().numpy()
+    if theta is not None:
+        tr["max_rel_diff_vs_ntk"] = float(np.max(np.abs(tk - theta)) / np.max(np.abs(theta)))
+    tr["torch"] = torch.__version__
+    tr["device"] = dev
+    if dev == "cuda":
+        tr["torch_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    res["torch_vmap_grad"] = tr
 
 
 if __name__ == "__main__":
