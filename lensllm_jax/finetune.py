@@ -39,6 +39,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "LossCurve",
+    "check_config",
     "evaluate",
     "finetune",
     "learning_rates",
@@ -130,7 +131,10 @@ class LossCurve(NamedTuple):
 # Recipe
 
 
-def _check_config(config: FinetuneConfig) -> None:
+def check_config(config: FinetuneConfig) -> None:
+    """Raise LensLLMInputError (one line) for a recipe that cannot run: unknown optimizer or
+    decay, lr <= 0, batch sizes < 1, negative step counts, warmup_ratio outside [0, 1)."""
+
     def bad(what: str, hint: str) -> LensLLMInputError:
         return LensLLMInputError(f"fine-tuning config: {what}", hint=hint)
 
@@ -147,6 +151,9 @@ def _check_config(config: FinetuneConfig) -> None:
         raise bad("epochs, min_steps and max_steps must be >= 0", "use e.g. epochs=3")
     if not 0 <= config.warmup_ratio < 1:
         raise bad(f"warmup_ratio={config.warmup_ratio} is not in [0, 1)", "use e.g. 0.1")
+
+
+_check_config = check_config  # the name callers used first
 
 
 def num_train_steps(num_examples: int, config: FinetuneConfig) -> int:
@@ -328,7 +335,7 @@ def finetune(
     Cost: N steps of ≈ 6·P·B·T FLOPs; memory ≈ 2·P (input + working params) + 2·P Adam
     moments + one batch's activations. Deterministic given `seed`.
     """
-    _check_config(config)
+    check_config(config)
     n = train.num_examples
     if n == 0:
         raise LensLLMInputError("no examples to fine-tune on", hint="pass a non-empty subset")
@@ -392,6 +399,7 @@ def loss_curve(
     *,
     seed: int,
     loss_unit: str = "nats_per_byte",
+    on_point: Callable[[int, float, str, int], None] | None = None,
 ) -> LossCurve:
     """Test loss of `params` fine-tuned on nested subsets of `pool` of each size.
 
@@ -399,6 +407,9 @@ def loss_curve(
     (never from the previous size) on nested_subset(range(len(pool)), D, seed) with `config`
     and `seed`, then evaluate on `test` in `loss_unit`. A diverged run gives NaN and status
     "diverged". The train step and evaluation compile once for the whole curve.
+    Each point depends only on (params, pool, test, size, config, seed), not on the other
+    sizes: a curve can be computed (or resumed) one size at a time with identical results.
+    on_point(size, loss, status, num_steps), if given, is called after each size (progress).
 
     Raises LensLLMInputError for sizes that are not positive integers, not strictly increasing
     or larger than the pool, and for an unknown loss_unit.
@@ -408,7 +419,7 @@ def loss_curve(
         raise LensLLMInputError(
             f"unknown loss unit {loss_unit!r}", hint=f"use one of {', '.join(LOSS_UNITS)}"
         )
-    _check_config(config)
+    check_config(config)
     sizes_arr = _check_sizes(sizes, pool.num_examples)
     ebs = int(config.eval_batch_size)
     zero_shot = getattr(evaluate(apply, params, test, batch_size=ebs), loss_unit)
@@ -424,6 +435,8 @@ def loss_curve(
         losses.append(loss if ok else float("nan"))
         steps.append(res.num_steps)
         status.append("ok" if ok else "diverged")
+        if on_point is not None:
+            on_point(int(size), losses[-1], status[-1], int(res.num_steps))
         del res  # free the fine-tuned params before the next size
     return LossCurve(
         sizes_arr,

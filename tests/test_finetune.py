@@ -30,13 +30,28 @@ def synthetic_examples(n: int, seed: int) -> list[Example]:
     return out
 
 
+# One recipe for the curve tests and the AdamW check: the train step compiles once for all.
+RECIPE = ft.FinetuneConfig(
+    learning_rate=3e-3,
+    min_steps=30,
+    weight_decay=0.1,
+    max_grad_norm=0.5,
+    adam_eps=1e-4,  # Adam divides by √v + ε: a larger ε keeps float rounding of tiny gradients
+)  # (|g| ≪ ε) from being amplified to a full lr-sized step in the comparison with optax
+
+
 @pytest.fixture(scope="module")
 def task():
-    """(model, pool, test) shared by the curve tests, so the train step compiles once."""
+    """(model, pool, test) shared by the tests, so each kernel compiles once per module."""
     m = models.from_config(TINY_GPT2, 0)
     data = tokenize(synthetic_examples(330, seed=1), char_tokenizer(adds_bos=True), max_length=16)
     split = split_examples(data.num_examples, num_test=64, num_probe=0, seed=0)
     return m, data.take(split.pool), data.take(split.test)
+
+
+@pytest.fixture(scope="module")
+def reference_grad():
+    return jax.jit(jax.value_and_grad(_reference_loss, argnums=1), static_argnums=0)
 
 
 def random_token_data(n: int, seq: int, vocab: int, seed: int) -> TokenData:
@@ -89,12 +104,14 @@ def _max_abs_diff(a, b) -> float:
     return float(max(leaves))
 
 
-def test_one_sgd_step_is_params_minus_lr_grad():
-    m = models.from_config(TINY_GPT2, 1)
-    data = random_token_data(4, 9, 40, seed=1)
+@pytest.mark.slow
+def test_one_sgd_step_is_params_minus_lr_grad(task, reference_grad):
+    """6 examples in a batch of 8: the two padding rows must not change the step."""
+    m, pool, _ = task
+    data = pool.take(np.arange(6))
     cfg = ft.FinetuneConfig(
         learning_rate=0.05,
-        batch_size=4,
+        batch_size=8,
         epochs=1,
         min_steps=1,
         optimizer="sgd",
@@ -104,40 +121,34 @@ def test_one_sgd_step_is_params_minus_lr_grad():
     res = ft.finetune(m.apply, m.params, data, cfg, seed=0)
     assert res.num_steps == 1 and res.status == "ok"
     batch = {k: jnp.asarray(v) for k, v in data.batch().items()}
-    vg = jax.jit(jax.value_and_grad(_reference_loss, argnums=1), static_argnums=0)
-    loss, grad = vg(m.apply, m.params, batch)
+    loss, grad = reference_grad(m.apply, m.params, batch)
     expect = jax.tree.map(lambda p, g: p - 0.05 * g, m.params, grad)
     assert _max_abs_diff(res.params, expect) < 1e-6
     assert abs(float(res.train_losses[0]) - float(loss)) < 1e-6
     # the pretrained params were not consumed by the donated step
-    assert _max_abs_diff(m.params, models.from_config(TINY_GPT2, 1).params) == 0.0
+    assert _max_abs_diff(m.params, models.from_config(TINY_GPT2, 0).params) == 0.0
 
 
-def test_adamw_steps_match_optax_adamw_with_clipping():
-    m = models.from_config(TINY_GPT2, 2)
-    data = random_token_data(3, 9, 40, seed=2)
-    cfg = ft.FinetuneConfig(
-        learning_rate=1e-2,
-        batch_size=3,
-        epochs=3,
-        min_steps=0,
-        warmup_steps=0,
-        decay="constant",
-        weight_decay=0.1,
-        max_grad_norm=0.5,
-        adam_eps=1e-4,  # Adam divides by √v + ε: a larger ε keeps float rounding of tiny
-    )  # gradients (|g| ≪ ε) from being amplified to a full lr-sized step
+@pytest.mark.slow
+def test_adamw_steps_match_optax_adamw_with_clipping(task, reference_grad):
+    m, pool, _ = task
+    data = pool.take(np.arange(6))
+    cfg = RECIPE._replace(
+        learning_rate=1e-2, epochs=3, min_steps=0, warmup_steps=0, decay="constant"
+    )
     res = ft.finetune(m.apply, m.params, data, cfg, seed=0)
     assert res.num_steps == 3
-    adamw = optax.adamw(1e-2, eps=1e-4, weight_decay=0.1)
-    tx = optax.chain(optax.clip_by_global_norm(0.5), adamw)
+    adamw = optax.adamw(1e-2, eps=RECIPE.adam_eps, weight_decay=RECIPE.weight_decay)
+    tx = optax.chain(optax.clip_by_global_norm(RECIPE.max_grad_norm), adamw)
     params, state = m.params, tx.init(m.params)
     batch = {k: jnp.asarray(v) for k, v in data.batch().items()}  # full batch: order is moot
-    grad_fn = jax.jit(jax.grad(_reference_loss, argnums=1), static_argnums=0)
+    norms = []
     for _ in range(3):
-        grad = grad_fn(m.apply, params, batch)
+        _, grad = reference_grad(m.apply, params, batch)
+        norms.append(float(optax.tree.norm(grad)))
         updates, state = tx.update(grad, state, params)
         params = optax.apply_updates(params, updates)
+    assert max(norms) > RECIPE.max_grad_norm  # clipping was exercised
     assert _max_abs_diff(res.params, params) < 1e-6
 
 
@@ -168,10 +179,16 @@ def test_each_epoch_visits_every_example_once():
 @pytest.mark.slow
 def test_curve_learns_more_with_more_data_and_compiles_once(task):
     m, pool, test = task
-    cfg = ft.FinetuneConfig(learning_rate=3e-3, min_steps=30)
-    before = ft._train_step._cache_size()
-    curve = ft.loss_curve(m.apply, m.params, pool, test, [16, 64, 250], cfg, seed=0)
-    assert ft._train_step._cache_size() - before <= 1
+    cfg = RECIPE
+    before = ft._train_step._cache_size(), ft._eval_sums._cache_size()
+    points = []
+    curve = ft.loss_curve(
+        m.apply, m.params, pool, test, [16, 64, 250], cfg, seed=0,
+        on_point=lambda *p: points.append(p),
+    )  # fmt: skip
+    assert ft._train_step._cache_size() - before[0] <= 1
+    assert ft._eval_sums._cache_size() - before[1] <= 1
+    assert [p[0] for p in points] == [16, 64, 250] and points[2][1] == curve.losses[2]
     assert curve.status == ("ok", "ok", "ok")
     np.testing.assert_array_equal(curve.sizes, [16, 64, 250])
     np.testing.assert_array_equal(curve.num_steps, [30, 30, 96])  # min_steps, min, 3 × ⌈250/8⌉
@@ -182,13 +199,13 @@ def test_curve_learns_more_with_more_data_and_compiles_once(task):
         m.apply, m.params, pool, test, [16], cfg, seed=0, loss_unit="nats_per_token"
     )
     ratio = test.num_target_tokens / test.target_bytes.sum()
-    assert abs(tok_curve.losses[0] * ratio - curve.losses[0]) < 1e-9
+    assert abs(tok_curve.losses[0] * ratio - curve.losses[0]) < 1e-9  # one point = same fine-tune
     assert abs(tok_curve.zero_shot * ratio - curve.zero_shot) < 1e-9
 
 
 def test_same_seed_same_curve_and_divergence_is_a_status(task):
     m, pool, test = task
-    cfg = ft.FinetuneConfig(learning_rate=3e-3, min_steps=4, epochs=1)
+    cfg = RECIPE._replace(min_steps=4, epochs=1)
     a = ft.loss_curve(m.apply, m.params, pool, test, [8, 24], cfg, seed=5)
     b = ft.loss_curve(m.apply, m.params, pool, test, [8, 24], cfg, seed=5)
     np.testing.assert_array_equal(a.losses, b.losses)
