@@ -323,7 +323,8 @@ def tokenize(
       BOS (or EOS) token as context, so the first target token is scored (lm-evaluation-harness
       convention). With neither token, the first target token is context and not scored.
     - prompt and target are tokenized separately (no special tokens) and concatenated, so the
-      target's tokens are the same whatever the prompt; EOS (if any) ends the target and is
+      target's tokens are the same whatever the prompt (a SentencePiece-style tokenizer may
+      then mark the target's start as a word start); EOS (if any) ends the target and is
       scored (it teaches the model to stop; it has 0 bytes).
     - sequences longer than `max_length` lose their right end; `loss_mask` marks the target
       tokens that survive; `target_bytes` counts the UTF-8 bytes of the target text those tokens
