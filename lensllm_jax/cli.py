@@ -2,6 +2,9 @@
 
     lensllm reproduce [--data CSV|DIR ...] [--methods M ...] [--format table|csv|json]
                       [--out FILE]
+    lensllm select CSV --target N [--methods M ...] [--format table|csv|json] [--out FILE]
+    lensllm run --models PATH [PATH ...] --data FILE [--sizes N ...] [--target N]
+                [--out-dir DIR] [fine-tuning, NTK and output options]
 
 Exit codes: 0 success; 2 bad input (one ``lensllm: error: ...`` line on stderr, no
 traceback, `--out` untouched); 130 interrupted. Warnings (curves that could not be
@@ -95,7 +98,88 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_method_and_output_args(sel, default="LensLLM")
     sel.set_defaults(handler=_cmd_select)
+    _add_run_parser(sub)
     return parser
+
+
+def _add_run_parser(sub: Any) -> None:
+    """`lensllm run`: fine-tune your candidates on small subsets of your data, rank them."""
+    run = sub.add_parser(
+        "run",
+        help="fine-tune your candidates on small subsets of your data and rank them",
+        description=(
+            "Fine-tune every candidate (a Hugging Face folder, a .gguf file or a repo id in "
+            "the local HF cache, with its tokenizer) on nested subsets of your examples, "
+            "measure its test loss (nats per byte) and its NTK on a probe set, and rank the "
+            "candidates by the loss predicted at --target samples. Results are saved in "
+            "--out-dir as each candidate finishes; rerunning the same command resumes."
+        ),
+    )
+    run.add_argument(
+        "--models", nargs="+", action="extend", required=True, metavar="PATH", help="candidates"
+    )
+    run.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="examples: .jsonl (text, or "
+        "prompt/completion, or input/output) or .txt (one example per line)",
+    )
+    run.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        default=[200, 400, 800, 1600],
+        metavar="N",
+        help="fine-tuning subset sizes, at least 3 (default: 200 400 800 1600)",
+    )
+    run.add_argument(
+        "--target",
+        type=float,
+        metavar="N",
+        help="samples of the full fine-tuning run (default: every example not held out)",
+    )
+    run.add_argument("--test-size", type=int, default=500, metavar="N", help="default 500")
+    run.add_argument(
+        "--probe-size", type=int, default=32, metavar="N", help="NTK probe examples (default 32)"
+    )
+    run.add_argument(
+        "--max-length", type=int, default=256, metavar="N", help="tokens per example (256)"
+    )
+    run.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (1e-4)")
+    run.add_argument("--epochs", type=int, metavar="N", help="epochs per subset (3)")
+    run.add_argument("--batch-size", type=int, metavar="N", help="examples per step (8)")
+    run.add_argument(
+        "--min-steps", type=int, metavar="N", help="at least this many steps per subset (50)"
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice (0)")
+    run.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        help="results folder (default: lensllm-run-<data file stem>); resumed if it holds "
+        "the same run",
+    )
+    run.add_argument(
+        "--no-ntk", action="store_true", help="skip the NTK features (and LensLLM-NTK)"
+    )
+    run.add_argument(
+        "--ntk-chunk",
+        type=int,
+        metavar="N",
+        help="probe examples per Jacobian block (default: as many as fit in memory)",
+    )
+    run.add_argument(
+        "--hessian",
+        nargs="?",
+        type=int,
+        const=8,
+        default=0,
+        metavar="PROBES",
+        help="also report a Hutchinson trace of the probe loss's Hessian (8 probes)",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    _add_method_and_output_args(run, default="LensLLM, plus LensLLM-NTK")
+    run.set_defaults(handler=_cmd_run)
 
 
 def _add_method_and_output_args(cmd: argparse.ArgumentParser, default: str) -> None:
@@ -224,6 +308,93 @@ def _cmd_select(args: argparse.Namespace) -> int:
         return _emit(ranking.rows_to_json(rows), out)
     color = out is None and sys.stdout.isatty()
     return _emit(render_ranking(rows, args.target, color=color), out)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lensllm_jax import finetune, pipeline, ranking
+
+    out = _check_out(args.out)
+    recipe = {
+        "learning_rate": args.lr,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "min_steps": args.min_steps,
+    }
+    config = finetune.FinetuneConfig(**{k: v for k, v in recipe.items() if v is not None})
+    data = Path(args.data)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(f"lensllm-run-{data.stem}")
+    _enable_jit_cache()
+
+    def log(line: str) -> None:
+        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+    result = _with_warnings_reported(
+        lambda: pipeline.run(
+            args.models,
+            data,
+            sizes=args.sizes,
+            target=args.target,
+            out_dir=out_dir,
+            config=config,
+            test_size=args.test_size,
+            probe_size=args.probe_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            methods=args.methods,
+            ntk=not args.no_ntk,
+            ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
+            hessian_probes=args.hessian,
+            log=None if args.quiet else log,
+        )
+    )
+    if args.format == "csv":
+        return _emit(ranking.rows_to_csv(result.rows), out)
+    if args.format == "json":
+        return _emit(ranking.rows_to_json(result.rows), out)
+    color = out is None and sys.stdout.isatty()
+    return _emit(render_run(result, color=color), out)
+
+
+def render_run(result: Any, *, color: bool = False) -> str:
+    """The ranking tables, then one row per candidate: size, zero-shot and last fine-tuned
+    loss (nats per byte), the NTK's largest eigenvalue and ‖r‖², the Hessian trace ± s.e."""
+    import io
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(x: float, fmt: str = ".4g") -> str:
+        return "-" if not math.isfinite(x) else format(x, fmt)
+
+    text = render_ranking(result.rows, result.target, color=color)
+    buf = io.StringIO()
+    console = Console(file=buf, width=100, force_terminal=color, no_color=not color)
+    table = Table(title="candidates · test loss in nats per byte", title_justify="left")
+    cols = ("model", "params", "zero-shot", "last D", "loss", "NTK λ_max", "‖r‖²", "tr H ± s.e.")
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in result.diagnostics.values():
+        lam = float(r.eigenvalues.max()) if r.has_ntk else math.nan
+        r2 = float(r.residual @ r.residual) if r.has_ntk else math.nan
+        hess = (
+            f"{r.hessian_trace:.4g} ± {r.hessian_stderr:.2g}"
+            if math.isfinite(r.hessian_trace)
+            else "-"
+        )
+        table.add_row(
+            r.name,
+            f"{r.n_params:,}",
+            num(r.zero_shot, ".4f"),
+            f"{int(r.sizes[-1])}",
+            num(float(r.losses[-1]), ".4f"),
+            num(lam),
+            num(r2),
+            hess,
+        )
+    console.print(table)
+    console.print(f"results in {result.out_dir}")
+    return text + buf.getvalue()
 
 
 def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str:

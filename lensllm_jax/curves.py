@@ -17,7 +17,10 @@ Reading is strict about values (every loss finite and > 0) and lenient about lay
 from __future__ import annotations
 
 import csv
+import io
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -32,8 +35,10 @@ __all__ = [
     "budget_label",
     "check_budget",
     "check_protocol",
+    "curve_table_to_csv",
     "read_curve_table",
     "read_curve_tables",
+    "write_curve_table",
 ]
 
 MODEL_COLUMN = "config name"
@@ -390,3 +395,65 @@ def check_protocol(
                 )
     for ratio in ratios:
         check_budget(table, target / ratio, min_points=min_points, label=budget_label(ratio))
+
+
+def curve_table_to_csv(table: CurveTable) -> str:
+    """The FTS CSV text of `table` (``config name,0,<sizes>,size,family``, LF line ends).
+
+    Numbers are written with ``repr(float)`` (integers without a fraction), the shortest
+    text that parses back to the same float64, so `read_curve_table` returns exactly the
+    same models, sizes, losses, zero-shot losses, parameter counts and families.
+
+    Raises:
+      ValueError: a loss or parameter count that is not a finite number > 0 (the reader
+        would refuse it), or a model name that is empty or has surrounding whitespace
+        (the reader strips cells).
+
+    Cost: O(M·S).
+    """
+    losses = np.asarray(table.losses, np.float64)
+    values = np.column_stack([table.zero_shot, losses, table.n_params]).astype(np.float64)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        what = "parameter count" if j == values.shape[1] - 1 else "loss"
+        raise ValueError(
+            f"{what} {float(values[i, j])!r} of model {table.models[i]!r} is not a finite "
+            "number > 0; a curve table cannot hold it"
+        )
+    for name in table.models:
+        if not name or name != name.strip():
+            raise ValueError(f"model name {name!r} is empty or has surrounding whitespace")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    sizes = [_number_text(s) for s in table.sizes]
+    writer.writerow([MODEL_COLUMN, "0", *sizes, PARAMS_COLUMN, FAMILY_COLUMN])
+    for i, name in enumerate(table.models):
+        cells = [_number_text(v) for v in values[i]]
+        writer.writerow([name, *cells, table.families[i]])
+    return buf.getvalue()
+
+
+def write_curve_table(table: CurveTable, path: str | PathLike[str]) -> Path:
+    """Write `table` as an FTS CSV at `path`, atomically (a temp file beside it, then a
+    rename): the file is whole or absent, never half-written. Returns the path.
+    See `curve_table_to_csv` for the format and its errors. Cost: O(M·S)."""
+    path = Path(path)
+    text = curve_table_to_csv(table)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _number_text(value: float) -> str:
+    """Shortest exact text of a float64: '200' for integers below 2**53, else repr."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)

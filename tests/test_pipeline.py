@@ -1,0 +1,488 @@
+"""`lensllm run` end to end on tiny random candidates with their own tokenizers.
+
+Three tiny transformers checkpoints (GPT-2 with a character tokenizer, Llama and GPT-2 with
+a word tokenizer) are fine-tuned on a synthetic task with a learnable pattern (shift every
+letter by one). Checked: the run's curves.csv re-ranks identically under `lensllm select`;
+the NTK features equal a dense jax.jacrev reference (and the residual a PyTorch one); an
+interrupted run leaves only whole files and resumes to byte-identical output, skipping
+finished candidates; a resume with other settings and every bad input are one line, exit
+code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lensllm_jax import cli, curves, pipeline
+from lensllm_jax.curves import CurveTable
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+REPO = Path(__file__).resolve().parents[1]
+LETTERS = "abcdefgh"
+N_EXAMPLES, TEST, PROBE = 120, 16, 8  # pool = 96, the default target
+SIZES = ("8", "16", "32", "64")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No JAX persistent cache side effects, never the user's cache."""
+    monkeypatch.setenv("LENSLLM_JIT_CACHE", "0")
+    monkeypatch.setenv("LENSLLM_CACHE", str(tmp_path / "cache"))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    words = list(LETTERS + " =>") if kind == "char" else [*LETTERS, "=>"]
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if kind == "char":
+        tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def _candidate(folder: Path, arch: str, tok_kind: str, seed: int) -> Path:
+    """A tiny random checkpoint saved with its tokenizer, as `save_pretrained` writes them."""
+    tok = _tokenizer(tok_kind)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=1)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64, **common)
+    else:
+        cfg = transformers.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def _task(path: Path, n: int = N_EXAMPLES, seed: int = 0) -> Path:
+    """prompt "c a h b =>", completion " d b a c": every letter shifted by one."""
+    rng = random.Random(seed)
+    shift = {c: LETTERS[(i + 1) % len(LETTERS)] for i, c in enumerate(LETTERS)}
+    lines = []
+    for _ in range(n):
+        w = [rng.choice(LETTERS) for _ in range(4)]
+        prompt, completion = " ".join(w) + " =>", " " + " ".join(shift[c] for c in w)
+        lines.append(json.dumps({"prompt": prompt, "completion": completion}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Three candidates (two tokenizers) and the task file."""
+    root = tmp_path_factory.mktemp("world")
+    cands = [
+        _candidate(root / "gpt2-char", "gpt2", "char", 0),
+        _candidate(root / "llama-word", "llama", "word", 1),
+        _candidate(root / "gpt2-word", "gpt2", "word", 2),
+    ]
+    return {"root": root, "models": [str(c) for c in cands], "data": _task(root / "task.jsonl")}
+
+
+def _argv(world, out_dir, *extra):
+    return [
+        "run",
+        "--models",
+        *world["models"],
+        "--data",
+        str(world["data"]),
+        "--sizes",
+        *SIZES,
+        "--test-size",
+        str(TEST),
+        "--probe-size",
+        str(PROBE),
+        "--max-length",
+        "32",
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "2",
+        "--min-steps",
+        "4",
+        "--out-dir",
+        str(out_dir),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def done(world):
+    """One complete run through the CLI (csv to --out)."""
+    out_dir = world["root"] / "run"
+    out_csv = world["root"] / "stdout.csv"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LENSLLM_JIT_CACHE", "0")
+    try:
+        code = cli.main(_argv(world, out_dir, "-q", "--format", "csv", "--out", str(out_csv)))
+    finally:
+        mp.undo()
+    assert code == 0
+    return {"out_dir": out_dir, "out_csv": out_csv}
+
+
+# ----------------------------------------------------------------------------- curves.csv
+
+
+def test_curve_table_csv_round_trip_is_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    table = CurveTable(
+        name="t",
+        models=("a,b", 'q"uote', "plain/x"),
+        sizes=np.array([8.0, 16.0, 32.5, 1e6]),
+        losses=rng.uniform(0.1, 5.0, (3, 4)) * np.array([1, 1e-7, 1e5, 1 / 3]),
+        zero_shot=np.array([3.3, 1 / 7, 2.0**-40]),
+        n_params=np.array([4560.0, 2.5e9, 123456789012.0]),
+        families=("gpt2", "", "llama"),
+    )
+    path = curves.write_curve_table(table, tmp_path / "t.csv")
+    back = curves.read_curve_table(path)
+    assert back.models == table.models and back.families == table.families
+    for field in ("sizes", "losses", "zero_shot", "n_params"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(table, field))
+    assert curves.curve_table_to_csv(back) == path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    ("losses", "message"),
+    [([[1.0, np.nan, 1.0]], "loss nan"), ([[1.0, 0.0, 1.0]], "loss 0.0")],
+)
+def test_curve_table_writer_refuses_what_the_reader_refuses(losses, message):
+    table = CurveTable(
+        "t", ("m",), np.array([1.0, 2.0, 3.0]), np.array(losses), np.ones(1), np.ones(1), ("",)
+    )
+    with pytest.raises(ValueError, match=message):
+        curves.curve_table_to_csv(table)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _csv_rows(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.mark.slow
+def test_run_writes_results_that_select_reranks_identically(world, done, capsys):
+    out_dir = done["out_dir"]
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["candidates", "curves.csv", "manifest.json", "ranking.csv", "report.json"]
+    assert not list(out_dir.rglob("*.part"))
+    ranking_csv = (out_dir / "ranking.csv").read_text()
+    assert done["out_csv"].read_text() == ranking_csv  # --format csv is the ranking file
+
+    table = curves.read_curve_table(out_dir / "curves.csv")
+    assert table.models == ("gpt2-char", "llama-word", "gpt2-word")
+    np.testing.assert_array_equal(table.sizes, [8, 16, 32, 64])
+    assert table.families == ("gpt2", "llama", "gpt2")
+    # Fine-tuning learned the task: the loss at 64 samples is below the zero-shot loss.
+    assert np.all(table.losses[:, -1] < table.zero_shot)
+    # Losses are nats per byte of target text: the word-tokenizer candidates see 2 bytes
+    # per word token, the char one 1 per token, yet all land on one scale (< ln 256).
+    assert np.all(table.losses < np.log(256))
+
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["target"] == 96.0  # the pool: 120 - 16 test - 8 probe
+    for cand, row in zip(report["candidates"], table.losses, strict=True):
+        np.testing.assert_array_equal(cand["losses"], row)
+        assert cand["status"] == ["ok"] * 4
+        assert cand["ntk"]["probe_examples"] == PROBE and cand["ntk"]["clipped"] < 1e-4
+        assert cand["hessian_trace"] is None  # not asked for
+
+    rows = _csv_rows(ranking_csv)
+    assert [r["method"] for r in rows] == ["LensLLM"] * 3 + ["LensLLM-NTK"] * 3
+    assert all(r["status"] == "ok" for r in rows)
+    assert sorted(r["model"] for r in rows[:3]) == sorted(table.models)
+
+    # `lensllm select curves.csv` ranks the saved table exactly as the run did.
+    capsys.readouterr()
+    code = cli.main(["select", str(out_dir / "curves.csv"), "--target", "96", "--format", "csv"])
+    assert code == 0
+    selected = _csv_rows(capsys.readouterr().out)
+    assert selected == [r for r in rows if r["method"] == "LensLLM"]
+
+
+def _probe(world, folder):
+    from lensllm_jax import models, textdata
+
+    examples = textdata.read_examples(world["data"])
+    split = textdata.split_examples(len(examples), num_test=TEST, num_probe=PROBE, seed=0)
+    m = models.load(folder)
+    probe = textdata.tokenize(examples, m.tokenizer, max_length=32).take(split.probe)
+    return m, probe, pipeline.probe_batch(probe)
+
+
+@pytest.mark.slow
+def test_ntk_features_equal_a_dense_reference(world, done):
+    """The run's saved Θ, r and eigenvalues against Θ = J Jᵀ with J from jax.jacrev of the
+    per-example losses in float64, r from PyTorch's logits, F(t) from a dense eigh."""
+    import jax
+
+    from lensllm_jax import ntk
+
+    saved = sorted((done["out_dir"] / "candidates").glob("*.npz"))
+    assert len(saved) == 3
+    for folder, npz in zip(world["models"], saved, strict=True):
+        m, probe, batch = _probe(world, folder)
+        with np.load(npz) as z:
+            assert str(z["path"]) == str(Path(folder).resolve())
+            assert float(z["eta"]) == 3e-3  # the learning rate
+            theta, residual = np.asarray(z["theta"]), np.asarray(z["residual"])
+            eig, proj = np.asarray(z["eigenvalues"]), np.asarray(z["projected_residual"])
+
+        with jax.enable_x64(True):
+            params64 = jax.tree.map(lambda x: np.asarray(x, np.float64), m.params)
+            jac = jax.jit(jax.jacrev(pipeline.probe_loss_fn(m.apply)))(params64, batch)
+            flat = np.concatenate(
+                [np.asarray(j).reshape(PROBE, -1) for j in jax.tree.leaves(jac)], axis=1
+            )
+        theta_ref = flat @ flat.T
+        scale = np.abs(theta_ref).max()
+        assert np.abs(theta - theta_ref).max() / scale < 1e-5
+
+        # The residual is the loss itself (y = 0), in nats per byte: from PyTorch's logits.
+        tm = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            logits = tm(
+                torch.tensor(batch["tokens"], dtype=torch.long),
+                attention_mask=torch.tensor(batch["attention_mask"]),
+            ).logits.double()
+        logp = torch.log_softmax(logits[:, :-1], -1).numpy()
+        nll = -np.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
+        r_ref = (nll * probe.loss_mask[:, 1:]).sum(1) / probe.target_bytes
+        np.testing.assert_allclose(residual, r_ref, rtol=2e-5)
+
+        # Features: Θ's eigenvalues, and F(t) = ‖exp(−ηΘt) r‖² against the dense reference.
+        lam_ref, u_ref = np.linalg.eigh(theta_ref)
+        np.testing.assert_allclose(eig, np.maximum(lam_ref, 0), rtol=0, atol=1e-5 * scale)
+        features = ntk.NTKFeatures(eig, proj)
+        for t in (0.0, 0.3 / scale, 3.0 / scale):
+            f_ref = np.sum(np.exp(-2 * lam_ref * t) * (u_ref.T @ r_ref) ** 2)
+            f = float(ntk.ntk_test_loss_from_features(features, t, 1.0))
+            assert abs(f - f_ref) / f_ref < 1e-4
+
+
+@pytest.mark.slow
+def test_hessian_trace_brackets_the_exact_trace(world):
+    """`hessian_step` (16 Rademacher probes) is within 4 standard errors of tr(H) from the
+    dense float64 Hessian of the mean probe loss, and its standard error is honest."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    m, _, batch = _probe(world, world["models"][1])
+    mean, stderr = pipeline.hessian_step(m.apply, m.params, batch, num_probes=16, seed=0, name="x")
+    loss = pipeline.probe_loss_fn(m.apply)
+    with jax.enable_x64(True):
+        flat, unravel = ravel_pytree(jax.tree.map(lambda x: np.asarray(x, np.float64), m.params))
+        hess = jax.jit(jax.hessian(lambda v: loss(unravel(v), batch).mean()))(flat)
+        exact = float(np.trace(np.asarray(hess)))
+        off = np.asarray(hess) - np.diag(np.diag(hess))
+    # Rademacher variance of one probe: 2 Σ_{i≠j} H_ij², so stderr ≈ sqrt(2 Σ H_ij² / 16).
+    expected_se = np.sqrt(2 * np.sum(off**2) / 16)
+    assert abs(mean - exact) < 4 * stderr
+    assert 0.5 * expected_se < stderr < 2 * expected_se
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_bytes(world, done, tmp_path, monkeypatch, capsys):
+    """Stop during candidate 2: only whole files remain. Resume: candidates 2 and 3 are
+    computed (1 is read back), and ranking.csv / curves.csv equal the uninterrupted run's
+    byte for byte (every candidate recomputed in this process: the run is deterministic).
+    A third run loads nothing."""
+    from lensllm_jax import finetune, models
+
+    out_dir = tmp_path / "resumed"
+    calls = {"load": 0, "curve": 0}
+    real_load, real_curve = models.load, finetune.loss_curve
+
+    def load(*a, **k):
+        calls["load"] += 1
+        return real_load(*a, **k)
+
+    def curve(*a, **k):
+        calls["curve"] += 1
+        if interrupt_at == calls["curve"]:
+            raise KeyboardInterrupt
+        return real_curve(*a, **k)
+
+    monkeypatch.setattr(models, "load", load)
+    monkeypatch.setattr(finetune, "loss_curve", curve)
+
+    interrupt_at = 2
+    assert cli.main(_argv(world, out_dir, "-q", "--format", "csv")) == 130
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*"))
+    assert files == ["candidates", "candidates/000_gpt2-char.npz", "manifest.json"]
+
+    interrupt_at = 0
+    calls.update(load=0, curve=0)
+    capsys.readouterr()
+    assert cli.main(_argv(world, out_dir, "--format", "csv")) == 0
+    assert calls == {"load": 2, "curve": 2}
+    assert "gpt2-char: done in an earlier run" in capsys.readouterr().err
+    for name in ("ranking.csv", "curves.csv"):
+        assert (out_dir / name).read_bytes() == (done["out_dir"] / name).read_bytes()
+
+    calls.update(load=0, curve=0)
+    assert cli.main(_argv(world, out_dir, "-q", "--format", "json")) == 0
+    assert calls == {"load": 0, "curve": 0}
+    assert (out_dir / "ranking.csv").read_bytes() == (done["out_dir"] / "ranking.csv").read_bytes()
+
+
+def test_resume_with_other_settings_is_one_line_error(world, done, tmp_path, capsys):
+    out_dir = tmp_path / "other"
+    shutil.copytree(done["out_dir"], out_dir)
+    before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    argv = _argv(world, out_dir, "-q")
+    argv[argv.index("--lr") + 1] = "1e-3"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lensllm: error:")
+    assert "different settings (finetune" in err and "new --out-dir" in err
+    assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _no_tokenizer(world) -> str:
+    folder = world["root"] / "no-tokenizer"
+    if not folder.exists():
+        shutil.copytree(world["models"][0], folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink(missing_ok=True)
+    return str(folder)
+
+
+def _write(world, name: str, text: str) -> str:
+    path = world["root"] / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+BAD = {
+    "missing model": (
+        lambda w, a: a.__setitem__(a.index("--models") + 1, str(w["root"] / "nope")),
+        "nope: no such file or folder",
+    ),
+    "model without tokenizer": (
+        lambda w, a: a.__setitem__(a.index("--models") + 1, _no_tokenizer(w)),
+        "has no tokenizer",
+    ),
+    "same model twice": (
+        lambda w, a: a.__setitem__(a.index("--models") + 2, w["models"][0]),
+        "the same model as",
+    ),
+    "missing data file": (
+        lambda w, a: a.__setitem__(a.index("--data") + 1, str(w["root"] / "nope.jsonl")),
+        "file not found",
+    ),
+    "bad JSON line": (
+        lambda w, a: a.__setitem__(
+            a.index("--data") + 1, _write(w, "bad.jsonl", '{"text": "a b"}\n{"text": oops}\n')
+        ),
+        "line 2: bad JSON",
+    ),
+    "empty data file": (
+        lambda w, a: a.__setitem__(a.index("--data") + 1, _write(w, "empty.jsonl", "\n")),
+        "empty file",
+    ),
+    "target not beyond the largest size": (
+        lambda w, a: a.extend(["--target", "64"]),
+        "target 64 must be larger than the largest subset size 64",
+    ),
+    "size larger than the pool": (
+        lambda w, a: a.__setitem__(a.index("--sizes") + 3, "200"),
+        "subset size 200 is larger than the fine-tuning pool (96 of 120 examples",
+    ),
+    "two sizes": (
+        lambda w, a: [a.remove(s) for s in ("16", "32")],
+        "2 subset sizes given, need at least 3",
+    ),
+    "unknown method": (lambda w, a: a.extend(["--methods", "Oracle"]), "unknown method"),
+    "one Hessian probe": (
+        lambda w, a: a.extend(["--hessian", "1"]),
+        "1 Hessian probe gives no standard error",
+    ),
+    "bad learning rate": (
+        lambda w, a: a.__setitem__(a.index("--lr") + 1, "-1"),
+        "learning_rate=-1.0 is not > 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(world, tmp_path, capsys, case):
+    edit, message = BAD[case]
+    out_dir = tmp_path / "out"
+    argv = _argv(world, out_dir, "-q")
+    edit(world, argv)
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("lensllm: error:") and message in captured.err
+    assert not out_dir.exists()
+
+
+def test_out_dir_that_is_not_a_run_is_refused(world, tmp_path, capsys):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("keep me")
+    assert cli.main(_argv(world, out_dir, "-q")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no lensllm run" in err
+    assert [p.name for p in out_dir.iterdir()] == ["notes.txt"]
+
+
+def test_bad_input_in_a_real_process(world, tmp_path):
+    out_dir = tmp_path / "out"
+    argv = _argv(world, out_dir)
+    argv[argv.index("--models") + 1] = str(world["root"] / "nope")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lensllm_jax.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "LENSLLM_JIT_CACHE": "0", "HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("lensllm: error:") and "no such file or folder" in proc.stderr
+    assert not out_dir.exists()
