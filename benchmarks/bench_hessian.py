@@ -86,7 +86,7 @@ def main() -> None:
             batch_size=args.probe_batch,
             linearize=not args.no_linearize,
         )
-        return est.mean, est.stderr, est.per_group, est.samples
+        return est
 
     key = jax.random.key(2)
     mach = machine()
@@ -114,15 +114,12 @@ def main() -> None:
 
     def run_hutchinson():
         h = time_jitted(run, params, tokens, key, repeat=args.repeat)
-        mean, se, per_group, samples = h.pop("_out")
-        samples = np.asarray(samples, dtype=np.float64)
-        h["num_probes"] = int(samples.shape[0])
-        h["trace"], h["stderr"] = float(mean), float(se)
-        h["relative_stderr"] = float(se) / abs(float(mean)) if float(mean) else None
-        # the estimator's standard error, recomputed here from the per-probe samples
-        h["stderr_from_samples"] = float(samples.std(ddof=1) / np.sqrt(samples.shape[0]))
-        h["per_group_sum_minus_total"] = float(sum(per_group.values()) - mean)
-        h["per_layer_trace"] = {g: float(v) for g, v in per_group.items()}
+        est = h.pop("_out")
+        rep = est.as_dict()  # trace, stderr, relative_stderr, num_probes, per_group
+        per_group = rep.pop("per_group")
+        h.update(rep)
+        h["per_group_sum_minus_total"] = sum(v["trace"] for v in per_group.values()) - rep["trace"]
+        h["per_layer_trace"] = per_group
         add_rates(h, floor, peak)
         h["peak_memory_after"] = peak_memory_bytes()
         h["meets_target_0p10_s"] = h["median_s"] <= 0.10

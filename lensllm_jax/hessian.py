@@ -61,7 +61,9 @@ class TraceEstimate(NamedTuple):
     """Stochastic trace estimate: mean ± stderr (standard error of the mean over probes).
 
     per_group / per_group_stderr: dict label -> estimate of tr(H_gg) (None for Hutch++, whose
-    deflation is not block-diagonal). samples: (num_probes,) per-probe values of the integrand.
+    deflation is not block-diagonal). samples: (num_probes,) per-probe values of the integrand;
+    stderr = std(samples, ddof=1) / √num_probes (for Hutch++, of the residual term).
+    `as_dict()` gives the JSON-ready summary (trace, stderr, num_probes, per-group values).
     """
 
     mean: jax.Array
@@ -69,6 +71,28 @@ class TraceEstimate(NamedTuple):
     per_group: dict[str, jax.Array] | None
     per_group_stderr: dict[str, jax.Array] | None
     samples: jax.Array
+
+    @property
+    def num_probes(self) -> int:
+        """Number of probes (Hutch++: residual probes) the estimate averages."""
+        return int(np.shape(self.samples)[-1])
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain floats for a JSON report: trace, stderr, relative_stderr, num_probes and the
+        per-group traces with their standard errors (when available). Not jittable."""
+        mean, se = float(self.mean), float(self.stderr)
+        out: dict[str, Any] = {
+            "trace": mean,
+            "stderr": se,
+            "relative_stderr": se / abs(mean) if mean else None,
+            "num_probes": self.num_probes,
+        }
+        if self.per_group is not None and self.per_group_stderr is not None:
+            out["per_group"] = {
+                g: {"trace": float(v), "stderr": float(self.per_group_stderr[g])}
+                for g, v in self.per_group.items()
+            }
+        return out
 
 
 class EigenEstimate(NamedTuple):

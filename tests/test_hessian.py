@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,14 @@ def test_hutchinson_within_three_standard_errors_and_groups_sum(sampler):
         exact = np.trace(h)
         assert 0 < float(est.stderr) < 0.2 * abs(exact)  # a real, informative error bar
         assert abs(float(est.mean) - exact) < 3 * float(est.stderr)
+        # the JSON summary: probes counted, stderr = sample std / √m recomputed independently
+        rep = est.as_dict()
+        assert est.num_probes == rep["num_probes"] == 300
+        s = np.asarray(est.samples)
+        np.testing.assert_allclose(rep["stderr"], np.std(s, ddof=1) / np.sqrt(300), rtol=1e-10)
+        np.testing.assert_allclose(rep["trace"], np.mean(s), rtol=1e-12)
+        assert set(rep["per_group"]) == set(est.per_group)
+        assert json.loads(json.dumps(rep)) == rep
         # per-leaf traces estimate the diagonal blocks and sum to the total sample by sample
         blocks = block_slices(params)
         assert set(est.per_group) == set(blocks)
@@ -101,6 +111,8 @@ def test_hutchpp_exact_at_full_rank():
         h = dense_hessian(loss, params)
         full = hessian.hutchpp_trace(loss, params, jax.random.key(8), 3 * h.shape[0])
         np.testing.assert_allclose(full.mean, np.trace(h), rtol=1e-9)  # Q spans R^P
+        assert full.num_probes == h.shape[0]  # k = num_matvecs // 3 residual probes
+        assert "per_group" not in full.as_dict()
 
 
 @pytest.mark.slow
