@@ -783,6 +783,7 @@ def _measure(
         loss_unit=LOSS_UNIT,
         on_point=on_point,
     )
+    log(f"{prefix}: zero-shot test loss {curve.zero_shot:.4f} nats/byte")
     probe = probe_batch(token_data.take(split.probe))
     kernel = _probe_kernel(m, probe, cand.name, ntk_chunk, log, prefix) if ntk else None
     h_mean = h_se = math.nan

@@ -11,9 +11,12 @@ code 2, nothing written.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -101,16 +104,39 @@ def _task(path: Path, n: int = N_EXAMPLES, seed: int = 0) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _shared_dir(tmp_path_factory, name: str):
+    """A folder every pytest-xdist worker of this session shares, held under a lock while
+    the body runs, so the expensive run below happens once per session, not per worker."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Three candidates (two tokenizers) and the task file."""
-    root = tmp_path_factory.mktemp("world")
-    cands = [
-        _candidate(root / "gpt2-char", "gpt2", "char", 0),
-        _candidate(root / "llama-word", "llama", "word", 1),
-        _candidate(root / "gpt2-word", "gpt2", "word", 2),
-    ]
-    return {"root": root, "models": [str(c) for c in cands], "data": _task(root / "task.jsonl")}
+    with _shared_dir(tmp_path_factory, "pipeline_world") as root:
+        names = [("gpt2-char", "gpt2", "char"), ("llama-word", "llama", "word")]
+        names.append(("gpt2-word", "gpt2", "word"))
+        if not (root / "ready").exists():
+            for seed, (name, arch, tok) in enumerate(names):
+                _candidate(root / name, arch, tok, seed)
+            _task(root / "task.jsonl")
+            (root / "ready").touch()
+    return {
+        "root": root,
+        "models": [str(root / name) for name, _, _ in names],
+        "data": root / "task.jsonl",
+    }
 
 
 def _argv(world, out_dir, *extra):
@@ -141,17 +167,20 @@ def _argv(world, out_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def done(world):
-    """One complete run through the CLI (csv to --out)."""
-    out_dir = world["root"] / "run"
-    out_csv = world["root"] / "stdout.csv"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LENSLLM_JIT_CACHE", "0")
-    try:
-        code = cli.main(_argv(world, out_dir, "-q", "--format", "csv", "--out", str(out_csv)))
-    finally:
-        mp.undo()
-    assert code == 0
+def done(world, tmp_path_factory):
+    """One complete run through the CLI (csv to --out), shared by every test and worker;
+    tests copy its folder before changing anything."""
+    with _shared_dir(tmp_path_factory, "pipeline_done") as root:
+        out_dir, out_csv = root / "run", root / "stdout.csv"
+        if not (root / "ready").exists():
+            mp = pytest.MonkeyPatch()
+            mp.setenv("LENSLLM_JIT_CACHE", "0")
+            try:
+                argv = _argv(world, out_dir, "-q", "--format", "csv", "--out", str(out_csv))
+                assert cli.main(argv) == 0
+            finally:
+                mp.undo()
+            (root / "ready").touch()
     return {"out_dir": out_dir, "out_csv": out_csv}
 
 
@@ -363,6 +392,53 @@ def test_interrupted_run_resumes_to_identical_bytes(world, done, tmp_path, monke
     assert (out_dir / "ranking.csv").read_bytes() == (done["out_dir"] / "ranking.csv").read_bytes()
 
 
+@pytest.mark.slow
+def test_new_target_or_methods_rerank_without_fine_tuning(world, done, tmp_path, monkeypatch):
+    """The target and the methods are not run settings: a rerun re-ranks the saved results
+    (no load, no fine-tune), as `lensllm select` ranks the saved curves.csv."""
+    from lensllm_jax import models
+
+    out_dir = tmp_path / "rerank"
+    shutil.copytree(done["out_dir"], out_dir)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    out_csv = tmp_path / "r.csv"
+    extra = ["--target", "1000", "--methods", "AtS", "LensLLM", "--format", "csv"]
+    assert cli.main(_argv(world, out_dir, "-q", *extra, "--out", str(out_csv))) == 0
+    rows = _csv_rows(out_csv.read_text())
+    assert [r["method"] for r in rows] == ["AtS"] * 3 + ["LensLLM"] * 3 + ["LensLLM-NTK"] * 3
+    assert out_csv.read_text() == (out_dir / "ranking.csv").read_text()
+    sel_csv = tmp_path / "s.csv"
+    argv = ["select", str(out_dir / "curves.csv"), "--target", "1000", "--out", str(sel_csv)]
+    assert cli.main([*argv, "--methods", "AtS", "LensLLM", "--format", "csv"]) == 0
+    assert _csv_rows(sel_csv.read_text()) == rows[:6]
+    assert json.loads((out_dir / "report.json").read_text())["target"] == 1000.0
+
+
+@pytest.mark.slow
+def test_a_diverged_candidate_ranks_last_and_stays_out_of_curves_csv(world, done, tmp_path, capsys):
+    """A curve point that diverged (NaN, status "diverged") cannot enter curves.csv; the
+    candidate ranks last, "failed", under every method, with a warning."""
+    out_dir = tmp_path / "diverged"
+    shutil.copytree(done["out_dir"], out_dir)
+    npz = out_dir / "candidates" / "001_llama-word.npz"
+    with np.load(npz) as z:
+        saved = dict(z)
+    saved["losses"][-1] = np.nan
+    saved["status"] = np.array(["ok", "ok", "ok", "diverged"])
+    np.savez(npz, **saved)
+    assert cli.main(_argv(world, out_dir, "--format", "csv")) == 0
+    captured = capsys.readouterr()
+    assert "lensllm: warning: llama-word: fine-tuning diverged" in captured.err
+    rows = _csv_rows(captured.out)
+    for method in ("LensLLM", "LensLLM-NTK"):
+        mine = [r for r in rows if r["method"] == method]
+        assert [r["rank"] for r in mine] == ["1", "2", "3"]
+        assert mine[-1]["model"] == "llama-word" and mine[-1]["status"] == "failed"
+        assert mine[-1]["score"] == "nan" and all(r["status"] == "ok" for r in mine[:2])
+    assert curves.read_curve_table(out_dir / "curves.csv").models == ("gpt2-char", "gpt2-word")
+
+
+@pytest.mark.slow
 def test_resume_with_other_settings_is_one_line_error(world, done, tmp_path, capsys):
     out_dir = tmp_path / "other"
     shutil.copytree(done["out_dir"], out_dir)
@@ -450,7 +526,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(world, tmp_path, capsys, c
     edit, message = BAD[case]
     out_dir = tmp_path / "out"
     argv = _argv(world, out_dir, "-q")
-    edit(world, argv)
+    edit({**world, "root": tmp_path}, argv)  # files it writes go to this test's folder
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
