@@ -461,20 +461,41 @@ def _check_manifest(out_dir: Path, settings: Mapping[str, Any]) -> bool:
     new = _canonical(settings)
     if old == new:
         return True
-    keys = sorted(set(old) | set(new)) if isinstance(old, dict) else ["manifest"]
-    diff = [k for k in keys if not isinstance(old, dict) or old.get(k) != new.get(k)]
-    shown = diff[0] if diff else "?"
-    before = old.get(shown) if isinstance(old, dict) else old
+    diffs = _differences(old, new)
+    where, before, after = diffs[0]
+    more = sorted({d[0].split(".")[0].split("[")[0] for d in diffs[1:]} - {where.split(".")[0]})
     raise LensLLMInputError(
-        f"holds a run with different settings ({shown}: {_short(before)} there, "
-        f"{_short(new.get(shown))} now{'; also ' + ', '.join(diff[1:]) if diff[1:] else ''})",
+        f"holds a run with different settings ({where}: {_short(before)} there, "
+        f"{_short(after)} now{'; also ' + ', '.join(more) if more else ''})",
         file=out_dir,
         hint="use a new --out-dir, or rerun with that run's settings to resume it",
     )
 
 
+_ABSENT = object()
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """(path, old, new) of every differing leaf of two JSON values, depth first."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            sub = f"{where}.{k}" if where else str(k)
+            out += _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += _differences(a, b, f"{where}[{i}]")
+        return out
+    return [] if old == new else [(where or "manifest", old, new)]
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, sort_keys=True)
+    """Compact JSON of a setting; a list of named entries (candidates) shows the names."""
+    if isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value):
+        value = [v["name"] for v in value]
+    text = "nothing" if value is _ABSENT else json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -725,8 +746,7 @@ def _settings(
     return _canonical(
         {
             "version": MANIFEST_VERSION,
-            "data": {
-                "path": str(data_path.resolve()),
+            "data": {  # by content: a moved or renamed data file still resumes
                 "sha256": _file_sha256(data_path),
                 "examples": num_examples,
             },
@@ -904,6 +924,8 @@ def run(
             "1 Hessian probe gives no standard error", hint="use at least 2 probes"
         )
     seed = _check_positive_int(seed, "seed", "--seed", 0)
+    if ntk_chunk not in ("auto", None):
+        ntk_chunk = _check_positive_int(ntk_chunk, "NTK chunk", "--ntk-chunk")
     curve_methods, want_ntk = _check_methods(methods, ntk)
     config = finetune.FinetuneConfig() if config is None else config
     finetune.check_config(config)  # a bad recipe fails now, not after the first load
@@ -1034,7 +1056,7 @@ def run(
     all_methods = [*curve_methods, *([NTK_METHOD] if want_ntk else [])]
     rows = _append_incomplete(rows, all_methods, incomplete)
     _write_atomic_bytes(out / "ranking.csv", ranking.rows_to_csv(rows).encode())
-    report = _report(settings, target, results, rows, resumed)
+    report = _report(settings, data_path, target, results, rows, resumed)
     _write_atomic_bytes(out / "report.json", report.encode())
     return RunResult(
         table=table,
@@ -1089,6 +1111,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def _report(
     settings: Mapping[str, Any],
+    data_path: Path,
     target: float,
     results: Sequence[CandidateResult],
     rows: Sequence[Any],
@@ -1132,6 +1155,7 @@ def _report(
     ]
     body = {
         "settings": settings,
+        "data_file": str(data_path.resolve()),
         "loss_unit": LOSS_UNIT,
         "target": target,
         "candidates": cands,

@@ -448,7 +448,8 @@ def test_resume_with_other_settings_is_one_line_error(world, done, tmp_path, cap
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lensllm: error:")
-    assert "different settings (finetune" in err and "new --out-dir" in err
+    assert "different settings (finetune.learning_rate: 0.003 there, 0.001 now)" in err
+    assert "new --out-dir" in err
     assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before
 
 
