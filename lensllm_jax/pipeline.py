@@ -1044,7 +1044,7 @@ def run(
     )
     write_curve_table(table, out / "curves.csv")
 
-    rows = ranking.rank(table, target, curve_methods) if curve_methods else []
+    rows = _rank_all(table, complete, incomplete, target, curve_methods, want_ntk, seed)
     features: dict[str, Any] = {}
     if want_ntk:
         from lensllm_jax.ntk import NTKFeatures
@@ -1052,9 +1052,6 @@ def run(
         features = {
             r.name: NTKFeatures(r.eigenvalues, r.projected_residual) for r in results if r.has_ntk
         }
-        rows = rows + _rank_ntk_rows(table, complete, target, seed)
-    all_methods = [*curve_methods, *([NTK_METHOD] if want_ntk else [])]
-    rows = _append_incomplete(rows, all_methods, incomplete)
     _write_atomic_bytes(out / "ranking.csv", ranking.rows_to_csv(rows).encode())
     report = _report(settings, data_path, target, results, rows, resumed)
     _write_atomic_bytes(out / "report.json", report.encode())
@@ -1067,6 +1064,26 @@ def run(
         out_dir=out,
         resumed=tuple(resumed),
     )
+
+
+def _rank_all(
+    table: CurveTable,
+    complete: Sequence[CandidateResult],
+    incomplete: Sequence[str],
+    target: float,
+    curve_methods: Sequence[str],
+    with_ntk: bool,
+    seed: int,
+) -> list:
+    """Every method's ranking: the curve methods on `table` (`ranking.rank`), LensLLM-NTK
+    on the same curves plus the NTK features, then the incomplete candidates, last."""
+    from lensllm_jax import ranking
+
+    rows = ranking.rank(table, target, curve_methods) if curve_methods else []
+    if with_ntk:
+        rows += _rank_ntk_rows(table, complete, target, seed)
+    methods = [*curve_methods, *([NTK_METHOD] if with_ntk else [])]
+    return _append_incomplete(rows, methods, incomplete)
 
 
 def _rank_ntk_rows(
