@@ -20,7 +20,9 @@ device's datasheet peak; and XLA's cost analysis (`flops_xla`; it counts a scann
 once, so it undercounts). Peak memory: the device's `memory_stats()["peak_bytes_in_use"]`
 (GPU) read right after each measurement, else the process max RSS.
 Every section that fails (e.g. out of memory) is recorded as {"error": ...}; --out rewrites
-the JSON file after every section, so a timeout keeps what was measured.
+the JSON file after every section, so a timeout keeps what was measured. --profile adds
+``ntk_profile``: the kernel's time per phase (forward / backward / outside the gradient, i.e.
+the Gram) and JAX primitive, and its top HLO ops, from a `jax.profiler` trace (run last).
 
 Usage: python benchmarks/bench_ntk.py --preset gpt2-small --chunk 32 --bf16   # on a GPU
        python benchmarks/bench_ntk.py --preset tiny --n 16 --seq 32             # CPU-sized
@@ -339,6 +341,80 @@ def add_rates(r: dict[str, Any], floor_flops: float, peak_tflops: float | None) 
     r["tflops_xla_count"] = r["flops_xla"] / r["median_s"] / 1e12
 
 
+def _norm_op(name: str) -> str:
+    return name.replace(".", "_").replace("-", "_")
+
+
+def profile_breakdown(fn, *args, repeat: int = 3, top: int = 15) -> dict[str, Any]:
+    """Where the time of one compiled call goes: `jax.profiler` trace of `repeat` calls (after a
+    warm-up), each traced event matched to the compiled HLO instruction of the same name (or
+    its `hlo_op` argument: XLA GPU's kernels and library calls carry one) and grouped by phase
+    (forward / backward = transpose(jvp) / outside the gradient, e.g. the Gram contraction)
+    and JAX primitive. Per traced process (host CPU, each GPU stream group), ms per call."""
+    import glob
+    import gzip
+    import re
+    import tempfile
+    from collections import Counter
+
+    jfn = jax.jit(fn)
+    hlo = jfn.lower(*args).compile().as_text()
+    meta: dict[str, tuple[str, str]] = {}
+    for line in hlo.splitlines():
+        mm = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+        if mm:
+            on = re.search(r'op_name="([^"]*)"', line)
+            meta[_norm_op(mm.group(1))] = (mm.group(2), on.group(1) if on else "")
+    jax.block_until_ready(jfn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(repeat):
+                jax.block_until_ready(jfn(*args))
+        files = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        trace = json.load(gzip.open(files[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pname = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    out: dict[str, Any] = {}
+    by_proc: dict[str, tuple[Counter, Counter, Counter]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        args_ = e.get("args") or {}
+        key = _norm_op(str(args_.get("hlo_op") or e["name"]))
+        proc = pname.get(e.get("pid"), str(e.get("pid")))
+        cats, ops, unmatched = by_proc.setdefault(proc, (Counter(), Counter(), Counter()))
+        ms = e["dur"] / 1000 / repeat
+        if key not in meta:
+            if not e["name"].startswith(("$", "Thunk", "Slinky")):
+                unmatched[e["name"][:60]] += ms
+            continue
+        shape, op_name = meta[key]
+        phase = (
+            "backward"
+            if "transpose(jvp" in op_name
+            else "forward"
+            if "jvp(" in op_name
+            else "outside-grad"
+        )
+        prim = op_name.rsplit("/", 1)[-1] or "?"
+        cats[f"{phase}:{prim}"] += ms
+        ops[f"{key} {shape} {op_name[-60:]}"] += ms
+    for proc, (cats, ops, unmatched) in by_proc.items():
+        if not cats and not unmatched:
+            continue
+        out[proc] = {
+            "matched_ms_per_call": round(sum(cats.values()), 3),
+            "by_phase_and_primitive_ms": {k: round(v, 3) for k, v in cats.most_common(top)},
+            "top_ops_ms": {k: round(v, 3) for k, v in ops.most_common(top)},
+            "top_unmatched_ms": {k: round(v, 3) for k, v in unmatched.most_common(8)},
+        }
+    return out
+
+
 def torch_time(fn, repeat: int, sync=lambda: None) -> dict[str, Any]:
     out = fn()
     sync()
@@ -412,6 +488,9 @@ def main() -> None:
     )
     ap.add_argument("--bf16", action="store_true", help="bf16 per-example grads, f32 Gram")
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true", help="per-op time breakdown of the ntk kernel"
+    )
     args = ap.parse_args()
     cfg = dict(PRESETS[args.preset])
     for k in ("vocab", "d", "layers", "heads", "n", "seq", "positions"):
@@ -507,6 +586,14 @@ def main() -> None:
 
     if not args.no_torch:
         section(res, "torch_vmap_grad", out, lambda: run_torch(res, model, cfg, args, theta))
+    if args.profile:  # last: a profiler that fails or hangs cannot cost the timings above
+
+        def run_profile():
+            res["ntk_profile"] = profile_breakdown(
+                lambda p, x: kernel_fn(p, x), params, tokens, repeat=3
+            )
+
+        section(res, "ntk_profile", out, run_profile)
     print(json.dumps(res, indent=2, default=str))
 
 

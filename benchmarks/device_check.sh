@@ -3,16 +3,20 @@
 #
 # Run from the repository root (the package need not be installed; PYTHONPATH=. is set here):
 #     bash benchmarks/device_check.sh
-# On the lent H200 (device tool `run`, one call):  command "bash benchmarks/device_check.sh",
-# timeout_s 600. On a CPU, to test the script itself in ~2 minutes:
+# On the lent H200 (device tool `run`, one call): command "bash benchmarks/device_check.sh",
+# timeout_s 480 (the steps stop by DEVICE_CHECK_BUDGET_S = 420 s; the summary needs seconds).
+# On a CPU, to test the script itself in ~2-3 minutes:
 #     DEVICE_CHECK_PRESET=tiny PYTHON=.venv/bin/python bash benchmarks/device_check.sh
 #
 # Steps, most important first, each under its own `timeout` so one failure or hang does not
 # lose the others; every bench rewrites its JSON after each section (a timeout keeps what was
-# measured). Optional steps are skipped when the overall budget (DEVICE_CHECK_BUDGET_S, default
-# 540 s) is nearly spent.
+# measured). Later steps are skipped when the overall budget (DEVICE_CHECK_BUDGET_S, default
+# 420 s) is nearly spent. Compiled programs go to a persistent cache (JAX_COMPILATION_CACHE_DIR,
+# default /tmp/lensllm_jax_cache), so a program compiled by an earlier step is not compiled
+# again (its compile_s is then the cache load).
 #   0. environment: nvidia-smi, jax.devices(), versions; imports with gguf / rich blocked
-#   1. ntk_c32_bf16:      eNTK, --chunk 32 --bf16 (f32 params; + batched grad, naive vmap(grad))
+#   1. ntk_c32_bf16:      eNTK, --chunk 32 --bf16 (f32 params; + batched grad, naive vmap(grad),
+#                         then a per-op profile of the kernel: where the time goes on the GPU)
 #   2. hessian_pb8:       Hutchinson, 8 probes vmapped at once, f32 params
 #   3. ntk_auto_pbf16:    eNTK, --chunk auto, bf16 params and Jacobians (bf16 backward passes)
 #   4. hessian_pb8_pbf16: Hutchinson, bf16 params
@@ -25,13 +29,14 @@ set -u
 OUT="${OUT:-./device_out}"
 PY="${PYTHON:-python3}"
 PRESET="${DEVICE_CHECK_PRESET:-gpt2-small}"
-BUDGET_S="${DEVICE_CHECK_BUDGET_S:-540}"
+BUDGET_S="${DEVICE_CHECK_BUDGET_S:-420}"
 REPEAT="${DEVICE_CHECK_REPEAT:-5}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : >"$LOG"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/lensllm_jax_cache}"
 START=$(date +%s)
 EXTRA=()
 if [ "$PRESET" = "tiny" ]; then EXTRA=(--n 8 --seq 16); fi
@@ -92,15 +97,16 @@ EOF
 say "environment: exit $?"
 
 COMMON=(--preset "$PRESET" "${EXTRA[@]}" --repeat "$REPEAT")
-run_step ntk_c32_bf16 200 -- benchmarks/bench_ntk.py "${COMMON[@]}" --chunk 32 --bf16 --no-torch
-run_step hessian_pb8 150 -- benchmarks/bench_hessian.py "${COMMON[@]}" --probe-batch 8 --no-torch
-run_step ntk_auto_pbf16 150 -- benchmarks/bench_ntk.py "${COMMON[@]}" --chunk auto --bf16 \
+run_step ntk_c32_bf16 180 -- benchmarks/bench_ntk.py "${COMMON[@]}" --chunk 32 --bf16 --no-torch \
+    --profile
+run_step hessian_pb8 120 -- benchmarks/bench_hessian.py "${COMMON[@]}" --probe-batch 8 --no-torch
+run_step ntk_auto_pbf16 100 -- benchmarks/bench_ntk.py "${COMMON[@]}" --chunk auto --bf16 \
     --param-dtype bf16 --no-naive --no-torch
-run_step hessian_pb8_pbf16 120 -- benchmarks/bench_hessian.py "${COMMON[@]}" --probe-batch 8 \
+run_step hessian_pb8_pbf16 90 -- benchmarks/bench_hessian.py "${COMMON[@]}" --probe-batch 8 \
     --param-dtype bf16 --no-torch
-run_step torch_ntk 150 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 -- benchmarks/bench_ntk.py \
+run_step torch_ntk 100 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 -- benchmarks/bench_ntk.py \
     --preset "$PRESET" "${EXTRA[@]}" --repeat 3 --chunk 32 --bf16 --no-naive
-run_step torch_hessian 120 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 -- benchmarks/bench_hessian.py \
+run_step torch_hessian 90 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 -- benchmarks/bench_hessian.py \
     --preset "$PRESET" "${EXTRA[@]}" --repeat 3 --probe-batch 8
 
 # summary: one line per measurement; exit 0 if anything has a median time
@@ -146,6 +152,14 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
             print(f"  {key:16s} ERROR {r['error'][:200]}")
         elif isinstance(r, str):
             print(f"  {key:16s} {r}")
+    prof = d.get("ntk_profile")
+    if isinstance(prof, dict) and "error" not in prof:
+        for proc, pr in prof.items():
+            top = list(pr.get("by_phase_and_primitive_ms", {}).items())[:6]
+            print(f"  profile {proc}: {pr.get('matched_ms_per_call')} ms matched; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    elif isinstance(prof, dict):
+        print(f"  profile ERROR {prof['error'][:200]}")
 print(f"measured: {measured}")
 sys.exit(0 if measured else 1)
 EOF
