@@ -398,24 +398,33 @@ def render_run(result: Any, *, color: bool = False) -> str:
 
 
 def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str:
-    """One rich table per method: rank, model, score (predicted loss), status."""
+    """One rich table per method: rank, model, score (predicted loss), P(best) where the
+    method has a calibrated one (then also the 90 % credible set), status."""
     import io
     import math
 
     from rich.console import Console
     from rich.table import Table
 
+    from lensllm_jax.ranking import credible_set_text
+
     buf = io.StringIO()
     console = Console(file=buf, width=100, force_terminal=color, no_color=not color)
     for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        sure = any(math.isfinite(r.p_best) for r in mine)
         table = Table(title=f"{method} · predicted loss at D = {target:g}", title_justify="left")
-        for col, just in (("rank", "right"), ("model", "left"), ("score", "right")):
+        cols = (("rank", "right"), ("model", "left"), ("score", "right"))
+        for col, just in (*cols, *((("P(best)", "right"),) if sure else ())):
             table.add_column(col, justify=just)
         table.add_column("status")
-        for r in (r for r in rows if r.method == method):
+        for r in mine:
             score = "nan" if math.isnan(r.score) else f"{r.score:.4f}"
-            table.add_row(str(r.rank), r.model, score, r.status)
+            p_best = ("-" if math.isnan(r.p_best) else f"{r.p_best:.2f}",) if sure else ()
+            table.add_row(str(r.rank), r.model, score, *p_best, r.status)
         console.print(table)
+        if sure:
+            console.print(f"{credible_set_text(mine)} (calibration: lensllm_jax/confidence.py)")
     return buf.getvalue()
 
 

@@ -103,3 +103,16 @@ def test_ranking_rows_carry_p_best_for_lensllm(fts_dir):
     text = ranking.credible_set_text(lens)
     assert text.endswith("hold the best with probability >= 0.9") and lens[0].model in text
     assert ",p_best\n" in ranking.rows_to_csv(rows).splitlines(keepends=True)[0]
+
+
+def test_select_table_shows_p_best_and_the_credible_set(fts_dir, capsys):
+    from lensllm_jax import cli
+
+    code = cli.main(["select", str(fts_dir / "gigaword.csv"), "--target", "6553600"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "P(best)" in out and "hold the best with probability >= 0.9" in out
+    code = cli.main(
+        ["select", str(fts_dir / "gigaword.csv"), "--target", "6553600", "--methods", "AtS"]
+    )
+    assert code == 0 and "P(best)" not in capsys.readouterr().out
