@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lensllm_jax._files import write_atomic
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = ["main"]
@@ -226,18 +226,6 @@ def _check_out(out: str | None) -> Path | None:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Whole file or nothing: write a temp file beside `path`, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _enable_jit_cache() -> None:
     """Point JAX's persistent compilation cache at the lensllm cache (CLI only)."""
     if os.environ.get("LENSLLM_JIT_CACHE", "1") == "0":
@@ -273,7 +261,7 @@ def _emit(text: str, out: Path | None) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        _write_atomic(out, text)
+        write_atomic(out, text)
     return 0
 
 

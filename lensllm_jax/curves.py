@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lensllm_jax._files import write_atomic
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [
@@ -438,17 +437,7 @@ def write_curve_table(table: CurveTable, path: str | PathLike[str]) -> Path:
     """Write `table` as an FTS CSV at `path`, atomically (a temp file beside it, then a
     rename): the file is whole or absent, never half-written. Returns the path.
     See `curve_table_to_csv` for the format and its errors. Cost: O(M·S)."""
-    path = Path(path)
-    text = curve_table_to_csv(table)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, curve_table_to_csv(table))
 
 
 def _number_text(value: float) -> str:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from lensllm_jax._files import write_atomic
 from lensllm_jax.errors import DataUnavailableError, DownloadError, LensLLMInputError
 
 __all__ = [
@@ -89,20 +89,6 @@ def fetch_url(url: str, timeout: float = 30.0) -> bytes:
         raise OSError(f"{type(err).__name__}: {err}") from err
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader never sees a partial file: temp + fsync + rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def ensure_benchmark(
     cache_dir: str | os.PathLike[str] | None = None,
     files: Sequence[str] | None = None,
@@ -147,7 +133,7 @@ def ensure_benchmark(
             )
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, data)
+            write_atomic(path, data)
         except OSError as err:
             raise DataUnavailableError(
                 f"cannot write the cache ({err.strerror})",

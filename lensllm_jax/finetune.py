@@ -153,9 +153,6 @@ def check_config(config: FinetuneConfig) -> None:
         raise bad(f"warmup_ratio={config.warmup_ratio} is not in [0, 1)", "use e.g. 0.1")
 
 
-_check_config = check_config  # the name callers used first
-
-
 def num_train_steps(num_examples: int, config: FinetuneConfig) -> int:
     """N = max(epochs·⌈n/B⌉, min_steps), capped at max_steps when max_steps > 0."""
     per_epoch = -(-int(num_examples) // int(config.batch_size))

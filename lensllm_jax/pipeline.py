@@ -50,7 +50,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +58,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lensllm_jax._files import write_atomic
 from lensllm_jax.curves import CurveTable, write_curve_table
 from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
 
@@ -411,18 +411,6 @@ def _check_out_dir(out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Whole file or nothing: a temp file beside `path`, then a rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _canonical(obj: Any) -> Any:
     """JSON-normalised copy (tuples -> lists, numpy scalars -> Python) for comparisons."""
     return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
@@ -536,7 +524,7 @@ def _save_result(path: Path, res: CandidateResult) -> None:
         **arrays,
         **scalars,
     )
-    _write_atomic_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _load_result(path: Path) -> CandidateResult | None:
@@ -983,7 +971,7 @@ def run(
     (out / "candidates").mkdir(parents=True, exist_ok=True)
     if not resuming:
         text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
-        _write_atomic_bytes(out / MANIFEST, text.encode())
+        write_atomic(out / MANIFEST, text)
     log(
         f"{len(candidates)} candidates, {len(examples)} examples: pool {pool_size}, test "
         f"{len(split.test)}, probe {len(split.probe)}; sizes {list(sizes_t)}; target {target:g}"
@@ -1052,9 +1040,9 @@ def run(
         features = {
             r.name: NTKFeatures(r.eigenvalues, r.projected_residual) for r in results if r.has_ntk
         }
-    _write_atomic_bytes(out / "ranking.csv", ranking.rows_to_csv(rows).encode())
+    write_atomic(out / "ranking.csv", ranking.rows_to_csv(rows))
     report = _report(settings, data_path, target, results, rows, resumed)
-    _write_atomic_bytes(out / "report.json", report.encode())
+    write_atomic(out / "report.json", report)
     return RunResult(
         table=table,
         features=features,
