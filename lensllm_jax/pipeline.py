@@ -83,7 +83,6 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 LOSS_UNIT = "nats_per_byte"
 MIN_SIZES = 3  # a law with 3-4 parameters needs at least 3 curve points
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------- types
@@ -187,86 +186,24 @@ def _first_line(err: BaseException) -> str:
 
 
 def _inspect(path: str) -> tuple[str, str, int, Callable[[], Any] | None]:
-    """(location, model_type, vocab_size, tokenizer loader or None) without reading weights.
-
-    Raises `LensLLMInputError` (one line) for a missing path, a folder without config.json
-    or weights, a config the model zoo cannot run, an unreadable GGUF file.
-    """
+    """(location, model_type, vocab_size, tokenizer loader or None) without reading weights
+    (`models.inspect`). Raises `LensLLMInputError` (one line naming the candidate) for a
+    missing path, a folder without config.json or weights, a config the model zoo cannot
+    run, an unreadable GGUF file."""
     from lensllm_jax import models
-    from lensllm_jax.models import gguf_file
 
-    p = Path(path).expanduser()
     try:
-        if p.is_file() and p.suffix == ".gguf":
-            reader = gguf_file.open_gguf(p)
-            cfg = gguf_file.gguf_config(reader, p)
-            loader = None
-            if "tokenizer.ggml.tokens" in reader.fields:
-
-                def loader():
-                    from transformers import AutoTokenizer
-
-                    return AutoTokenizer.from_pretrained(
-                        str(p.parent), gguf_file=p.name, local_files_only=True
-                    )
-
-            return str(p.resolve()), cfg.model_type, cfg.vocab_size, loader
-        if p.exists() and not p.is_dir():
-            raise LensLLMInputError(
-                "not a model folder or .gguf file",
-                file=path,
-                hint="give a Hugging Face model folder, a .gguf file or a cached repo id",
-            )
-        if not p.exists():
-            if str(path).count("/") <= 1 and not str(path).startswith((".", "/", "~")):
-                p = models.resolve_cached_repo(str(path))  # repo id in the local HF cache
-            else:
-                raise LensLLMInputError(
-                    "no such file or folder",
-                    file=path,
-                    hint="give a Hugging Face model folder, a .gguf file or a cached repo id",
-                )
-        cfg_path = p / "config.json"
-        if not cfg_path.is_file():
-            raise LensLLMInputError(
-                "no config.json, not a Hugging Face model folder",
-                file=path,
-                hint="save the model with save_pretrained(), or give a .gguf file",
-            )
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise LensLLMInputError(
-                f"unreadable config.json ({_first_line(err)})", file=path
-            ) from None
-        if not isinstance(raw, dict):
-            raise LensLLMInputError("config.json is not a JSON object", file=path)
-        cfg = models.config_from_hf(raw, where=str(cfg_path))
-        if not (
-            (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
-        ):
-            raise LensLLMInputError(
-                "no model.safetensors (or model.safetensors.index.json)",
-                file=path,
-                hint="save the weights as safetensors (save_pretrained(..., "
-                "safe_serialization=True))",
-            )
-        loader = None
-        if any((p / n).exists() for n in _TOKENIZER_FILES):
-
-            def loader():
-                from transformers import AutoTokenizer
-
-                return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-
-        return str(p.resolve()), cfg.model_type, cfg.vocab_size, loader
-    except LensLLMInputError:
-        raise
+        info = models.inspect(path)
     except (ValueError, OSError) as err:  # ModelLoadError / ModelConfigError / unreadable
         msg = _first_line(err)
-        if msg.startswith(str(path)) or msg.startswith(str(p)):
-            msg = msg.split(":", 1)[-1].strip()
-        raise LensLLMInputError(msg, file=path) from None
+        for prefix in (str(path), str(Path(path).expanduser())):
+            if msg.startswith(prefix + ":"):
+                msg = msg[len(prefix) + 1 :].strip()
+        missing = not Path(path).expanduser().exists()
+        hint = "give a Hugging Face model folder, a .gguf file or a cached repo id"
+        raise LensLLMInputError(msg, file=path, hint=hint if missing else None) from None
+    cfg = info.config
+    return str(info.location.resolve()), cfg.model_type, cfg.vocab_size, info.tokenizer_loader
 
 
 def _display(given: str, location: str) -> str:

@@ -8,7 +8,7 @@ GPT-NeoX, loaded from Hugging Face safetensors (single or sharded), GGUF, or the
 
 from .config import FAMILY_OF_MODEL_TYPE, LMConfig, config_from_hf
 from .errors import ModelConfigError, ModelLoadError
-from .loading import CausalLM, from_config, load, resolve_cached_repo
+from .loading import CausalLM, ModelInfo, from_config, inspect, load, resolve_cached_repo
 from .losses import count_params, greedy_generate, per_example_loss, token_logprobs
 
 __all__ = [
@@ -16,11 +16,13 @@ __all__ = [
     "CausalLM",
     "LMConfig",
     "ModelConfigError",
+    "ModelInfo",
     "ModelLoadError",
     "config_from_hf",
     "count_params",
     "from_config",
     "greedy_generate",
+    "inspect",
     "load",
     "per_example_loss",
     "resolve_cached_repo",

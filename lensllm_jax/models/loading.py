@@ -23,7 +23,15 @@ from .errors import ModelLoadError
 from .losses import count_params, per_example_loss, token_logprobs
 from .weights import TensorRef, build_params, read_safetensors_index, safetensors_refs
 
-__all__ = ["CausalLM", "family_module", "from_config", "load", "resolve_cached_repo"]
+__all__ = [
+    "CausalLM",
+    "ModelInfo",
+    "family_module",
+    "from_config",
+    "inspect",
+    "load",
+    "resolve_cached_repo",
+]
 
 Array = jax.Array
 
@@ -91,6 +99,41 @@ def from_config(
     return CausalLM(cfg, params, _make_apply(cfg, scan_layers, remat), source="random init")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What `inspect` learns about a checkpoint without reading its weights."""
+
+    location: Path  # the resolved HF folder (a cache snapshot for a repo id) or .gguf file
+    config: LMConfig
+    tokenizer_loader: Callable[[], Any] | None  # None: the checkpoint carries no tokenizer
+
+
+def inspect(
+    path: str | os.PathLike, *, allow_pickle: bool = False, revision: str | None = None
+) -> ModelInfo:
+    """Resolve `path` as `load` does and check it can be loaded, reading only the config,
+    the weight files' headers and the tokenizer's presence (no tensor data).
+
+    Raises `ModelLoadError` (one line) for a missing path, a folder without config.json or
+    weights, a config the zoo cannot run, an unreadable GGUF file. Cost: O(header bytes).
+    """
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        from .gguf_file import gguf_config, open_gguf
+
+        reader = open_gguf(p)
+        return ModelInfo(p, gguf_config(reader, p), _gguf_tokenizer(p, reader))
+    if not p.is_dir():
+        if p.exists():
+            raise ModelLoadError(f"{p}: not a model directory or .gguf file")
+        if str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
+            raise ModelLoadError(f"{p}: no such file or folder")
+        p = resolve_cached_repo(str(path), revision)
+    cfg = _hf_config(p)
+    _hf_refs(p, allow_pickle)  # weights present and their headers readable
+    return ModelInfo(p, cfg, _tokenizer_from_dir(p))
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -109,17 +152,10 @@ def load(
     Raises `ModelLoadError` (a ValueError) with one line naming the file and tensor at fault.
     Cost: reads every tensor once; peak host memory ≈ 2× the f32 model.
     """
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return _load_gguf(p, dtype, scan_layers, remat)
-    if p.is_dir():
-        return _load_hf_dir(p, dtype, scan_layers, remat, allow_pickle)
-    if p.exists():
-        raise ModelLoadError(f"{p}: not a model directory or .gguf file")
-    if str(path).count("/") <= 1 and not str(path).startswith((".", "/", "~")):
-        snap = resolve_cached_repo(str(path), revision)
-        return _load_hf_dir(snap, dtype, scan_layers, remat, allow_pickle)
-    raise ModelLoadError(f"{p}: no such file or directory")
+    info = inspect(path, allow_pickle=allow_pickle, revision=revision)
+    if info.location.suffix == ".gguf":
+        return _load_gguf(info, dtype, scan_layers, remat)
+    return _load_hf_dir(info, dtype, scan_layers, remat, allow_pickle)
 
 
 def hf_cache_dir() -> Path:
@@ -165,21 +201,25 @@ def _tokenizer_from_dir(d: Path) -> Callable[[], Any] | None:
     return load_tok
 
 
-def _load_hf_dir(d: Path, dtype, scan_layers, remat, allow_pickle) -> CausalLM:
+def _hf_config(d: Path) -> LMConfig:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{d}: no config.json; not a Hugging Face model directory")
     try:
         raw = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{cfg_path}: unreadable JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{cfg_path}: not a JSON object")
-    cfg = config_from_hf(raw, where=str(cfg_path))
+    return config_from_hf(raw, where=str(cfg_path))
+
+
+def _load_hf_dir(info: ModelInfo, dtype, scan_layers, remat, allow_pickle) -> CausalLM:
+    d, cfg = info.location, info.config
     refs = _hf_refs(d, allow_pickle)
     params = build_params(cfg, family_module(cfg), refs, dtype=dtype, where=str(d))
     return CausalLM(
-        cfg, params, _make_apply(cfg, scan_layers, remat), str(d), _tokenizer_from_dir(d)
+        cfg, params, _make_apply(cfg, scan_layers, remat), str(d), info.tokenizer_loader
     )
 
 
@@ -214,23 +254,27 @@ def _torch_bin_refs(files: list[Path]) -> dict[str, TensorRef]:
     return refs
 
 
-def _load_gguf(p: Path, dtype, scan_layers, remat) -> CausalLM:
-    from . import llama
-    from .gguf_file import gguf_config, gguf_name, gguf_refs, open_gguf
-
-    reader = open_gguf(p)
-    cfg = gguf_config(reader, p)
-    refs, transforms = gguf_refs(reader, p, cfg)
-    params = build_params(
-        cfg, llama, refs, dtype=dtype, where=str(p), transforms=transforms, display=gguf_name
-    )
+def _gguf_tokenizer(p: Path, reader: Any) -> Callable[[], Any] | None:
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        return None
 
     def load_tok():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
 
-    has_tok = "tokenizer.ggml.tokens" in reader.fields
+    return load_tok
+
+
+def _load_gguf(info: ModelInfo, dtype, scan_layers, remat) -> CausalLM:
+    from . import llama
+    from .gguf_file import gguf_name, gguf_refs, open_gguf
+
+    p, cfg = info.location, info.config
+    refs, transforms = gguf_refs(open_gguf(p), p, cfg)
+    params = build_params(
+        cfg, llama, refs, dtype=dtype, where=str(p), transforms=transforms, display=gguf_name
+    )
     return CausalLM(
-        cfg, params, _make_apply(cfg, scan_layers, remat), str(p), load_tok if has_tok else None
+        cfg, params, _make_apply(cfg, scan_layers, remat), str(p), info.tokenizer_loader
     )
