@@ -263,6 +263,12 @@ def check_candidates(paths: Sequence[str]) -> list[Candidate]:
             )
         try:
             tok = loader()
+        except ModuleNotFoundError as err:
+            raise LensLLMInputError(
+                f"cannot load its tokenizer: {err.name} is not installed",
+                file=given,
+                hint="pip install 'lensllm-jax[run]'",
+            ) from None
         except Exception as err:  # transformers raises many types for a broken tokenizer
             raise LensLLMInputError(
                 f"cannot load its tokenizer ({type(err).__name__}: {_first_line(err)})",

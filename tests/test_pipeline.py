@@ -563,3 +563,17 @@ def test_bad_input_in_a_real_process(world, tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("lensllm: error:") and "no such file or folder" in proc.stderr
     assert not out_dir.exists()
+
+
+def test_missing_tokenizer_library_is_one_line(monkeypatch, tmp_path):
+    def loader():
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(pipeline, "_inspect", lambda p: (str(tmp_path), "gpt2", 10, loader))
+    from lensllm_jax.errors import LensLLMInputError
+
+    with pytest.raises(LensLLMInputError) as info:
+        pipeline.check_candidates([str(tmp_path)])
+    msg = str(info.value)
+    assert "transformers is not installed" in msg and "lensllm-jax[run]" in msg
+    assert "\n" not in msg
