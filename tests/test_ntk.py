@@ -274,6 +274,11 @@ def test_auto_chunk_kernel_equals_explicit_chunks(budget_examples):
         np.testing.assert_allclose(auto, ref, rtol=0, atol=1e-6 * scale)
         jitted = jax.jit(ntk.empirical_ntk_fn(mlp_apply, memory_budget_bytes=budget, **kw))
         np.testing.assert_allclose(jitted(params, x), ref, rtol=0, atol=1e-6 * scale)
+        # cross kernel: the chunk follows max(N1, N2) and both batches are blocked with it
+        x2 = x[:4] * 0.5
+        cross = ntk.empirical_ntk(mlp_apply, params, x, x2, memory_budget_bytes=budget, **kw)
+        ref2 = dense_ntk(mlp_apply, params, x, x2, ())
+        np.testing.assert_allclose(cross, ref2, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(ref2))))
 
 
 # ----------------------------------------------------------------------------- test loss
