@@ -55,6 +55,27 @@ def block_slices(params):
     return out
 
 
+def test_rademacher_probes_are_fair_independent_signs():
+    """Signs come 32 to a PRNG word: check the values, balance per bit position, and that
+    neighbours within and across words are uncorrelated (E[z zᵀ] = I is what Hutchinson uses)."""
+    params = {"a": jnp.zeros((1000, 1049), jnp.float32), "b": jnp.zeros((3, 7), jnp.bfloat16)}
+    z = hessian.rademacher(jax.random.key(0), params)
+    assert z["a"].shape == (1000, 1049) and z["b"].dtype == jnp.bfloat16
+    a = np.asarray(z["a"]).ravel()
+    assert set(np.unique(a)) == {-1.0, 1.0}
+    assert set(np.unique(np.asarray(z["b"], np.float32))) <= {-1.0, 1.0}
+    n = a.size
+    assert abs(a.mean()) < 5 / np.sqrt(n)
+    for lag in (1, 2, 16, 31, 32, 33, 64):
+        assert abs(np.mean(a[:-lag] * a[lag:])) < 5 / np.sqrt(n - lag), lag
+    per_bit = a[: n // 32 * 32].reshape(-1, 32).mean(axis=0)
+    assert np.all(np.abs(per_bit) < 5 / np.sqrt(n // 32))
+    again = hessian.rademacher(jax.random.key(0), params)
+    other = hessian.rademacher(jax.random.key(1), params)
+    np.testing.assert_array_equal(np.asarray(again["a"]), np.asarray(z["a"]))
+    assert abs(np.mean(np.asarray(other["a"]).ravel() * a)) < 5 / np.sqrt(n)
+
+
 @pytest.mark.parametrize("sampler", ["rademacher", "gaussian"])
 def test_hutchinson_within_three_standard_errors_and_groups_sum(sampler):
     with jax.enable_x64(True):
