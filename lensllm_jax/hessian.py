@@ -1,7 +1,11 @@
 """Matrix-free Hessian quantities of a scalar loss: HVPs, traces, top eigenvalue, vᵀHv.
 
-Everything works on `loss_fn(params) -> scalar` (close over the batch) and a params pytree, and
-is jittable. The Hessian is only touched through the Hessian-vector product
+Everything works on `loss_fn(params) -> scalar` and a params pytree, and is jittable. Pass
+`batch=` to have `loss_fn(params, batch)` instead: the compiled program is then cached per
+`loss_fn` (params and batch are its arguments), so calling again at other parameters (another
+fine-tuned model) or on another batch of the same shapes does not compile again.
+
+The Hessian is only touched through the Hessian-vector product
 
     H v = d/dε ∇L(θ + ε v) |_{ε=0}     (forward-over-reverse: `jvp` of `grad`),
 
@@ -25,6 +29,7 @@ Checks that need values (NaN / inf) run only outside `jit`, in the eager front d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, NamedTuple
 
@@ -121,6 +126,15 @@ class HessianDistance(NamedTuple):
 
 def _where(name: str | None) -> str:
     return f" for {name!r}" if name else ""
+
+
+def _bound(loss_fn: Callable, batch: PyTree | None) -> LossFn:
+    """params -> scalar: `loss_fn` itself, or `loss_fn(·, batch)` when a batch is given."""
+    return loss_fn if batch is None else lambda p: loss_fn(p, batch)
+
+
+def _grouping_key(grouping: Grouping) -> tuple:
+    return tuple(grouping)
 
 
 def _check_loss_and_params(loss_fn: LossFn, params: PyTree, name: str | None) -> None:
@@ -303,6 +317,90 @@ def _leaf_dots(a: PyTree, b: PyTree) -> list[jax.Array]:
 # ----------------------------------------------------------------------------- traces
 
 
+# Compiled programs, cached per (loss_fn, options): params and batch are arguments, so a call
+# at new parameter values or on a new batch of the same shapes reuses the compiled code.
+_CACHE = functools.lru_cache(maxsize=32)
+
+
+@_CACHE
+def _hutchinson_program(loss_fn, draw, grouping: tuple, linearize, batch_size):
+    @jax.jit
+    def run(params, batch, keys):
+        matvec = _hvp_operator(_bound(loss_fn, batch), params, linearize)
+
+        def integrand(k):
+            z = draw(k, params)
+            return _group_dots(z, matvec(z), list(grouping))
+
+        return jax.lax.map(integrand, keys, batch_size=batch_size)
+
+    return run
+
+
+@_CACHE
+def _hutchpp_program(loss_fn, draw, linearize, k):
+    @jax.jit
+    def run(params, batch, key):
+        matvec = _hvp_operator(_bound(loss_fn, batch), params, linearize)
+        _, unravel = ravel_pytree(params)
+
+        def probe(key):
+            return ravel_pytree(draw(key, params))[0]
+
+        def mv(v):
+            return ravel_pytree(matvec(unravel(v)))[0]
+
+        ks, kg = jax.random.split(key)
+        s = jax.lax.map(probe, jax.random.split(ks, k))  # (k, P) rows are probes
+        g = jax.lax.map(probe, jax.random.split(kg, k))
+        hs = jax.lax.map(mv, s)
+        q, _ = jnp.linalg.qr(hs.T)  # (P, min(P, k)) orthonormal columns
+        low_rank = jnp.sum(jax.lax.map(lambda qi: jnp.vdot(qi, mv(qi)), q.T))
+        g_perp = g - (g @ q) @ q.T  # project the probes off the sketched subspace
+        return low_rank, jax.lax.map(lambda gi: jnp.vdot(gi, mv(gi)), g_perp)
+
+    return run
+
+
+def _normalise(v: PyTree) -> PyTree:
+    norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(v)))
+    return jax.tree.map(lambda x: x / norm, v)
+
+
+@_CACHE
+def _power_program(loss_fn, linearize, num_iters):
+    @jax.jit
+    def run(params, batch, v0):
+        matvec = _hvp_operator(_bound(loss_fn, batch), params, linearize)
+        v = jax.lax.fori_loop(0, num_iters, lambda _, v: _normalise(matvec(v)), _normalise(v0))
+        hv = matvec(v)
+        lam = sum(_leaf_dots(v, hv))
+        resid = jnp.sqrt(
+            sum(
+                jnp.sum((a - lam * b) ** 2)
+                for a, b in zip(jax.tree.leaves(hv), jax.tree.leaves(v), strict=True)
+            )
+        )
+        return lam, v, resid
+
+    return run
+
+
+@_CACHE
+def _distance_program(loss_fn, grouping: tuple):
+    @jax.jit
+    def run(at, batch, v):
+        f = _bound(loss_fn, batch)
+        per_group = _group_dots(v, hvp(f, at, v), list(grouping))
+        block = {}
+        for g in per_group:
+            vg = _mask_group(v, list(grouping), g)
+            block[g] = sum(_leaf_dots(vg, hvp(f, at, vg)))
+        return per_group, block
+
+    return run
+
+
 def hutchinson_trace(
     loss_fn: LossFn,
     params: PyTree,
@@ -315,6 +413,7 @@ def hutchinson_trace(
     batch_size: int | None = None,
     linearize: bool = True,
     name: str | None = None,
+    batch: PyTree | None = None,
 ) -> TraceEstimate:
     """Hutchinson: tr(H) ≈ (1/m) Σ_i z_iᵀ H z_i with E[z zᵀ] = I, and per-group tr(H_gg).
 
@@ -327,21 +426,11 @@ def hutchinson_trace(
         raise HessianError(
             f"num_probes must be an int >= 2 (for a standard error), got {num_probes!r}"
         )
-    _check_loss_and_params(loss_fn, params, name)
+    _check_loss_and_params(_bound(loss_fn, batch), params, name)
     draw = _sampler(sampler, name)
     grouping = _grouping(params, group_by, stacked)
-
-    @jax.jit
-    def run(keys):
-        matvec = _hvp_operator(loss_fn, params, linearize)
-
-        def integrand(k):
-            z = draw(k, params)
-            return _group_dots(z, matvec(z), grouping)
-
-        return jax.lax.map(integrand, keys, batch_size=batch_size)
-
-    samples = run(jax.random.split(key, num_probes))
+    run = _hutchinson_program(loss_fn, draw, _grouping_key(grouping), linearize, batch_size)
+    samples = run(params, batch, jax.random.split(key, num_probes))
     per_group = {g: _mean_se(s) for g, s in samples.items()}
     total = sum(samples.values())
     mean, se = _mean_se(total)
@@ -364,6 +453,7 @@ def hutchpp_trace(
     sampler: str | Callable[[jax.Array, PyTree], PyTree] = "rademacher",
     linearize: bool = True,
     name: str | None = None,
+    batch: PyTree | None = None,
 ) -> TraceEstimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): deflate the top of the spectrum, then
     Hutchinson on the rest.
@@ -378,31 +468,10 @@ def hutchpp_trace(
         raise HessianError(
             f"num_matvecs must be an int >= 6 (three blocks of >= 2), got {num_matvecs!r}"
         )
-    _check_loss_and_params(loss_fn, params, name)
+    _check_loss_and_params(_bound(loss_fn, batch), params, name)
     draw = _sampler(sampler, name)
-    _, unravel = ravel_pytree(params)
-    k = num_matvecs // 3
-
-    def probe(key):
-        return ravel_pytree(draw(key, params))[0]
-
-    @jax.jit
-    def run(key):
-        matvec = _hvp_operator(loss_fn, params, linearize)
-
-        def mv(v):
-            return ravel_pytree(matvec(unravel(v)))[0]
-
-        ks, kg = jax.random.split(key)
-        s = jax.lax.map(probe, jax.random.split(ks, k))  # (k, P) rows are probes
-        g = jax.lax.map(probe, jax.random.split(kg, k))
-        hs = jax.lax.map(mv, s)
-        q, _ = jnp.linalg.qr(hs.T)  # (P, min(P, k)) orthonormal columns
-        low_rank = jnp.sum(jax.lax.map(lambda qi: jnp.vdot(qi, mv(qi)), q.T))
-        g_perp = g - (g @ q) @ q.T  # project the probes off the sketched subspace
-        return low_rank, jax.lax.map(lambda gi: jnp.vdot(gi, mv(gi)), g_perp)
-
-    low_rank, samples = run(key)
+    run = _hutchpp_program(loss_fn, draw, linearize, num_matvecs // 3)
+    low_rank, samples = run(params, batch, key)
     res_mean, res_se = _mean_se(samples)
     mean = low_rank + res_mean
     _check_finite(mean, "Hutch++ trace", name)
@@ -420,6 +489,7 @@ def top_eigenvalue(
     *,
     linearize: bool = True,
     name: str | None = None,
+    batch: PyTree | None = None,
 ) -> EigenEstimate:
     """Largest-magnitude Hessian eigenvalue by power iteration (v <- Hv / ‖Hv‖, λ = vᵀHv).
 
@@ -427,28 +497,9 @@ def top_eigenvalue(
     `residual` (‖Hv − λv‖ for the unit vector returned). The sign of λ is kept (a saddle's
     largest |λ| may be negative).
     """
-    _check_loss_and_params(loss_fn, params, name)
+    _check_loss_and_params(_bound(loss_fn, batch), params, name)
     v0 = gaussian(key, params)
-
-    def normalise(v):
-        norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(v)))
-        return jax.tree.map(lambda x: x / norm, v)
-
-    @jax.jit
-    def run(v0):
-        matvec = _hvp_operator(loss_fn, params, linearize)
-        v = jax.lax.fori_loop(0, num_iters, lambda _, v: normalise(matvec(v)), normalise(v0))
-        hv = matvec(v)
-        lam = sum(_leaf_dots(v, hv))
-        resid = jnp.sqrt(
-            sum(
-                jnp.sum((a - lam * b) ** 2)
-                for a, b in zip(jax.tree.leaves(hv), jax.tree.leaves(v), strict=True)
-            )
-        )
-        return lam, v, resid
-
-    lam, v, resid = run(v0)
+    lam, v, resid = _power_program(loss_fn, linearize, num_iters)(params, batch, v0)
     _check_finite(lam, "top Hessian eigenvalue", name)
     return EigenEstimate(lam, v, resid)
 
@@ -465,6 +516,7 @@ def hessian_distance(
     group_by: GroupBy = "leaf",
     stacked: str | None = None,
     name: str | None = None,
+    batch: PyTree | None = None,
 ) -> HessianDistance:
     """Hessian-weighted distance vᵀHv, v = θ_finetuned − θ_pretrained, total and per group.
 
@@ -489,22 +541,12 @@ def hessian_distance(
                 f"pretrained but {jnp.shape(b)} fine-tuned; compare the same architecture"
             )
     at = params_finetuned if hessian_at is None else hessian_at
-    _check_loss_and_params(loss_fn, at, name)
+    _check_loss_and_params(_bound(loss_fn, batch), at, name)
     v = jax.tree.map(
         lambda a, b: jnp.asarray(b) - jnp.asarray(a), params_pretrained, params_finetuned
     )
     grouping = _grouping(at, group_by, stacked)
-
-    @jax.jit
-    def run(at, v):
-        per_group = _group_dots(v, hvp(loss_fn, at, v), grouping)
-        block = {}
-        for g in per_group:
-            vg = _mask_group(v, grouping, g)
-            block[g] = sum(_leaf_dots(vg, hvp(loss_fn, at, vg)))
-        return per_group, block
-
-    per_group, block = run(at, v)
+    per_group, block = _distance_program(loss_fn, _grouping_key(grouping))(at, batch, v)
     total = sum(per_group.values())
     _check_finite(total, "vᵀHv", name)
     return HessianDistance(total, per_group, block)

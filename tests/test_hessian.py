@@ -303,3 +303,39 @@ def test_stacked_layers_give_per_layer_traces_and_distances():
             )
             block = v[ix] @ hf[np.ix_(ix, ix)] @ v[ix]
             np.testing.assert_allclose(dist.per_group_block[g], block, rtol=1e-9, atol=1e-14)
+
+
+def test_batch_argument_matches_closure_and_compiles_once():
+    """loss_fn(params, batch) with batch= gives the closed-over loss's numbers, and a second
+    call at other parameter values reuses the compiled program (no recompilation)."""
+    with jax.enable_x64(True):
+        kx, ky = jax.random.split(jax.random.key(3))
+        batch = {"x": jax.random.normal(kx, (16, 4)), "y": jax.random.randint(ky, (16,), 0, 3)}
+
+        def loss_b(p, b):
+            h = jnp.tanh(b["x"] @ p["layer1"]["w"] + p["layer1"]["b"])
+            logits = h @ p["layer2"]["w"]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), b["y"][:, None], 1))
+
+        p0 = f64(init(jax.random.key(0)))
+        p1 = jax.tree.map(lambda a: a + 0.1, p0)
+        key = jax.random.key(7)
+        closed = hessian.hutchinson_trace(lambda p: loss_b(p, batch), p0, key, 8)
+        passed = hessian.hutchinson_trace(loss_b, p0, key, 8, batch=batch)
+        np.testing.assert_allclose(passed.mean, closed.mean, rtol=1e-12)
+        np.testing.assert_allclose(passed.stderr, closed.stderr, rtol=1e-12)
+        hessian.hutchinson_trace(loss_b, p1, key, 8, batch=batch)
+        prog = hessian._hutchinson_program(
+            loss_b, hessian.rademacher, tuple(hessian._grouping(p0, "leaf", None)), True, None
+        )
+        assert prog._cache_size() == 1  # two parameter sets, one compilation
+
+        dense = dense_hessian(lambda p: loss_b(p, batch), p1)
+        v = ravel_pytree(p1)[0] - ravel_pytree(p0)[0]
+        dist = hessian.hessian_distance(loss_b, p0, p1, batch=batch)
+        np.testing.assert_allclose(dist.total, v @ dense @ v, rtol=1e-10)
+        top = hessian.top_eigenvalue(loss_b, p1, key, 300, batch=batch)
+        eig = np.linalg.eigvalsh(dense)
+        np.testing.assert_allclose(top.eigenvalue, eig[np.argmax(np.abs(eig))], rtol=1e-6)
+        pp = hessian.hutchpp_trace(loss_b, p1, key, 3 * v.size, batch=batch)
+        np.testing.assert_allclose(pp.mean, np.trace(dense), rtol=1e-8)
