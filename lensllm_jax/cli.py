@@ -349,8 +349,11 @@ def render_run(result: Any, *, color: bool = False) -> str:
     import io
     import math
 
+    import numpy as np
     from rich.console import Console
     from rich.table import Table
+
+    from lensllm_jax import pipeline
 
     def num(x: float, fmt: str = ".4g") -> str:
         return "-" if not math.isfinite(x) else format(x, fmt)
@@ -381,6 +384,27 @@ def render_run(result: Any, *, color: bool = False) -> str:
             hess,
         )
     console.print(table)
+    measured = [r for r in result.diagnostics.values() if np.isfinite(r.ft_hessian_trace).any()]
+    if measured:
+        phases = Table(
+            title="Hessian of the probe loss after fine-tuning on D samples "
+            "(v = θ_D − θ_0; phase by AtS's rule)",
+            title_justify="left",
+        )
+        for i, col in enumerate(("model", "D", "loss", "tr H ± s.e.", "vᵀHv", "phase")):
+            phases.add_column(col, justify="left" if i in (0, 5) else "right")
+        for r in measured:
+            for j, e in enumerate(pipeline.hessian_by_size(r)):
+                phase = {True: "power", False: "pre-power", None: "-"}[e["power_phase"]]
+                phases.add_row(
+                    r.name if j == 0 else "",
+                    str(e["size"]),
+                    num(float(r.losses[j]), ".4f"),
+                    "-" if e["trace"] is None else f"{e['trace']:.4g} ± {e['stderr']:.2g}",
+                    "-" if e["distance"] is None else f"{e['distance']:.4g}",
+                    phase,
+                )
+        console.print(phases)
     console.print(f"results in {result.out_dir}")
     return text + buf.getvalue()
 

@@ -397,6 +397,7 @@ def loss_curve(
     seed: int,
     loss_unit: str = "nats_per_byte",
     on_point: Callable[[int, float, str, int], None] | None = None,
+    on_params: Callable[[int, Any], None] | None = None,
 ) -> LossCurve:
     """Test loss of `params` fine-tuned on nested subsets of `pool` of each size.
 
@@ -406,7 +407,9 @@ def loss_curve(
     "diverged". The train step and evaluation compile once for the whole curve.
     Each point depends only on (params, pool, test, size, config, seed), not on the other
     sizes: a curve can be computed (or resumed) one size at a time with identical results.
-    on_point(size, loss, status, num_steps), if given, is called after each size (progress).
+    on_point(size, loss, status, num_steps), if given, is called after each size (progress);
+    on_params(size, fine_tuned_params), if given, after each size that did not diverge (to
+    measure the fine-tuned model, e.g. its Hessian, before its buffers are freed).
 
     Raises LensLLMInputError for sizes that are not positive integers, not strictly increasing
     or larger than the pool, and for an unknown loss_unit.
@@ -434,6 +437,8 @@ def loss_curve(
         status.append("ok" if ok else "diverged")
         if on_point is not None:
             on_point(int(size), losses[-1], status[-1], int(res.num_steps))
+        if on_params is not None and ok:
+            on_params(int(size), res.params)
         del res  # free the fine-tuned params before the next size
     return LossCurve(
         sizes_arr,

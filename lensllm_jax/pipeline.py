@@ -45,6 +45,7 @@ probe. The fits are milliseconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -70,6 +71,8 @@ __all__ = [
     "NTKStep",
     "RunResult",
     "check_candidates",
+    "hessian_by_size",
+    "hessian_distance_step",
     "hessian_step",
     "ntk_step",
     "probe_batch",
@@ -113,8 +116,12 @@ class CandidateResult(NamedTuple):
     zero_shot: the test loss before fine-tuning. n_params: parameter count.
     theta (N, N), residual (N,), eigenvalues (N,), projected_residual (N,): the NTK step
     (empty arrays with --no-ntk). kernel_diagnostics: asymmetry, min eigenvalue, clipped
-    mass (NaN without NTK). eta: the learning rate. hessian_trace/hessian_stderr: NaN when
-    not measured. seconds: wall time of this candidate.
+    mass (NaN without NTK). eta: the learning rate. hessian_trace/hessian_stderr: the
+    Hutchinson trace of the probe loss's Hessian at the pretrained params, NaN when not
+    measured. ft_hessian_trace/ft_hessian_stderr/ft_hessian_distance (S,): at the params
+    fine-tuned on each size, the trace and the Hessian-weighted distance vᵀHv, v = θ_D − θ_0
+    (the quantities of the Hessian PAC-Bayes account of the two phases); NaN when not
+    measured. seconds: wall time of this candidate.
     """
 
     name: str
@@ -135,6 +142,9 @@ class CandidateResult(NamedTuple):
     hessian_trace: float
     hessian_stderr: float
     seconds: float
+    ft_hessian_trace: np.ndarray
+    ft_hessian_stderr: np.ndarray
+    ft_hessian_distance: np.ndarray
 
     @property
     def complete(self) -> bool:
@@ -448,6 +458,9 @@ _ARRAYS = (
     "eigenvalues",
     "projected_residual",
     "kernel_diagnostics",
+    "ft_hessian_trace",
+    "ft_hessian_stderr",
+    "ft_hessian_distance",
 )
 
 
@@ -556,6 +569,15 @@ def ntk_step(
     return NTKStep(np.asarray(theta), residual, feats, diag)
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_probe_loss(apply: Callable[..., Any]) -> Callable:
+    """(θ, batch) -> mean of the per-example probe losses, the scalar whose Hessian is
+    measured; one function object per model, so the Hessian programs compile once per model
+    (and batch shape) however many fine-tuned parameter sets they measure."""
+    loss = probe_loss_fn(apply)
+    return lambda p, batch: loss(p, batch).mean()
+
+
 def hessian_step(
     apply: Callable[..., Any],
     params: Any,
@@ -573,16 +595,40 @@ def hessian_step(
 
     from lensllm_jax import hessian
 
-    loss = probe_loss_fn(apply)
     est = hessian.hutchinson_trace(
-        lambda p: loss(p, batch).mean(),
+        _mean_probe_loss(apply),
         params,
         jax.random.PRNGKey(seed),
         num_probes,
         group_by="top",
         name=name,
+        batch=batch,
     )
     return float(est.mean), float(est.stderr)
+
+
+def hessian_distance_step(
+    apply: Callable[..., Any],
+    params_pretrained: Any,
+    params_finetuned: Any,
+    batch: Mapping[str, np.ndarray],
+    *,
+    name: str,
+) -> float:
+    """vᵀHv with v = θ_finetuned − θ_pretrained and H the Hessian of the mean probe loss at
+    the fine-tuned params (`hessian.hessian_distance`): the curvature term of Hessian-based
+    PAC-Bayes bounds for fine-tuning. Cost: 2 Hessian-vector products."""
+    from lensllm_jax import hessian
+
+    dist = hessian.hessian_distance(
+        _mean_probe_loss(apply),
+        params_pretrained,
+        params_finetuned,
+        group_by="top",
+        name=name,
+        batch=batch,
+    )
+    return float(dist.total)
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -723,6 +769,25 @@ def _measure(
     def on_point(size: int, loss: float, status: str, steps: int) -> None:
         log(f"{prefix}: D = {size}: test loss {loss:.4f} nats/byte ({steps} steps, {status})")
 
+    probe = probe_batch(token_data.take(split.probe))
+    ft_hessian = np.full((3, len(sizes)), np.nan)  # trace, stderr, vᵀHv per size
+
+    def on_params(size: int, params_ft: Any) -> None:
+        j = list(sizes).index(size)
+        got = _hessian_or_warn(
+            lambda: (
+                *hessian_step(
+                    m.apply, params_ft, probe, num_probes=hessian_probes, seed=seed, name=cand.name
+                ),
+                hessian_distance_step(m.apply, m.params, params_ft, probe, name=cand.name),
+            ),
+            f"{cand.name} at D = {size}",
+        )
+        if got is not None:
+            ft_hessian[:, j] = got
+            tr, se, dist = got
+            log(f"{prefix}: D = {size}: Hessian trace {tr:.4g} ± {se:.2g}, vᵀHv {dist:.4g}")
+
     curve = finetune.loss_curve(
         m.apply,
         m.params,
@@ -733,21 +798,21 @@ def _measure(
         seed=seed,
         loss_unit=LOSS_UNIT,
         on_point=on_point,
+        on_params=on_params if hessian_probes else None,
     )
     log(f"{prefix}: zero-shot test loss {curve.zero_shot:.4f} nats/byte")
-    probe = probe_batch(token_data.take(split.probe))
     kernel = _probe_kernel(m, probe, cand.name, ntk_chunk, log, prefix) if ntk else None
     h_mean = h_se = math.nan
     if hessian_probes:
-        from lensllm_jax import hessian
-
-        try:
-            h_mean, h_se = hessian_step(
+        got = _hessian_or_warn(
+            lambda: hessian_step(
                 m.apply, m.params, probe, num_probes=hessian_probes, seed=seed, name=cand.name
-            )
-            log(f"{prefix}: Hessian trace {h_mean:.4g} ± {h_se:.2g}")
-        except hessian.HessianError as err:
-            warnings.warn(f"{cand.name}: no Hessian trace ({_first_line(err)})", stacklevel=2)
+            ),
+            cand.name,
+        )
+        if got is not None:
+            h_mean, h_se = got
+            log(f"{prefix}: Hessian trace {h_mean:.4g} ± {h_se:.2g} (pretrained)")
     empty = np.zeros((0,), np.float64)
     return CandidateResult(
         name=cand.name,
@@ -769,8 +834,22 @@ def _measure(
         eta=float(config.learning_rate),
         hessian_trace=h_mean,
         hessian_stderr=h_se,
+        ft_hessian_trace=ft_hessian[0],
+        ft_hessian_stderr=ft_hessian[1],
+        ft_hessian_distance=ft_hessian[2],
         seconds=time.perf_counter() - start,
     )
+
+
+def _hessian_or_warn(measure: Callable[[], Any], where: str) -> Any:
+    """`measure()`, or None and a warning when the Hessian is unusable (NaN/inf)."""
+    from lensllm_jax import hessian
+
+    try:
+        return measure()
+    except hessian.HessianError as err:
+        warnings.warn(f"{where}: no Hessian trace ({_first_line(err)})", stacklevel=3)
+        return None
 
 
 def _probe_kernel(
@@ -1057,6 +1136,36 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def hessian_by_size(r: CandidateResult) -> list[dict[str, Any]] | None:
+    """Per fine-tuned size: the Hessian trace ± s.e. and vᵀHv (None when not measured), and
+    whether AtS's rule puts the size in the power phase (`select.ats_first_point` on the
+    curve): the two phases of the Hessian PAC-Bayes account, side by side."""
+    if not np.isfinite(r.ft_hessian_trace).any():
+        return None
+    from lensllm_jax.select import ats_first_point
+
+    ok = np.isfinite(r.losses) & (r.losses > 0)
+    first = (
+        int(np.flatnonzero(ok)[ats_first_point(np.log(r.sizes[ok]), np.log(r.losses[ok]))])
+        if ok.sum() >= 3
+        else None
+    )
+    return [
+        {
+            "size": int(d),
+            "trace": _finite_or_none(t),
+            "stderr": _finite_or_none(e),
+            "distance": _finite_or_none(v),
+            "power_phase": None if first is None else j >= first,
+        }
+        for j, (d, t, e, v) in enumerate(
+            zip(
+                r.sizes, r.ft_hessian_trace, r.ft_hessian_stderr, r.ft_hessian_distance, strict=True
+            )
+        )
+    ]
+
+
 def _report(
     settings: Mapping[str, Any],
     data_path: Path,
@@ -1094,6 +1203,7 @@ def _report(
                 "hessian_trace": None
                 if not math.isfinite(r.hessian_trace)
                 else {"mean": r.hessian_trace, "stderr": _finite_or_none(r.hessian_stderr)},
+                "hessian_by_size": hessian_by_size(r),
                 "resumed": r.name in resumed,
             }
         )

@@ -577,3 +577,72 @@ def test_missing_tokenizer_library_is_one_line(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "transformers is not installed" in msg and "lensllm-jax[run]" in msg
     assert "\n" not in msg
+
+
+def test_hessian_distance_step_equals_the_dense_quadratic_form(world):
+    """vᵀHv at the 'fine-tuned' params θ0 + v against the dense float64 Hessian there."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    m, _, batch = _probe(world, world["models"][0])
+    rng = np.random.default_rng(0)
+    moved = jax.tree.map(
+        lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), m.params
+    )
+    got = pipeline.hessian_distance_step(m.apply, m.params, moved, batch, name="x")
+    loss = pipeline.probe_loss_fn(m.apply)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+        flat0, _ = ravel_pytree(to64(m.params))
+        flat1, unravel = ravel_pytree(to64(moved))
+        hess = jax.jit(jax.hessian(lambda v: loss(unravel(v), batch).mean()))(flat1)
+        v = np.asarray(flat1 - flat0)
+        exact = float(v @ np.asarray(hess) @ v)
+    np.testing.assert_allclose(got, exact, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_hessian_by_size_measures_the_fine_tuned_params(world, tmp_path):
+    """--hessian measures the trace and vᵀHv at the params fine-tuned on each size: each
+    entry equals `hessian_step` / `hessian_distance_step` on an independent fine-tune of
+    that size (the run is deterministic), and report.json lists them with AtS's phase."""
+    from lensllm_jax import finetune, models, textdata
+
+    sizes, probes = (8, 16, 32), 4
+    config = finetune.FinetuneConfig(learning_rate=3e-3, epochs=2, min_steps=4)
+    res = pipeline.run(
+        [world["models"][0]],
+        world["data"],
+        sizes=sizes,
+        out_dir=tmp_path / "run",
+        config=config,
+        test_size=TEST,
+        probe_size=PROBE,
+        max_length=32,
+        methods=["AtS"],
+        ntk=False,
+        hessian_probes=probes,
+    )
+    (r,) = res.diagnostics.values()
+    assert np.isfinite(r.ft_hessian_trace).all() and np.isfinite(r.ft_hessian_distance).all()
+    assert (r.ft_hessian_stderr > 0).all() and (r.ft_hessian_distance != 0).all()
+
+    examples = textdata.read_examples(world["data"])
+    split = textdata.split_examples(len(examples), num_test=TEST, num_probe=PROBE, seed=0)
+    m = models.load(world["models"][0])
+    data = textdata.tokenize(examples, m.tokenizer, max_length=32)
+    pool, batch = data.take(split.pool), pipeline.probe_batch(data.take(split.probe))
+    sub = textdata.nested_subset(np.arange(pool.num_examples), sizes[1], seed=0)
+    ft = finetune.finetune(m.apply, m.params, pool.take(sub), config, seed=0).params
+    tr, se = pipeline.hessian_step(m.apply, ft, batch, num_probes=probes, seed=0, name="x")
+    dist = pipeline.hessian_distance_step(m.apply, m.params, ft, batch, name="x")
+    np.testing.assert_allclose(
+        [r.ft_hessian_trace[1], r.ft_hessian_stderr[1], r.ft_hessian_distance[1]],
+        [tr, se, dist],
+        rtol=1e-4,
+    )
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    by_size = report["candidates"][0]["hessian_by_size"]
+    assert [e["size"] for e in by_size] == list(sizes)
+    assert all(isinstance(e["power_phase"], bool) for e in by_size)
+    np.testing.assert_allclose([e["distance"] for e in by_size], r.ft_hessian_distance)
