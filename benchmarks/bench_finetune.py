@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ntk import machine
 
 from lensllm_jax import finetune as ft
 from lensllm_jax import models
@@ -100,20 +103,11 @@ def main() -> None:
     result = {"preset": args.preset, "train_step": bench_step(m, args)}
     if not args.no_curve:
         result["loss_curve"] = bench_curve(args)
-    dev = jax.devices()[0]
     print(
         json.dumps(
             {
                 "benchmark": "bench_finetune",
-                "machine": {
-                    "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(),
-                    "jax": jax.__version__,
-                    "backend": jax.default_backend(),
-                    "device": getattr(dev, "device_kind", str(dev)),
-                    "num_devices": jax.device_count(),
-                },
+                "machine": machine(),
                 "results": result,
             },
             indent=2,

