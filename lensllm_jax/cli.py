@@ -175,7 +175,8 @@ def _add_run_parser(sub: Any) -> None:
         const=8,
         default=0,
         metavar="PROBES",
-        help="also report a Hutchinson trace of the probe loss's Hessian (8 probes)",
+        help="also measure the probe loss's Hessian (Hutchinson trace, 8 probes, and vᵀHv) "
+        "at the pretrained weights and after each fine-tune",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     _add_method_and_output_args(run, default="LensLLM, plus LensLLM-NTK")
