@@ -530,10 +530,12 @@ def probe_batch(data: Any) -> dict[str, np.ndarray]:
     }
 
 
+@functools.lru_cache(maxsize=16)
 def probe_loss_fn(apply: Callable[..., Any]) -> Callable[[Any, Mapping[str, Any]], Any]:
     """`(params, batch) -> (N,)` per-example loss in nats per byte:
     ℓ_i = (−Σ_t m_it log p(x_it | x_i,<t) / Σ_t m_it) · (Σ_t m_it / bytes_i). Pure, jittable;
-    each example is processed independently (what the empirical NTK requires)."""
+    each example is processed independently (what the empirical NTK requires). One function
+    object per `apply`, so programs compiled for it are shared by same-architecture models."""
     from lensllm_jax import models
 
     def loss(params: Any, batch: Mapping[str, Any]) -> Any:

@@ -245,3 +245,16 @@ def test_bad_config_and_unit(task):
     with pytest.raises(LensLLMInputError, match="unknown loss unit 'bits'"):
         ft.loss_curve(m.apply, m.params, pool, test, [4], ft.FinetuneConfig(), seed=0,
                       loss_unit="bits")  # fmt: skip
+
+
+def test_same_architecture_shares_compiled_programs(task):
+    """A second checkpoint of the same architecture (other weights) gets the same `apply`,
+    so fine-tuning and evaluating it compiles nothing new."""
+    m, pool, test = task
+    other = models.from_config(TINY_GPT2, 1)
+    assert other.apply is m.apply
+    ft.loss_curve(m.apply, m.params, pool, test, [16], RECIPE, seed=0)
+    before = ft._train_step._cache_size(), ft._eval_sums._cache_size()
+    curve = ft.loss_curve(other.apply, other.params, pool, test, [16], RECIPE, seed=0)
+    assert (ft._train_step._cache_size(), ft._eval_sums._cache_size()) == before
+    assert curve.status == ("ok",)

@@ -73,7 +73,11 @@ class CausalLM:
         return count_params(self.params)
 
 
+@functools.lru_cache(maxsize=64)
 def _make_apply(cfg: LMConfig, scan_layers: bool, remat: bool) -> Callable[..., Array]:
+    # One function object per architecture: checkpoints of the same architecture share it,
+    # so programs jitted with `apply` as a static argument (fine-tuning steps, evaluation,
+    # Hessian programs) compile once for all of them.
     fwd = family_module(cfg).forward
 
     def apply(params: Any, tokens: Array, attention_mask: Array | None = None) -> Array:
