@@ -512,17 +512,36 @@ def empirical_ntk(
     memory_budget_bytes: int | None = None,
     name: str | None = None,
 ) -> jax.Array:
-    """Θ = J(x1) J(x2)ᵀ traced over `trace_axes`; see `empirical_ntk_fn` for every argument."""
-    kernel_fn = empirical_ntk_fn(
+    """Θ = J(x1) J(x2)ᵀ traced over `trace_axes`; see `empirical_ntk_fn` for every argument.
+
+    The kernel function is cached per (f, options), so calling again with the same `f` (other
+    parameters, other inputs of the same shapes) reuses its compiled program."""
+    options = (
+        tuple(trace_axes) if isinstance(trace_axes, list) else trace_axes,
+        implementation,
+        chunk_size,
+        jacobian_dtype,
+        precision,
+        memory_budget_bytes,
+    )
+    try:
+        kernel_fn = _cached_ntk_fn(f, *options)
+    except TypeError:  # an unhashable option: no caching
+        kernel_fn = _cached_ntk_fn.__wrapped__(f, *options)
+    return kernel_fn(params, x1, x2, name=name)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_ntk_fn(f, trace_axes, implementation, chunk_size, jacobian_dtype, precision, budget):
+    return empirical_ntk_fn(
         f,
         trace_axes=trace_axes,
         implementation=implementation,
         chunk_size=chunk_size,
         jacobian_dtype=jacobian_dtype,
         precision=precision,
-        memory_budget_bytes=memory_budget_bytes,
+        memory_budget_bytes=budget,
     )
-    return kernel_fn(params, x1, x2, name=name)
 
 
 def ntk_vp(

@@ -457,3 +457,21 @@ def test_model_zoo_plugs_in():
         got = ntk.logit_kernel(logprobs, m.params, batch, implementation="ntk_vector_products")
         want = dense_ntk(logprobs, m.params, batch, batch, None)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.max(want)))
+
+
+def test_repeated_calls_with_one_function_reuse_the_kernel_program():
+    """empirical_ntk caches its kernel function per (f, options): a second parameter set of
+    the same shapes gets the same compiled program and its own, correct kernel."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(4), (6, 3))
+        p1, p2 = mlp_init(jax.random.key(1)), mlp_init(jax.random.key(2))
+        before = ntk._cached_ntk_fn.cache_info()
+        k1 = ntk.empirical_ntk(mlp_apply, p1, x, chunk_size=2)
+        k2 = ntk.empirical_ntk(mlp_apply, p2, x, chunk_size=2)
+        after = ntk._cached_ntk_fn.cache_info()
+        assert after.hits - before.hits >= 1 and after.misses - before.misses <= 1
+        for p, k in ((p1, k1), (p2, k2)):
+            np.testing.assert_allclose(k, dense_ntk(mlp_apply, p, x, x, None), rtol=1e-10)
+        # an unhashable option still works, uncached
+        k3 = ntk.empirical_ntk(mlp_apply, p2, x, trace_axes=[1], chunk_size=2)
+        np.testing.assert_allclose(k3, k2, rtol=1e-12)
