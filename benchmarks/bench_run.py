@@ -1,6 +1,6 @@
 """Time `lensllm run` end to end on random candidates built offline (JSON on stdout).
 
-Two candidates (a GPT-2 and a Llama of the chosen shape, each saved by `transformers` with
+Candidates (by default a GPT-2 and a Llama of the chosen shape, each saved by `transformers` with
 a character-level tokenizer) and a synthetic task (shift every letter of the prompt by one)
 go through `pipeline.run`: fine-tuning on nested subsets, test losses, the NTK step, the
 ranking. Reports the wall time per candidate and in all, the optimiser steps, the backend.
@@ -96,6 +96,13 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-ntk", action="store_true")
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        choices=("gpt2", "llama"),
+        default=["gpt2", "llama"],
+        help="one candidate per entry (seeded apart); repeat one to time a shared architecture",
+    )
     args = parser.parse_args()
 
     import jax
@@ -114,8 +121,8 @@ def main() -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         models = [
-            _candidate(root / f"{arch}-{args.preset}", arch, args.preset, seed)
-            for seed, arch in enumerate(("gpt2", "llama"))
+            _candidate(root / f"{arch}-{args.preset}-{seed}", arch, args.preset, seed)
+            for seed, arch in enumerate(args.archs)
         ]
         n = max(args.sizes) * 2 + args.test_size + args.probe_size
         data = _task(root / "task.jsonl", n, seed=0)
@@ -138,7 +145,8 @@ def main() -> None:
         )
         total_s = time.perf_counter() - t1
     out = {
-        "what": "lensllm run end to end, 2 random candidates (GPT-2, Llama), synthetic task",
+        "what": "lensllm run end to end on random candidates, synthetic task",
+        "archs": args.archs,
         "preset": args.preset,
         "shape": dict(
             zip(("hidden", "layers", "heads", "intermediate"), PRESETS[args.preset], strict=True)
