@@ -326,9 +326,12 @@ def tokenize(
       target's tokens are the same whatever the prompt (a SentencePiece-style tokenizer may
       then mark the target's start as a word start); EOS (if any) ends the target and is
       scored (it teaches the model to stop; it has 0 bytes).
-    - sequences longer than `max_length` lose their right end; `loss_mask` marks the target
-      tokens that survive; `target_bytes` counts the UTF-8 bytes of the target text those tokens
-      cover (from the fast tokenizer's character offsets; exact when nothing is truncated).
+    - a sequence longer than `max_length` first loses the beginning of its prompt (the start
+      token stays; without one, one prompt token stays as context), so the scored target is
+      kept whole whenever it fits; only a target longer than that loses its right end.
+      `loss_mask` marks the target tokens that survive; `target_bytes` counts the UTF-8 bytes
+      of the target text those tokens cover (from the fast tokenizer's character offsets;
+      exact when nothing of the target is cut).
     - padded to the longest sequence (<= max_length) with the pad id (else EOS, else 0).
 
     nats per byte = Σ NLL over target tokens / Σ target_bytes is comparable across tokenizers.
@@ -351,9 +354,14 @@ def tokenize(
     nbytes = np.zeros(len(examples), np.int64)
     for i, ex in enumerate(examples):
         head = [start] if start is not None and (always_start or not ex.prompt) else []
-        head += prompts[i]
+        prompt = prompts[i]
         tgt = targets[i] + ([eos] if eos is not None else [])
-        ids = (head + tgt)[:max_length]
+        room = max_length - len(head) - len(tgt)  # prompt tokens that fit beside the target
+        if room < len(prompt):  # too long: the prompt's beginning goes first
+            keep = max(room, 0 if head or not prompt else 1)
+            prompt = prompt[len(prompt) - keep :] if keep else []
+        head += prompt
+        ids = (head + tgt)[:max_length]  # the target's end goes only if it alone is too long
         # Target token j sits at position len(head)+j; position 0 is never scored.
         first = max(len(head), 1)
         if first >= len(ids):
@@ -361,7 +369,7 @@ def tokenize(
                 f"example {i}: no target token is left to score after truncation to "
                 f"max_length={max_length} (context {len(head)} + target {len(tgt)} tokens)",
                 file=name or None,
-                hint="raise max_length or shorten the prompt",
+                hint="raise max_length",
             )
         lo, hi = first - len(head), len(ids) - len(head)  # scored target tokens lo..hi-1
         offsets = None if t_off is None else t_off[i]

@@ -176,19 +176,27 @@ def test_tokenize_without_default_bos_uses_start_token_only_for_empty_prompts():
     np.testing.assert_array_equal(d.target_bytes, [1, 2])
 
 
-def test_tokenize_truncates_from_the_right_and_counts_kept_bytes():
+def test_tokenize_cuts_the_prompt_first_then_the_target_and_counts_kept_bytes():
     tok = char_tokenizer(adds_bos=True)
-    ex = [Example("ab", "céd")]
-    d5 = tokenize(ex, tok, max_length=5)  # <s> a b c é  (d and EOS cut)
-    np.testing.assert_array_equal(d5.tokens[0], [0, *ids("abcé")])
-    np.testing.assert_array_equal(d5.loss_mask[0], [0, 0, 0, 1, 1])
-    assert d5.target_bytes[0] == 3
-    d4 = tokenize(ex, tok, max_length=4)
-    assert d4.target_bytes[0] == 1 and d4.loss_mask[0].sum() == 1
+    ex = [Example("ab", "céd")]  # <s> a b | c é d EOS
     full = tokenize(ex, tok, max_length=7)
+    np.testing.assert_array_equal(full.tokens[0], [0, *ids("abcéd"), 1])
     assert full.target_bytes[0] == 4 and full.loss_mask[0].sum() == 4  # c é d EOS
+    d6 = tokenize(ex, tok, max_length=6)  # the prompt's beginning goes first
+    np.testing.assert_array_equal(d6.tokens[0], [0, *ids("bcéd"), 1])
+    np.testing.assert_array_equal(d6.loss_mask[0], [0, 0, 1, 1, 1, 1])
+    d5 = tokenize(ex, tok, max_length=5)  # no prompt left, the whole target still scored
+    np.testing.assert_array_equal(d5.tokens[0], [0, *ids("céd"), 1])
+    assert d5.target_bytes[0] == 4 and d5.loss_mask[0].sum() == 4
+    d3 = tokenize(ex, tok, max_length=3)  # a target longer than the room loses its end
+    np.testing.assert_array_equal(d3.tokens[0], [0, *ids("cé")])
+    assert d3.target_bytes[0] == 3 and d3.loss_mask[0].sum() == 2
+    plain = char_tokenizer(special=False)  # no start token: one prompt token stays as context
+    d = tokenize([Example("ab", "cd")], plain, max_length=3)
+    np.testing.assert_array_equal(d.tokens[0], ids("bcd"))
+    np.testing.assert_array_equal(d.loss_mask[0], [0, 1, 1])
     with pytest.raises(LensLLMInputError) as err:
-        tokenize([Example("", "x"), *ex], tok, max_length=3, name="tiny")
+        tokenize([Example("", "xy"), Example("", "x")], plain, max_length=3, name="tiny")
     msg = str(err.value)
     assert msg.startswith("tiny: example 1: no target token is left") and "max_length=3" in msg
     assert "raise max_length" in msg and "\n" not in msg
