@@ -144,7 +144,11 @@ def _add_run_parser(sub: Any) -> None:
         "--probe-size", type=int, default=32, metavar="N", help="NTK probe examples (default 32)"
     )
     run.add_argument(
-        "--max-length", type=int, default=256, metavar="N", help="tokens per example (256)"
+        "--max-length",
+        type=int,
+        default=256,
+        metavar="N",
+        help="tokens per example; a longer one loses its prompt's beginning first (256)",
     )
     run.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (1e-4)")
     run.add_argument("--epochs", type=int, metavar="N", help="epochs per subset (3)")

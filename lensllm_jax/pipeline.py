@@ -912,7 +912,7 @@ def run(
       out_dir: results folder (created; resumed when it holds the same run).
       config: `finetune.FinetuneConfig` (default: its defaults).
       test_size, probe_size: held-out examples for the test loss and the NTK probe set.
-      max_length: tokens per example (longer ones are cut).
+      max_length: tokens per example (a longer one loses its prompt's beginning first).
       seed: every random choice (split, subsets, fine-tuning order, Hessian probes).
       methods: curve-based selection methods (default LensLLM); LensLLM-NTK is added
         unless `ntk` is False.
