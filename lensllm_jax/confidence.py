@@ -80,9 +80,10 @@ class Confidence(NamedTuple):
 
     p_best: np.ndarray  # (M,) P(candidate is truly the best at the target)
     in_credible_set: np.ndarray  # (M,) bool: in the smallest set holding the best w.p. >= level
-    sigma: float  # σ = c · k, the relative log-loss error scale used
+    sigma: float  # σ = c · k, the relative log-loss error scale of the extrapolation
     doublings: float  # k = log₂(target / D_top)
     level: float
+    sigmas: np.ndarray  # (M,) per candidate: sqrt(σ² + measurement_sd²)
 
 
 def doublings(budget: float, target: float) -> float:
@@ -90,22 +91,23 @@ def doublings(budget: float, target: float) -> float:
     return max(math.log2(target / budget), 1.0)
 
 
-def _p_best(mu: np.ndarray, sigma: float) -> np.ndarray:
-    """P(m is best) (M,) for X_j ~ N(μ_j, σ²) independent, by quadrature."""
-    if mu.size == 1 or sigma <= 0:
+def _p_best(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """P(m is best) (M,) for X_j ~ N(μ_j, σ_j²) independent, by quadrature."""
+    if mu.size == 1 or np.any(sigma <= 0):
         p = (mu == mu.min()).astype(np.float64)
         return p / p.sum()
-    x = np.linspace(mu.min() - 9 * sigma, mu.max() + 9 * sigma, _GRID)
-    z = (x[None, :] - mu[:, None]) / sigma
+    x = np.linspace((mu - 9 * sigma).min(), (mu + 9 * sigma).max(), _GRID)
+    z = (x[None, :] - mu[:, None]) / sigma[:, None]
     log_sf = log_ndtr(-z)  # log(1 − Φ(z)), accurate in the tails
-    log_pdf = -0.5 * z * z - math.log(sigma * math.sqrt(2 * math.pi))
+    log_pdf = -0.5 * z * z - np.log(sigma * math.sqrt(2 * math.pi))[:, None]
     dens = np.exp(log_pdf + log_sf.sum(axis=0, keepdims=True) - log_sf)  # m is min, at x
     p = np.trapezoid(dens, x, axis=1)
     return p / p.sum()  # the grid's missing mass is < 1e-15
 
 
-def prob_best(log_pred: np.ndarray, sigma: float) -> np.ndarray:
-    """P(m has the lowest true loss) for independent N(μ_m, σ²) (NaN μ: NaN, excluded).
+def prob_best(log_pred: np.ndarray, sigma: float | np.ndarray) -> np.ndarray:
+    """P(m has the lowest true loss) for independent N(μ_m, σ_m²) (NaN μ: NaN, excluded);
+    `sigma` is one scale for all or one per candidate.
 
     Exact up to quadrature: ∫ φ_σ(x − μ_m) Π_{j≠m} Φ̄_σ(x − μ_j) dx on a 4001-point grid
     spanning every μ ± 9σ (products in log space). Cost O(G·M).
@@ -114,7 +116,7 @@ def prob_best(log_pred: np.ndarray, sigma: float) -> np.ndarray:
     out = np.full(mu.shape, np.nan)
     ok = np.isfinite(mu)
     if ok.any():
-        out[ok] = _p_best(mu[ok], sigma)
+        out[ok] = _p_best(mu[ok], np.broadcast_to(np.asarray(sigma, np.float64), mu.shape)[ok])
     return out
 
 
@@ -146,16 +148,25 @@ def confidence(
     *,
     per_doubling: float = ERROR_PER_DOUBLING,
     level: float = 0.9,
+    measurement_sd: np.ndarray | None = None,
 ) -> Confidence:
     """`Confidence` of a ranking by predicted losses L̂ (lower = better) at `target`,
-    extrapolated from fine-tunes on at most `budget` samples. Cost O(G·M)."""
+    extrapolated from fine-tunes on at most `budget` samples.
+
+    measurement_sd: (M,) optional relative standard errors of the candidates' own test
+    losses (se / L of the largest fine-tuned size, from a finite test set), added in
+    quadrature: σ_m = sqrt((c·k)² + measurement_sd_m²). The benchmark's calibration has no
+    such term (its test sets are large); treating the candidates' measurement errors as
+    independent is conservative when they share one test set. Cost O(G·M)."""
     k = doublings(budget, target)
     sigma = per_doubling * k
     with np.errstate(divide="ignore", invalid="ignore"):
         mu = np.log(np.asarray(predicted_loss, np.float64))
     mu = np.where(np.isfinite(mu), mu, np.nan)
-    p = prob_best(mu, sigma)
-    return Confidence(p, credible_set(p, level), sigma, k, level)
+    extra = np.zeros(mu.shape) if measurement_sd is None else np.asarray(measurement_sd, float)
+    sigmas = np.sqrt(sigma**2 + np.where(np.isfinite(extra), extra, 0.0) ** 2)
+    p = prob_best(mu, sigmas)
+    return Confidence(p, credible_set(p, level), sigma, k, level, sigmas)
 
 
 def pairwise_log_loss(

@@ -94,11 +94,14 @@ class FinetuneConfig(NamedTuple):
 
 
 class EvalResult(NamedTuple):
-    """Mean NLL over all target tokens: per token, and per UTF-8 byte of target text."""
+    """Mean NLL over all target tokens: per token, and per UTF-8 byte of target text, with
+    the standard errors of those ratios over the N examples (delta method, see `evaluate`)."""
 
     nats_per_token: float
     nats_per_byte: float
     num_tokens: int
+    nats_per_token_se: float = float("nan")
+    nats_per_byte_se: float = float("nan")
 
 
 class FinetuneResult(NamedTuple):
@@ -116,7 +119,8 @@ class LossCurve(NamedTuple):
 
     sizes: (S,) int64 subset sizes; losses: (S,) float64 (NaN where status is "diverged");
     zero_shot: test loss of the pretrained params; num_steps: (S,) int64 optimizer steps run;
-    status: (S,) "ok" | "diverged"; loss_unit: "nats_per_byte" | "nats_per_token".
+    status: (S,) "ok" | "diverged"; loss_unit: "nats_per_byte" | "nats_per_token";
+    loss_se / zero_shot_se: standard errors of those test losses over the test examples.
     """
 
     sizes: np.ndarray
@@ -125,6 +129,8 @@ class LossCurve(NamedTuple):
     num_steps: np.ndarray
     status: tuple[str, ...]
     loss_unit: str = "nats_per_byte"
+    loss_se: np.ndarray | None = None  # (S,) standard error of each test loss (NaN diverged)
+    zero_shot_se: float = float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +237,13 @@ def _train_step(apply, spec, params, opt_state, tokens, loss_mask, attention_mas
     return params, opt_state, loss
 
 
-_eval_sums = jax.jit(_batch_nll, static_argnums=0)
+def _example_nll(apply: ApplyFn, params: Any, tokens, loss_mask, attention_mask):
+    """(B,) Σ NLL over each example's target tokens, f32."""
+    lp = token_logprobs(apply, params, tokens, attention_mask)
+    return -(lp * loss_mask[:, 1:].astype(jnp.float32)).sum(axis=1)
+
+
+_eval_sums = jax.jit(_example_nll, static_argnums=0)
 
 
 def make_train_step(apply: ApplyFn, config: FinetuneConfig):
@@ -277,12 +289,24 @@ def _padded_batch(data: TokenData, idx: np.ndarray) -> dict[str, np.ndarray]:
 # Public API
 
 
+def _ratio_se(num: np.ndarray, den: np.ndarray) -> float:
+    """Standard error of R = Σ num / Σ den over n examples (delta method):
+    sqrt(Σ (num_i − R den_i)² / (n (n − 1))) / mean(den); NaN for n < 2."""
+    n = num.size
+    if n < 2 or den.sum() <= 0:
+        return float("nan")
+    r = num.sum() / den.sum()
+    return float(np.sqrt(np.sum((num - r * den) ** 2) / (n * (n - 1))) / den.mean())
+
+
 def evaluate(apply: ApplyFn, params: Any, data: TokenData, *, batch_size: int = 16) -> EvalResult:
-    """Mean NLL of `params` on all target tokens of `data`.
+    """Mean NLL of `params` on all target tokens of `data`, and its standard error.
 
     nats_per_token = Σ_i Σ_t m_it·(−log p(x_it | x_i,<t)) / Σ m;  nats_per_byte = same sum /
-    Σ_i target_bytes_i. Batches have a fixed shape (min(batch_size, N), T); the last one is
-    padded with zero-mask rows. Per-batch sums in f32 on device, accumulated in f64 on host.
+    Σ_i target_bytes_i. The standard errors treat the N examples as a sample from the task:
+    for R = Σ s_i / Σ d_i, se = sqrt(Σ (s_i − R d_i)² / (N (N − 1))) / mean(d) (delta method).
+    Batches have a fixed shape (min(batch_size, N), T); the last one is padded with zero-mask
+    rows. Per-example sums in f32 on device, accumulated in f64 on host.
     Cost: N/B forward passes, ≈ 2·P·N·T FLOPs.
     """
     n = data.num_examples
@@ -295,12 +319,13 @@ def evaluate(apply: ApplyFn, params: Any, data: TokenData, *, batch_size: int = 
     for idx in order.reshape(-1, bs):
         b = _padded_batch(data, idx)
         sums.append(_eval_sums(apply, params, b["tokens"], b["loss_mask"], b["attention_mask"]))
-    arr = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2)
-    total, count = float(arr[:, 0].sum()), round(float(arr[:, 1].sum()))
-    nbytes = int(np.asarray(data.target_bytes).sum())
+    nll = np.asarray(jax.device_get(sums), np.float64).reshape(-1)[:n]
+    tokens = np.asarray(data.loss_mask, np.float64)[:, 1:].sum(axis=1)
+    nbytes = np.asarray(data.target_bytes, np.float64)
+    total, count = float(nll.sum()), round(float(tokens.sum()))
     per_token = total / count if count else float("nan")
-    per_byte = total / nbytes if nbytes else float("nan")
-    return EvalResult(per_token, per_byte, count)
+    per_byte = total / nbytes.sum() if nbytes.sum() else float("nan")
+    return EvalResult(per_token, per_byte, count, _ratio_se(nll, tokens), _ratio_se(nll, nbytes))
 
 
 def _batch_order(n: int, batch_size: int, num_steps: int, seed: int) -> np.ndarray:
@@ -422,17 +447,19 @@ def loss_curve(
     check_config(config)
     sizes_arr = _check_sizes(sizes, pool.num_examples)
     ebs = int(config.eval_batch_size)
-    zero_shot = getattr(evaluate(apply, params, test, batch_size=ebs), loss_unit)
+    zero = evaluate(apply, params, test, batch_size=ebs)
     index = np.arange(pool.num_examples)
-    losses, steps, status = [], [], []
+    losses, ses, steps, status = [], [], [], []
     for size in sizes_arr:
         sub = nested_subset(index, int(size), seed=seed)
         res = finetune(apply, params, pool.take(sub), config, seed=seed)
-        loss = float("nan")
+        loss = se = float("nan")
         if res.status == "ok":
-            loss = getattr(evaluate(apply, res.params, test, batch_size=ebs), loss_unit)
+            ev = evaluate(apply, res.params, test, batch_size=ebs)
+            loss, se = getattr(ev, loss_unit), getattr(ev, f"{loss_unit}_se")
         ok = res.status == "ok" and math.isfinite(loss)
         losses.append(loss if ok else float("nan"))
+        ses.append(se if ok else float("nan"))
         steps.append(res.num_steps)
         status.append("ok" if ok else "diverged")
         if on_point is not None:
@@ -443,8 +470,10 @@ def loss_curve(
     return LossCurve(
         sizes_arr,
         np.asarray(losses, np.float64),
-        float(zero_shot),
+        float(getattr(zero, loss_unit)),
         np.asarray(steps, np.int64),
         tuple(status),
         loss_unit,
+        np.asarray(ses, np.float64),
+        float(getattr(zero, f"{loss_unit}_se")),
     )

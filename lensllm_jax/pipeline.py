@@ -121,7 +121,8 @@ class CandidateResult(NamedTuple):
     measured. ft_hessian_trace/ft_hessian_stderr/ft_hessian_distance (S,): at the params
     fine-tuned on each size, the trace and the Hessian-weighted distance vᵀHv, v = θ_D − θ_0
     (the quantities of the Hessian PAC-Bayes account of the two phases); NaN when not
-    measured. seconds: wall time of this candidate.
+    measured. seconds: wall time of this candidate. loss_se (S,): standard error of each
+    test loss over the test examples (how much of a difference the test set can resolve).
     """
 
     name: str
@@ -145,6 +146,7 @@ class CandidateResult(NamedTuple):
     ft_hessian_trace: np.ndarray
     ft_hessian_stderr: np.ndarray
     ft_hessian_distance: np.ndarray
+    loss_se: np.ndarray
 
     @property
     def complete(self) -> bool:
@@ -461,6 +463,7 @@ _ARRAYS = (
     "ft_hessian_trace",
     "ft_hessian_stderr",
     "ft_hessian_distance",
+    "loss_se",
 )
 
 
@@ -839,6 +842,7 @@ def _measure(
         ft_hessian_trace=ft_hessian[0],
         ft_hessian_stderr=ft_hessian[1],
         ft_hessian_distance=ft_hessian[2],
+        loss_se=np.asarray(curve.loss_se, np.float64),
         seconds=time.perf_counter() - start,
     )
 
@@ -1188,6 +1192,7 @@ def _report(
                 "zero_shot": _finite_or_none(r.zero_shot),
                 "sizes": [int(s) for s in r.sizes],
                 "losses": [_finite_or_none(v) for v in r.losses],
+                "loss_se": [_finite_or_none(v) for v in r.loss_se],
                 "num_steps": [int(s) for s in r.num_steps],
                 "status": list(r.status),
                 "ntk": None

@@ -116,3 +116,17 @@ def test_select_table_shows_p_best_and_the_credible_set(fts_dir, capsys):
         ["select", str(fts_dir / "gigaword.csv"), "--target", "6553600", "--methods", "AtS"]
     )
     assert code == 0 and "P(best)" not in capsys.readouterr().out
+
+
+def test_prob_best_with_per_candidate_scales_matches_monte_carlo():
+    rng = np.random.default_rng(5)
+    mu = np.array([0.0, 0.01, 0.05, 0.02])
+    sigma = np.array([0.01, 0.06, 0.02, 0.03])
+    p = confidence.prob_best(mu, sigma)
+    draws = mu + sigma * rng.standard_normal((400_000, 4))
+    mc = np.bincount(np.argmin(draws, axis=1), minlength=4) / draws.shape[0]
+    np.testing.assert_allclose(p, mc, atol=3e-3)
+    conf = confidence.confidence(np.exp(mu), 1000, 8000, measurement_sd=[0.0, 0.1, np.nan, 0])
+    c = confidence.ERROR_PER_DOUBLING * 3
+    np.testing.assert_allclose(conf.sigmas, [c, np.hypot(c, 0.1), c, c])
+    np.testing.assert_allclose(conf.p_best, confidence.prob_best(mu, conf.sigmas))

@@ -88,6 +88,21 @@ def test_evaluate_matches_torch_masked_cross_entropy(tmp_path):
     assert abs(res.nats_per_byte - nll_sum / data.target_bytes.sum()) < 1e-5
     again = ft.evaluate(m.apply, m.params, data, batch_size=16)  # one batch, no padding
     assert abs(again.nats_per_token - res.nats_per_token) < 1e-6
+    # standard errors: a bootstrap-free reference, the ratio estimator's delta method written
+    # out on torch's per-example sums
+    with torch.no_grad():
+        per_tok = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 97).double(), labels.reshape(-1), reduction="none"
+        )
+        s = per_tok.reshape(5, -1).sum(1).numpy()
+    for den, got in (
+        (data.loss_mask[:, 1:].sum(1), res.nats_per_token_se),
+        (data.target_bytes, res.nats_per_byte_se),
+    ):
+        d = np.asarray(den, np.float64)
+        r = s.sum() / d.sum()
+        ref = np.sqrt(np.sum((s - r * d) ** 2) / (5 * 4)) / d.mean()
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
 def _reference_loss(apply, params, batch):

@@ -79,6 +79,8 @@ def test_the_pretrained_model_wins_surely(world):
     report = json.loads((world["out_dir"] / "report.json").read_text())
     real, rand = report["candidates"]
     assert all(math.isfinite(v) for v in real["losses"] + rand["losses"])
+    # each test loss comes with its standard error over the 16 test paragraphs
+    assert all(0 < se < 0.5 * v for se, v in zip(real["loss_se"], real["losses"], strict=True))
     # English in nats per byte: the real model far below a random one (≈ ln V / bytes-per-token)
     assert real["zero_shot"] < 0.4 * rand["zero_shot"]
     assert real["ntk"]["min_eigenvalue"] > -1e-3 * real["ntk"]["max_eigenvalue"]
