@@ -47,6 +47,7 @@ MIN_POINTS = 3  # a 3-parameter law needs at least 3 points under the budget
 
 # A header cell that is a plain non-negative-looking number names a size column.
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+SE_PREFIX = "se_"  # se_<size>: the standard error of that size's loss (optional)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class CurveTable:
       n_params: (M,) parameter counts.
       families: (M,) model family labels.
       source: where the table came from (a path, for error messages); "" if built in memory.
+      loss_se: (M, S) standard errors of `losses` (from a finite test set; NaN = unknown),
+        or None. In a CSV, optional columns ``se_<size>`` (e.g. ``se_200``).
     """
 
     name: str
@@ -72,6 +75,7 @@ class CurveTable:
     n_params: np.ndarray
     families: tuple[str, ...]
     source: str = ""
+    loss_se: np.ndarray | None = None
 
     @property
     def num_models(self) -> int:
@@ -189,8 +193,16 @@ def read_curve_table(path: str | PathLike[str]) -> CurveTable:
 
     named: dict[str, int] = {}
     size_cols: dict[float, int] = {}
+    se_cols: dict[float, int] = {}
     for j, h in enumerate(header):
-        if _NUMBER.match(h):
+        if h.lower().startswith(SE_PREFIX) and _NUMBER.match(h[len(SE_PREFIX) :]):
+            se_size = float(h[len(SE_PREFIX) :])
+            if se_size in se_cols:
+                raise LensLLMInputError(
+                    "duplicated standard-error column", file=name, row=1, column=h
+                )
+            se_cols[se_size] = j
+        elif _NUMBER.match(h):
             size = float(h)
             if not np.isfinite(size) or size < 0:
                 raise LensLLMInputError(
@@ -241,6 +253,16 @@ def read_curve_table(path: str | PathLike[str]) -> CurveTable:
             "header only, no model rows", file=name, row=2, hint="add one row per model"
         )
 
+    for se_size, j in se_cols.items():
+        if se_size not in sizes:
+            raise LensLLMInputError(
+                "standard-error column without its size column",
+                file=name,
+                row=1,
+                column=header[j],
+                hint="name it se_<size> for one of the size columns, or remove it",
+            )
+    loss_se = np.full((len(rows), len(sizes)), np.nan) if se_cols else None
     loss_cols = [size_cols[0.0]] + [size_cols[s] for s in sizes]
     models: list[str] = []
     families: list[str] = []
@@ -273,6 +295,8 @@ def read_curve_table(path: str | PathLike[str]) -> CurveTable:
         families.append(cells[named[FAMILY_COLUMN]] if FAMILY_COLUMN in named else "")
         for k, j in enumerate(loss_cols):
             losses[i, k] = _positive(cells[j], name, r, header[j], "loss", model)
+        for se_size, j in se_cols.items():
+            loss_se[i, sizes.index(se_size)] = _standard_error(cells[j], name, r, header[j], model)
         n_params[i] = _positive(
             cells[named[PARAMS_COLUMN]],
             name,
@@ -291,7 +315,24 @@ def read_curve_table(path: str | PathLike[str]) -> CurveTable:
         n_params=n_params,
         families=tuple(families),
         source=str(path),
+        loss_se=loss_se,
     )
+
+
+def _standard_error(text: str, file: str, row: int, column: str, model: str) -> float:
+    """A standard error: a finite number >= 0, or empty / "nan" for unknown."""
+    if text == "" or text.lower() == "nan":
+        return float("nan")
+    value = _parse_number(text)
+    if value is None or not np.isfinite(value) or value < 0:
+        raise LensLLMInputError(
+            f"standard error {text!r} of model {model!r} is not a number >= 0",
+            file=file,
+            row=row,
+            column=column,
+            hint="write the loss's standard error, or leave the cell empty",
+        )
+    return value
 
 
 def _positive(text: str, file: str, row: int, column: str, what: str, model: str) -> float:
@@ -397,7 +438,8 @@ def check_protocol(
 
 
 def curve_table_to_csv(table: CurveTable) -> str:
-    """The FTS CSV text of `table` (``config name,0,<sizes>,size,family``, LF line ends).
+    """The FTS CSV text of `table` (``config name,0,<sizes>,size,family``, then
+    ``se_<sizes>`` when the table has standard errors; LF line ends).
 
     Numbers are written with ``repr(float)`` (integers without a fraction), the shortest
     text that parses back to the same float64, so `read_curve_table` returns exactly the
@@ -426,10 +468,15 @@ def curve_table_to_csv(table: CurveTable) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     sizes = [_number_text(s) for s in table.sizes]
-    writer.writerow([MODEL_COLUMN, "0", *sizes, PARAMS_COLUMN, FAMILY_COLUMN])
+    se = None if table.loss_se is None else np.asarray(table.loss_se, np.float64)
+    if se is not None and (se.shape != losses.shape or np.any(se < 0)):
+        raise ValueError(f"loss_se must be {losses.shape} standard errors >= 0 (NaN = unknown)")
+    se_head = [] if se is None else [SE_PREFIX + t for t in sizes]
+    writer.writerow([MODEL_COLUMN, "0", *sizes, PARAMS_COLUMN, FAMILY_COLUMN, *se_head])
     for i, name in enumerate(table.models):
         cells = [_number_text(v) for v in values[i]]
-        writer.writerow([name, *cells, table.families[i]])
+        se_cells = [] if se is None else ["" if np.isnan(v) else _number_text(v) for v in se[i]]
+        writer.writerow([name, *cells, table.families[i], *se_cells])
     return buf.getvalue()
 
 

@@ -122,7 +122,8 @@ class CandidateResult(NamedTuple):
     fine-tuned on each size, the trace and the Hessian-weighted distance vᵀHv, v = θ_D − θ_0
     (the quantities of the Hessian PAC-Bayes account of the two phases); NaN when not
     measured. seconds: wall time of this candidate. loss_se (S,): standard error of each
-    test loss over the test examples (how much of a difference the test set can resolve).
+    test loss over the test examples (written to curves.csv as se_<size> columns; it widens
+    LensLLM's P(best) when the test set is small).
     """
 
     name: str
@@ -1057,6 +1058,7 @@ def run(
         n_params=np.asarray([r.n_params for r in complete], np.float64),
         families=tuple(r.family for r in complete),
         source=str(out / "curves.csv"),
+        loss_se=np.stack([r.loss_se for r in complete]),
     )
     write_curve_table(table, out / "curves.csv")
 

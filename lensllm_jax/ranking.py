@@ -8,7 +8,8 @@ candidate for the full data size `target`; for the law-based methods and AtS the
 the predicted test loss L(target). Candidates are ranked by score, lower first; a failed
 fit ranks last with status "failed". For LensLLM each row also carries P(best), the
 probability that the candidate is truly the best at the target under the benchmark-
-calibrated error model of `confidence` (σ = c · log₂(target / largest size)).
+calibrated error model of `confidence` (σ = c · log₂(target / largest size)), widened by
+the largest size's standard error when the table has ``se_<size>`` columns.
 
 Cost: that of the methods (one batched fit for the law-based ones, O(M·S²) for AtS).
 """
@@ -72,13 +73,16 @@ def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None)
             hint="give --target the number of samples you will fine-tune on",
         )
     check_budget(table, largest)
+    noise = None  # the largest size's relative standard error, when the table has them
+    if table.loss_se is not None:
+        noise = np.asarray(table.loss_se, np.float64)[:, -1] / table.losses[:, -1]
     rows: list[RankRow] = []
     for name, method in chosen.items():
         sel = method(table, largest, float(target))
         scores = np.asarray(sel.scores, np.float64)
         p_best = np.full(scores.shape, np.nan)
         if name in CONFIDENCE_METHODS:
-            p_best = confidence(scores, largest, float(target)).p_best
+            p_best = confidence(scores, largest, float(target), measurement_sd=noise).p_best
         order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
         rows.extend(
             RankRow(name, place, table.models[i], float(scores[i]), sel.status[i], float(p_best[i]))

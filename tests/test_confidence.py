@@ -130,3 +130,21 @@ def test_prob_best_with_per_candidate_scales_matches_monte_carlo():
     c = confidence.ERROR_PER_DOUBLING * 3
     np.testing.assert_allclose(conf.sigmas, [c, np.hypot(c, 0.1), c, c])
     np.testing.assert_allclose(conf.p_best, confidence.prob_best(mu, conf.sigmas))
+
+
+def test_standard_errors_in_the_table_widen_p_best(fts_dir):
+    import dataclasses
+
+    table = read_curve_table(fts_dir / "gigaword.csv")
+    noisy = dataclasses.replace(table, loss_se=0.05 * table.losses)  # 5 % relative error
+    plain = ranking.rank(table, 6_553_600)
+    wide = ranking.rank(noisy, 6_553_600)
+    assert [r.model for r in wide] == [r.model for r in plain]  # scores are unchanged
+    assert wide[0].p_best < plain[0].p_best
+    conf = confidence.confidence(
+        np.array([r.score for r in wide]),
+        float(table.sizes[-1]),
+        6_553_600,
+        measurement_sd=np.full(table.num_models, 0.05),
+    )
+    np.testing.assert_allclose([r.p_best for r in wide], conf.p_best, rtol=1e-10)

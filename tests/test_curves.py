@@ -339,3 +339,37 @@ def test_offline_falls_back_to_the_copy_beside_the_checkout(tmp_path, fts_dir):
     # a corrupt download is never papered over by the fallback
     with pytest.raises(DataUnavailableError, match="SHA-256"):
         data.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir, corrupt=True))
+
+
+def test_standard_error_columns_round_trip_and_are_checked(tmp_path):
+    from lensllm_jax.curves import CurveTable, write_curve_table
+
+    table = CurveTable(
+        name="t",
+        models=("a", "b"),
+        sizes=np.array([200.0, 400.0]),
+        losses=np.array([[2.5, 2.25], [2.75, 2.5]]),
+        zero_shot=np.array([3.0, 3.5]),
+        n_params=np.array([1e6, 2e6]),
+        families=("x", "y"),
+        loss_se=np.array([[0.01, np.nan], [0.1 / 3, 0.0]]),
+    )
+    path = write_curve_table(table, tmp_path / "t.csv")
+    assert path.read_text().splitlines()[0].endswith(",family,se_200,se_400")
+    back = read_curve_table(path)
+    np.testing.assert_array_equal(back.loss_se, table.loss_se)  # NaN where unknown
+    np.testing.assert_array_equal(back.losses, table.losses)
+    plain_path = tmp_path / "p.csv"
+    plain_path.write_text("config name,0,200,size\na,3,2,5\n")
+    plain = read_curve_table(plain_path)
+    assert plain.loss_se is None
+    bad = {
+        "config name,0,200,size,se_400\na,3,2,5,0.1\n": "standard-error column without its size",
+        "config name,0,200,size,se_200\na,3,2,5,-1\n": "standard error '-1' of model 'a'",
+        "config name,0,200,size,se_200,se_2e2\na,3,2,5,1,1\n": "duplicated standard-error",
+    }
+    for i, (text, message) in enumerate(bad.items()):
+        bad_path = tmp_path / f"bad{i}.csv"
+        bad_path.write_text(text)
+        with pytest.raises(LensLLMInputError, match=message):
+            read_curve_table(bad_path)
