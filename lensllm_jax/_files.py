@@ -1,4 +1,5 @@
-"""Whole-file-or-nothing writes, shared by every writer of the package."""
+"""File access shared by the package: whole-file-or-nothing writes, and reads of a user's
+input file whose failures are one-line `LensLLMInputError`s."""
 
 from __future__ import annotations
 
@@ -7,7 +8,24 @@ import tempfile
 from os import PathLike
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+from lensllm_jax.errors import LensLLMInputError
+
+__all__ = ["read_input", "write_atomic"]
+
+
+def read_input(
+    path: str | PathLike[str], *, kind: str, missing_hint: str, folder_hint: str
+) -> bytes:
+    """The bytes of a user's input file; a missing file, a folder (not a `kind`) or an
+    unreadable file is one `LensLLMInputError` line naming the path, with the hints given."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise LensLLMInputError("file not found", file=path, hint=missing_hint) from None
+    except IsADirectoryError:
+        raise LensLLMInputError(f"is a folder, not a {kind}", file=path, hint=folder_hint) from None
+    except OSError as err:
+        raise LensLLMInputError(f"cannot read ({err.strerror})", file=path) from None
 
 
 def write_atomic(path: str | PathLike[str], data: bytes | str) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lensllm_jax._files import write_atomic
+from lensllm_jax._files import read_input, write_atomic
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [
@@ -113,18 +113,12 @@ def _parse_number(text: str) -> float | None:
 
 def _open_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header cells and (row number, cells) of the non-blank data rows of a CSV."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LensLLMInputError(
-            "file not found", file=path, hint="check the path given to --data"
-        ) from None
-    except IsADirectoryError:
-        raise LensLLMInputError(
-            "is a folder, not a CSV file", file=path, hint="pass the CSV files inside it"
-        ) from None
-    except OSError as err:
-        raise LensLLMInputError(f"cannot read ({err.strerror})", file=path) from None
+    raw = read_input(
+        path,
+        kind="CSV file",
+        missing_hint="check the path given to --data",
+        folder_hint="pass the CSV files inside it",
+    )
     if not raw.strip():
         raise LensLLMInputError(
             "empty file, not a curve table",

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lensllm_jax._files import read_input
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [
@@ -97,16 +98,12 @@ class TokenData(NamedTuple):
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LensLLMInputError("file not found", file=path, hint="check the data path") from None
-    except IsADirectoryError:
-        raise LensLLMInputError(
-            "is a folder, not a data file", file=path, hint="pass a .jsonl or .txt file"
-        ) from None
-    except OSError as err:
-        raise LensLLMInputError(f"cannot read ({err.strerror})", file=path) from None
+    raw = read_input(
+        path,
+        kind="data file",
+        missing_hint="check the data path",
+        folder_hint="pass a .jsonl or .txt file",
+    )
     try:
         return raw.decode("utf-8-sig")  # drops a UTF-8 BOM if there is one
     except UnicodeDecodeError as err:
