@@ -23,9 +23,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ntk import machine
 
-from lensllm_jax import finetune as ft
 from lensllm_jax import models
-from lensllm_jax.textdata import TokenData
+from lensllm_jax.data.text import TokenData
+from lensllm_jax.runner import finetune as ft
 
 PRESETS = {
     "tiny": {"model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4,

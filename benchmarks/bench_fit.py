@@ -29,7 +29,7 @@ RATIOS = (8, 16, 32, 64, 128, 256, 512)
 
 
 def _read(path: Path):
-    from lensllm_jax.curves import read_curve_table
+    from lensllm_jax.data.curves import read_curve_table
 
     return read_curve_table(path)
 
@@ -65,7 +65,7 @@ def timed(fn, repeats):
 def scipy_fit(d, l, mask, starts):
     from scipy.optimize import least_squares
 
-    from lensllm_jax.laws import _rectified
+    from lensllm_jax.core.laws import _rectified
 
     log_d, log_l = np.log(d[mask]), np.log(l[mask])
     best = None
@@ -86,7 +86,8 @@ def main() -> None:
 
     import jax
 
-    from lensllm_jax import fit
+    from lensllm_jax.benchmark import ablations
+    from lensllm_jax.core import fit
 
     tables = [_read(Path(args.data) / f"{n}.csv") for n in ("flan", "gigaword")]
     d, l, mask, tags = lin_batch(tables)
@@ -102,7 +103,7 @@ def main() -> None:
     }
 
     res, cold, warm = timed(
-        lambda: fit.fit_law("rectified", d, l, mask, num_starts=args.starts), args.repeats
+        lambda: fit.fit_law("rectified", d, l, mask=mask, num_starts=args.starts), args.repeats
     )
     status = np.bincount(res.status).tolist()
     out["rectified_420"] = {"cold_s": cold, "warm_s": warm, "status": status}
@@ -110,7 +111,9 @@ def main() -> None:
         sel = np.array([t[0] == name for t in tags])
         out["rectified_420"][f"rmse_mean_{name}"] = float(np.nanmean(res.rmse[sel]))
 
-    ref = fit.fit_law("rectified", d, l, mask, num_starts=256, explore_steps=400, max_steps=400)
+    ref = ablations.fit_law_ablation(
+        "rectified", d, l, mask, num_starts=256, explore_steps=400, max_steps=400
+    )
     gap = (res.loss - ref.loss) / ref.loss
     out["quality_vs_256_starts"] = {
         "frac_within_1e-6": float(np.mean(gap <= 1e-6)),
@@ -119,7 +122,9 @@ def main() -> None:
     }
 
     resx, coldx, warmx = timed(
-        lambda: fit.fit_law("rectified", d, l, mask, num_starts=args.starts, solver="optimistix"),
+        lambda: ablations.fit_law_ablation(
+            "rectified", d, l, mask, num_starts=args.starts, solver="optimistix"
+        ),
         max(1, args.repeats // 2),
     )
     out["optimistix_420"] = {
@@ -152,7 +157,7 @@ def main() -> None:
     d_syn, m_syn = d[pick], mask[pick]
     l_syn = l[pick] * np.exp(rng.normal(0, 0.005, l[pick].shape))
     _, cold3, warm3 = timed(
-        lambda: fit.fit_law("rectified", d_syn, l_syn, m_syn, num_starts=args.starts),
+        lambda: fit.fit_law("rectified", d_syn, l_syn, mask=m_syn, num_starts=args.starts),
         max(1, args.repeats // 2),
     )
     out["synthetic_3000"] = {"cold_s": cold3, "warm_s": warm3}

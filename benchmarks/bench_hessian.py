@@ -55,7 +55,7 @@ from bench_ntk import (
     torch_time,
 )
 
-from lensllm_jax import hessian
+from lensllm_jax.core import hessian
 
 
 def main() -> None:

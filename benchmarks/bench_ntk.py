@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from lensllm_jax import ntk
+from lensllm_jax.core import ntk
 
 PRESETS = {
     "gpt2-small": dict(vocab=50257, d=768, layers=12, heads=12, n=64, seq=128, positions=1024),

@@ -2,7 +2,7 @@
 
 Candidates (by default a GPT-2 and a Llama of the chosen shape, each saved by `transformers` with
 a character-level tokenizer) and a synthetic task (shift every letter of the prompt by one)
-go through `pipeline.run`: fine-tuning on nested subsets, test losses, the NTK step, the
+go through `job.run`: fine-tuning on nested subsets, test losses, the NTK step, the
 ranking. Reports the wall time per candidate and in all, the optimiser steps, the backend.
 
     python benchmarks/bench_run.py                       # tiny preset, CPU-sized
@@ -107,7 +107,7 @@ def main() -> None:
 
     import jax
 
-    from lensllm_jax import finetune, pipeline
+    from lensllm_jax.runner import finetune, job
 
     lines: list[str] = []
     stamps: list[float] = []
@@ -131,7 +131,7 @@ def main() -> None:
             learning_rate=args.lr, epochs=args.epochs, min_steps=args.min_steps
         )
         t1 = time.perf_counter()
-        result = pipeline.run(
+        result = job.run(
             models,
             data,
             sizes=args.sizes,

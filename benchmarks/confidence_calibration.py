@@ -26,9 +26,10 @@ import warnings
 
 import numpy as np
 
-from lensllm_jax import confidence
-from lensllm_jax.curves import read_curve_tables
-from lensllm_jax.data import resolve_data
+from lensllm_jax.benchmark import calibration
+from lensllm_jax.benchmark.download import resolve_data
+from lensllm_jax.data.curves import read_curve_tables
+from lensllm_jax.selection import confidence
 
 BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9)
 
@@ -99,7 +100,7 @@ def main() -> None:
     tables = [
         t for t in read_curve_tables(resolve_data(args.data)) if t.name in ("flan", "gigaword")
     ]
-    by_ds = {t.name: confidence.calibration_rankings(t) for t in tables}
+    by_ds = {t.name: calibration.calibration_rankings(t) for t in tables}
     pooled = [r for rs in by_ds.values() for r in rs]
     c_shipped = confidence.ERROR_PER_DOUBLING
     out = {
@@ -109,10 +110,10 @@ def main() -> None:
         "c_shipped": c_shipped,
         "c_optimal": {
             **{
-                ds: round(confidence.calibrate_per_doubling(*_cols(rs)), 5)
+                ds: round(calibration.calibrate_per_doubling(*_cols(rs)), 5)
                 for ds, rs in by_ds.items()
             },
-            "pooled": round(confidence.calibrate_per_doubling(*_cols(pooled)), 5),
+            "pooled": round(calibration.calibrate_per_doubling(*_cols(pooled)), 5),
         },
         "leave_one_dataset_out": {},
         "per_dataset": {},
@@ -120,17 +121,17 @@ def main() -> None:
     for ds, rs in by_ds.items():
         others = [r for o, ors in by_ds.items() if o != ds for r in ors]
         if others:
-            c_other = confidence.calibrate_per_doubling(*_cols(others))
+            c_other = calibration.calibrate_per_doubling(*_cols(others))
             out["leave_one_dataset_out"][ds] = {
                 "c_from_others": round(c_other, 5),
                 "log_loss_with_c_from_others": round(
-                    confidence.pairwise_log_loss(*_cols(rs), c_other), 4
+                    calibration.pairwise_log_loss(*_cols(rs), c_other), 4
                 ),
                 "log_loss_with_own_optimum": round(
-                    confidence.pairwise_log_loss(*_cols(rs), out["c_optimal"][ds]), 4
+                    calibration.pairwise_log_loss(*_cols(rs), out["c_optimal"][ds]), 4
                 ),
                 "log_loss_with_shipped_c": round(
-                    confidence.pairwise_log_loss(*_cols(rs), c_shipped), 4
+                    calibration.pairwise_log_loss(*_cols(rs), c_shipped), 4
                 ),
                 "log_loss_coin_flip": round(math.log(2), 4),
             }

@@ -29,7 +29,7 @@ Variants (law = the LENSLLM law L = B/(F + D^β) + E, MSE of log L, batched JAX 
   rectified_lin     Lin et al.'s RectifiedFit (zero-shot entered as D = 1e-10)
   vanilla           B/D^β + E on sizes <= budget
   ens_law_ats       geometric mean of `law` and AtS (the previously shipped LensLLM)
-  lensllm_shipped   `select.lensllm` as shipped now (see its docstring and the fusion study)
+  lensllm_shipped   `lensllm.lensllm` as shipped now (see its docstring and the fusion study)
   ens_bma_ats       geometric mean of `law_E_bma` and AtS
   ens_tangent_ats   geometric mean of `law_tangent` and AtS
   stack_law_ats     log-space weight w of AtS vs `law` chosen per budget by backtesting on
@@ -46,7 +46,7 @@ Fusion study (`fusion_study`, key `fusion_study_PearCorr_RelAcc_means`; targets 
   ivf_tangent_ats_backtest_calibrated  the same, variances scaled by each method's
                     mean squared standardised error in a one-doubling backtest
   ens_quadratic_ats quadratic in (log D, log L) on AtS's power phase, averaged with AtS
-  lensllm_shipped   `select.lensllm`: tangent + AtS lines fused by centred-backtest-
+  lensllm_shipped   `lensllm.lensllm`: tangent + AtS lines fused by centred-backtest-
                     calibrated variances, slopes pooled by Fay-Herriot EB toward a trend in
                     log(model size); lensllm_<ablation>: one choice changed (`ABLATIONS`)
 """
@@ -63,6 +63,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lensllm_jax.benchmark import ablations, metrics
+from lensllm_jax.core import laws
+from lensllm_jax.data.curves import read_curve_table
+from lensllm_jax.selection import base, baselines, lensllm
+
 TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 PUBLISHED_ATS = {"flan": (62.7, 92.1), "gigaword": (93.8, 95.1)}
@@ -70,10 +75,8 @@ ZERO_D = 1e-300  # D = 0 for the LENSLLM law (D^β negligible next to F)
 
 
 def _fit(law, d, losses, mask=None, **kw):
-    from lensllm_jax import fit, laws
-
     kw.setdefault("num_starts", 64)
-    res = fit.fit_law(law, np.broadcast_to(d, losses.shape), losses, mask, **kw)
+    res = ablations.fit_law_ablation(law, np.broadcast_to(d, losses.shape), losses, mask, **kw)
     with np.errstate(all="ignore"):
         pred = np.asarray(laws.predict(law, res.params, float(TARGET)))
     return np.where(res.ok, pred, np.nan), res
@@ -114,10 +117,10 @@ def law_scipy(d, losses, target=TARGET):
     return out, cost
 
 
-def variants(table, ratio, ats_fn, select):
+def variants(table, ratio, ats_fn):
     """{name: (M,) predicted target loss} for one table and budget."""
     budget = TARGET / ratio
-    sizes, losses = select.visible_curves(table, budget)
+    sizes, losses = base.visible_curves(table, budget)
     d0, l0 = _with_zero(table, sizes, losses)
     out, extra = {}, {}
     ats = ats_fn(table, budget, TARGET).scores
@@ -154,7 +157,7 @@ def variants(table, ratio, ats_fn, select):
 
     # Law on the zero-shot point + AtS's power phase only.
     log_d = np.log(sizes)
-    first = np.array([select.ats_first_point(log_d, np.log(row)) for row in losses])
+    first = np.array([baselines.ats_first_point(log_d, np.log(row)) for row in losses])
     mask = np.column_stack(
         [np.ones(len(first), bool), np.arange(sizes.size)[None] >= first[:, None]]
     )
@@ -162,7 +165,6 @@ def variants(table, ratio, ats_fn, select):
 
     # The law as a smoother only: its level and log-log slope at the budget, extrapolated
     # as a straight line (no floor E beyond the data).
-    from lensllm_jax import laws
 
     top = float(sizes[-1])
     lv = np.asarray(laws.predict("lensllm", res.params, top))
@@ -170,10 +172,10 @@ def variants(table, ratio, ats_fn, select):
     out["law_tangent"] = lv * (TARGET / top) ** slope
     out["ens_tangent_ats"] = np.sqrt(out["law_tangent"] * ats)
 
-    out["rectified_lin"] = select.rectified_fit(table, budget, TARGET).scores
-    out["vanilla"] = select.vanilla_fit(table, budget, TARGET).scores
+    out["rectified_lin"] = baselines.rectified_fit(table, budget, TARGET).scores
+    out["vanilla"] = baselines.vanilla_fit(table, budget, TARGET).scores
     out["ens_law_ats"] = np.sqrt(law * ats)  # the previously shipped LensLLM
-    out["lensllm_shipped"] = select.lensllm(table, budget, TARGET).scores
+    out["lensllm_shipped"] = lensllm.lensllm(table, budget, TARGET).scores
     out["ens_bma_ats"] = np.sqrt(out["law_E_bma"] * ats)
 
     # Stacking by backtest on the visible data: fit sizes < budget, predict the budget size.
@@ -188,10 +190,9 @@ def variants(table, ratio, ats_fn, select):
     )
     held = sizes[-1]
     a_bt = ats_fn(tab_bt, held / 2, held).scores
-    from lensllm_jax import fit, laws
 
     db, lb = _with_zero(table, sizes[:-1], losses[:, :-1])
-    rb = fit.fit_law("lensllm", np.broadcast_to(db, lb.shape), lb, num_starts=64)
+    rb = ablations.fit_law_ablation("lensllm", np.broadcast_to(db, lb.shape), lb, num_starts=64)
     with np.errstate(all="ignore"):
         l_bt = np.asarray(laws.predict("lensllm", rb.params, float(held)))
     y = np.log(losses[:, -1])
@@ -203,11 +204,10 @@ def variants(table, ratio, ats_fn, select):
     return out, extra
 
 
-def other_targets(tables, select, metrics, targets=(819_200, 409_600)):
+def other_targets(tables, targets=(819_200, 409_600)):
     """Generalisation check: the same protocol with a smaller target T (budgets T/8 ... T/512
     with >= 3 sizes), for AtS, the law, its tangent and the two AtS ensembles. Returns
     {T: {dataset: {variant: [PearCorr mean, RelAcc mean]}}}."""
-    from lensllm_jax import laws
 
     out: dict = {}
     for target in targets:
@@ -218,9 +218,9 @@ def other_targets(tables, select, metrics, targets=(819_200, 409_600)):
                 budget = target / ratio
                 if (table.sizes <= budget).sum() < 3:
                     continue
-                sizes, losses = select.visible_curves(table, budget)
+                sizes, losses = base.visible_curves(table, budget)
                 d0, l0 = _with_zero(table, sizes, losses)
-                ats = select.ats(table, budget, target).scores
+                ats = baselines.ats(table, budget, target).scores
                 _, res = _fit("lensllm", d0, l0)
                 with np.errstate(all="ignore"):
                     law = np.asarray(laws.predict("lensllm", res.params, float(target)))
@@ -233,7 +233,7 @@ def other_targets(tables, select, metrics, targets=(819_200, 409_600)):
                     "law": law,
                     "law_tangent": tangent,
                     "ens_law_ats": np.sqrt(law * ats),
-                    "lensllm_shipped": select.lensllm(table, budget, target).scores,
+                    "lensllm_shipped": lensllm.lensllm(table, budget, target).scores,
                     "ens_tangent_ats": np.sqrt(tangent * ats),
                 }
                 for key, p in preds.items():
@@ -287,8 +287,8 @@ class _Parts:
     """Per-model pieces for one (table, budget, target): law fit, its tangent line and its
     Laplace geometry, AtS's line and its OLS geometry (all log-space)."""
 
-    def __init__(self, table, budget, target, select, law_res):
-        sizes, losses = select.visible_curves(table, budget)
+    def __init__(self, table, budget, target, law_res):
+        sizes, losses = base.visible_curves(table, budget)
         d0, l0 = _with_zero(table, sizes, losses)
         x, xt, xT = np.log(d0), np.log(sizes[-1]), np.log(target)
         m = losses.shape[0]
@@ -304,9 +304,9 @@ class _Parts:
             z["geo_t"][i] = g @ np.linalg.pinv(jac.T @ jac) @ g  # Laplace: Var = s² gᵀ(JᵀJ)⁻¹g
             z["sse_t"][i], z["dof_t"][i] = res @ res, x.size - 4
             y = np.log(losses[i])
-            first = select.ats_first_point(log_d, y)
+            first = baselines.ats_first_point(log_d, y)
             xa, ya = log_d[first:], y[first:]
-            slope, icpt = select._line(xa, ya)
+            slope, icpt = baselines.line_fit(xa, ya)
             ra = ya - (slope * xa + icpt)
             z["ats"][i] = slope * xT + icpt
             z["sse_a"][i], z["dof_a"][i] = ra @ ra, ya.size - 2
@@ -327,22 +327,21 @@ class _Parts:
         )
 
 
-def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
+def fusion_study(tables, targets=FUSION_TARGETS):
     """PearCorr/RelAcc means over the budgets T/8 ... T/512 (>= 3 sizes) for the fusion
     variants, at the official target and the two pseudo-targets. Law fits are cached per
     (dataset, budget): they do not depend on the target. Returns {T: {dataset: {variant:
     [PearCorr mean, RelAcc mean]}}}."""
-    from lensllm_jax import fit, laws
 
     cache: dict = {}
 
     def fits(table, budget):
         key = (table.name, float(budget))
         if key not in cache:
-            sizes, losses = select.visible_curves(table, budget)
+            sizes, losses = base.visible_curves(table, budget)
             d0, l0 = _with_zero(table, sizes, losses)
             dd = np.broadcast_to(d0, l0.shape)
-            mle = fit.fit_law("lensllm", dd, l0, num_starts=64)
+            mle = ablations.fit_law_ablation("lensllm", dd, l0, num_starts=64)
             sd = max(float(np.nanmedian(mle.rmse)), 1e-4)
             out = {"mle": mle}
             for tag, pool in (("eb_beta", ("beta",)), ("eb_all", ("B", "beta", "E", "F"))):
@@ -352,7 +351,7 @@ def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
                     v = v[np.isfinite(v)]
                     med = np.median(v)
                     prior[name] = (np.exp(med), max(1.4826 * np.median(np.abs(v - med)), 0.05))
-                out[tag] = fit.fit_law(
+                out[tag] = ablations.fit_law_ablation(
                     "lensllm", dd, l0, num_starts=64, prior=prior, prior_noise_sd=sd
                 )
             cache[key] = out
@@ -373,19 +372,19 @@ def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
                 if (table.sizes <= budget * (1 + 1e-12)).sum() < 3:
                     continue
                 f = fits(table, budget)
-                parts = _Parts(table, budget, target, select, f["mle"])
+                parts = _Parts(table, budget, target, f["mle"])
                 ats = np.exp(parts.ats)
                 preds = {"AtS": ats, "law": law_pred(f["mle"], target)}
                 for tag in ("eb_beta", "eb_all"):
                     preds[f"law_{tag}"] = law_pred(f[tag], target)
                     preds[f"ens_law_{tag}_ats"] = np.sqrt(preds[f"law_{tag}"] * ats)
                 preds["ens_law_ats"] = np.sqrt(preds["law"] * ats)
-                preds["lensllm_shipped"] = select.lensllm(table, budget, target).scores
+                preds["lensllm_shipped"] = lensllm.lensllm(table, budget, target).scores
                 # Ablations of the shipped method (one choice changed at a time).
                 for tag, kw in ABLATIONS.items():
-                    preds[f"lensllm_{tag}"] = select._lensllm_predict(table, budget, target, **kw)[
-                        0
-                    ]
+                    preds[f"lensllm_{tag}"] = ablations.lensllm_variant(
+                        table, budget, target, **kw
+                    )[0]
                 preds["ens_tangent_ats"] = np.exp(0.5 * (parts.tan + parts.ats))
                 for nu0 in (0.0, 0.5, 2.0, np.inf):
                     vt, va = parts.variances(nu0) if np.isfinite(nu0) else _pooled(parts)
@@ -395,11 +394,11 @@ def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
                     )
                 # Bias-aware: each method's variances scaled by its calibration factor
                 # mean(err² / Var) on a one-doubling backtest (fit <= budget/2, predict budget).
-                sizes, losses = select.visible_curves(table, budget)
+                sizes, losses = base.visible_curves(table, budget)
                 vt, va = parts.variances(0.5)
                 half = float(sizes[-1]) / 2
                 if (sizes <= half * (1 + 1e-12)).sum() >= 3:
-                    bt = _Parts(table, half, float(sizes[-1]), select, fits(table, half)["mle"])
+                    bt = _Parts(table, half, float(sizes[-1]), fits(table, half)["mle"])
                     vtb, vab = bt.variances(0.5)
                     y = np.log(losses[:, -1])
                     vt = vt * np.mean((bt.tan - y) ** 2 / vtb)
@@ -412,7 +411,7 @@ def fusion_study(tables, select, metrics, targets=FUSION_TARGETS):
                 log_d = np.log(sizes)
                 quad = []
                 for row in np.log(losses):
-                    first = select.ats_first_point(log_d, row)
+                    first = baselines.ats_first_point(log_d, row)
                     deg = 2 if log_d.size - first >= 4 else 1
                     quad.append(
                         np.polyval(np.polyfit(log_d[first:], row[first:], deg), np.log(target))
@@ -446,9 +445,6 @@ def main() -> None:
         os.environ.get("LENSLLM_DATA", Path(__file__).resolve().parents[2] / "shared/data/fts")
     )
 
-    from lensllm_jax import metrics, select
-    from lensllm_jax.curves import read_curve_table
-
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
     report: dict = {
@@ -468,14 +464,14 @@ def main() -> None:
         extras = []
         scipy_check = []
         for ratio in RATIOS:
-            preds, extra = variants(table, ratio, select.ats, select)
+            preds, extra = variants(table, ratio, baselines.ats)
             extras.append(extra)
             for key, p in preds.items():
                 d = per.setdefault(key, {"PearCorr": [], "RelAcc": []})
                 d["PearCorr"].append(round(metrics.pearson_percent(p, truth), 2))
                 d["RelAcc"].append(round(metrics.relacc_percent(p, truth), 2))
             if not args.quick:
-                sizes, losses = select.visible_curves(table, TARGET / ratio)
+                sizes, losses = base.visible_curves(table, TARGET / ratio)
                 d0, l0 = _with_zero(table, sizes, losses)
                 p_ref, _ = law_scipy(np.where(d0 == ZERO_D, 0.0, d0), l0)
                 p_ref_metrics = (
@@ -509,8 +505,8 @@ def main() -> None:
         }
     tables = [read_curve_table(data / f"{n}.csv") for n in ("flan", "gigaword")]
     if not args.fusion_only:
-        report["other_targets_PearCorr_RelAcc_means"] = other_targets(tables, select, metrics)
-    report["fusion_study_PearCorr_RelAcc_means"] = fusion_study(tables, select, metrics)
+        report["other_targets_PearCorr_RelAcc_means"] = other_targets(tables)
+    report["fusion_study_PearCorr_RelAcc_means"] = fusion_study(tables)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(report, indent=1))
 

@@ -1,19 +1,43 @@
-"""The project's exception and warning types.
+"""The project's exception and warning types: one hierarchy, one module.
 
-Every error a user can cause (a bad file, a bad option, missing data) is a
-`LensLLMInputError`: a `ValueError` whose message is one line saying what is wrong,
-where (file, row, column) and what to do. The CLI turns it into exit code 2.
-A curve the law cannot fit is not an error: it is a status plus a `CurveFitWarning`.
+    LensLLMError                      anything this package raises on purpose
+    ├── LensLLMInputError (ValueError) bad input: a file, an option, missing data
+    │   ├── DataUnavailableError       the benchmark could not be found or verified
+    │   │   └── DownloadError          ... because the download failed
+    │   └── ModelLoadError             a checkpoint cannot become a params pytree
+    │       └── ModelConfigError       ... because its config describes no model we run
+    ├── NTKError (ValueError)          an unusable kernel, or bad arguments to an NTK function
+    └── HessianError (ValueError)      likewise for the Hessian estimators
+
+Every message is one line saying what is wrong, where (file, row, column; the candidate's
+name) and what to do. The CLI turns any `LensLLMError` into ``lensllm: error: <message>``
+and exit code 2. A curve the law cannot fit is not an error: it is a status plus a
+`CurveFitWarning`.
 """
 
 from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["CurveFitWarning", "DataUnavailableError", "LensLLMInputError"]
+__all__ = [
+    "CurveFitWarning",
+    "DataUnavailableError",
+    "DownloadError",
+    "HessianError",
+    "InputError",
+    "LensLLMError",
+    "LensLLMInputError",
+    "ModelConfigError",
+    "ModelLoadError",
+    "NTKError",
+]
 
 
-class LensLLMInputError(ValueError):
+class LensLLMError(Exception):
+    """Base of every error this package raises on purpose; its message is one line."""
+
+
+class LensLLMInputError(LensLLMError, ValueError):
     """Bad input, reported as one line: ``file: row R, column 'C': what; what to do``.
 
     Attributes:
@@ -56,12 +80,31 @@ class LensLLMInputError(ValueError):
         return " ".join(msg.split())
 
 
+InputError = LensLLMInputError  # the short name of the layout sketch
+
+
 class DataUnavailableError(LensLLMInputError):
     """The benchmark could not be found, downloaded, or failed its checksum."""
 
 
 class DownloadError(DataUnavailableError):
     """The benchmark could not be fetched (offline, unreachable host)."""
+
+
+class ModelLoadError(LensLLMInputError):
+    """A checkpoint could not be turned into a complete, well-shaped params pytree."""
+
+
+class ModelConfigError(ModelLoadError):
+    """config.json / GGUF metadata describes a model this zoo cannot run."""
+
+
+class NTKError(LensLLMError, ValueError):
+    """An NTK function got bad input or produced an unusable kernel (NaN/inf, not PSD)."""
+
+
+class HessianError(LensLLMError, ValueError):
+    """A Hessian function got bad input or the loss's curvature is not finite."""
 
 
 class CurveFitWarning(UserWarning):

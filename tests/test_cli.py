@@ -5,22 +5,24 @@ checked against metrics recomputed here with scipy."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-import lensllm_jax
-from lensllm_jax import cli, data, reproduce
-from lensllm_jax.curves import read_curve_table
+from lensllm_jax import cli
+from lensllm_jax.benchmark import download, protocol
+from lensllm_jax.data.curves import read_curve_table
 from lensllm_jax.errors import LensLLMInputError
+from lensllm_jax.selection import registry
+from lensllm_jax.selection.base import Selection
 
 TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
@@ -28,23 +30,8 @@ BUDGETS = [f"1/{r}" for r in RATIOS]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _selection_type():
-    try:
-        from lensllm_jax.select import Selection
-    except ImportError:  # select.py not there yet: same NamedTuple as interfaces.md
-        from typing import NamedTuple
-
-        class Selection(NamedTuple):
-            scores: np.ndarray
-            status: tuple
-            finetuned_sizes: tuple
-
-    return Selection
-
-
 def last_point(table, budget_size, target):
     """Score = loss at the largest size within budget (lower = better)."""
-    Selection = _selection_type()
     j = int(np.searchsorted(table.sizes, budget_size, side="right")) - 1
     used = tuple(float(s) for s in table.sizes[: j + 1])
     return Selection(
@@ -71,22 +58,10 @@ def _isolated(monkeypatch, tmp_path):
 
 @pytest.fixture
 def toy_methods(monkeypatch):
-    """Register LastPoint and Flaky in select.METHODS (a stand-in module until select lands)."""
-    try:
-        from lensllm_jax import select
-    except ImportError:
-        select = types.ModuleType("lensllm_jax.select")
-        select.METHODS, select.TARGET, select.BUDGET_RATIOS = {}, TARGET, RATIOS
-        monkeypatch.setitem(sys.modules, "lensllm_jax.select", select)
-        monkeypatch.setattr(lensllm_jax, "select", select, raising=False)
-    monkeypatch.setitem(select.METHODS, "LastPoint", last_point)
-    monkeypatch.setitem(select.METHODS, "Flaky", flaky)
-    return select
-
-
-@pytest.fixture
-def needs_metrics():
-    pytest.importorskip("lensllm_jax.metrics", reason="metrics.py not landed yet")
+    """Register LastPoint and Flaky in the method registry."""
+    monkeypatch.setitem(registry.METHODS, "LastPoint", last_point)
+    monkeypatch.setitem(registry.METHODS, "Flaky", flaky)
+    return registry
 
 
 def _expected(table, ratio, scores):
@@ -111,7 +86,7 @@ def _run(argv, capsys):
 # --- outputs -------------------------------------------------------------------------------
 
 
-def test_csv_contract_and_values(tmp_path, fts_dir, toy_methods, needs_metrics, capsys):
+def test_csv_contract_and_values(tmp_path, fts_dir, toy_methods, capsys):
     out = tmp_path / "rows.csv"
     argv = ["reproduce", "--data", str(fts_dir / "flan.csv"), "--methods", "LastPoint"]
     code, stdout, err = _run([*argv, "--format", "csv", "--out", str(out)], capsys)
@@ -135,7 +110,7 @@ def test_csv_contract_and_values(tmp_path, fts_dir, toy_methods, needs_metrics, 
     assert float(body[0][4]) == pytest.approx(60.9, abs=0.2)  # flan 1/8 PearCorr
 
 
-def test_json_and_table_formats(fts_dir, toy_methods, needs_metrics, capsys):
+def test_json_and_table_formats(fts_dir, toy_methods, capsys):
     argv = ["reproduce", "--data", str(fts_dir), "--methods", "LastPoint", "Flaky"]
     code, out_csv, _ = _run([*argv, "--format", "csv"], capsys)
     assert code == 0
@@ -145,8 +120,8 @@ def test_json_and_table_formats(fts_dir, toy_methods, needs_metrics, capsys):
     rows = list(csv.DictReader(io.StringIO(out_csv)))
     assert len(items) == len(rows) == 2 * len(RATIOS) * 2 * 4  # datasets x budgets x methods
     for it, row in zip(items, rows, strict=True):
-        assert set(it) == set(reproduce.COLUMNS)
-        assert [it[k] for k in reproduce.COLUMNS[:4]] == [row[k] for k in reproduce.COLUMNS[:4]]
+        assert set(it) == set(protocol.COLUMNS)
+        assert [it[k] for k in protocol.COLUMNS[:4]] == [row[k] for k in protocol.COLUMNS[:4]]
         assert it["value_percent"] == pytest.approx(float(row["value_percent"]), abs=1e-4)
     code, text, _ = _run(argv, capsys)
     assert code == 0
@@ -165,7 +140,7 @@ def test_json_and_table_formats(fts_dir, toy_methods, needs_metrics, capsys):
     assert line.replace("│", " ").split()[-1].lstrip("*") == f"{np.mean(vals):.1f}"
 
 
-def test_failed_curve_warns_and_ranks_last(fts_dir, toy_methods, needs_metrics, capsys):
+def test_failed_curve_warns_and_ranks_last(fts_dir, toy_methods, capsys):
     argv = ["reproduce", "--data", str(fts_dir / "gigaword.csv"), "--methods", "Flaky"]
     code, out, err = _run([*argv, "--format", "csv"], capsys)
     assert code == 0
@@ -266,7 +241,7 @@ def test_bad_input_exit_2(tmp_path, fts_dir, toy_methods, capsys, case):
 
 
 def test_library_checks_everything_before_running(tmp_path, fts_dir, toy_methods):
-    """reproduce.run raises the one-line error before any method runs."""
+    """protocol.run raises the one-line error before any method runs."""
     calls = []
 
     def spy(table, budget_size, target):
@@ -277,11 +252,11 @@ def test_library_checks_everything_before_running(tmp_path, fts_dir, toy_methods
     bad_path, _ = _bad_tables(tmp_path, fts_dir)["fewpoints"]
     bad = read_curve_table(bad_path)
     with pytest.raises(LensLLMInputError, match=r"budget 1/512 .* need at least 3"):
-        reproduce.run([good, bad], {"Spy": spy})
+        protocol.run([good, bad], {"Spy": spy})
     with pytest.raises(LensLLMInputError, match=r"unknown method 'Nope'"):
-        reproduce.run([good], ["LastPoint", "Nope"])
+        protocol.run([good], ["LastPoint", "Nope"])
     with pytest.raises(LensLLMInputError, match="no curve tables"):
-        reproduce.run([], {"Spy": spy})
+        protocol.run([], {"Spy": spy})
     assert calls == []
 
 
@@ -341,42 +316,45 @@ def test_subprocess_bad_input_is_one_line(tmp_path):
 # --- finding the data -----------------------------------------------------------------------
 
 
-def test_no_arguments_uses_env_then_cache(
-    tmp_path, fts_dir, toy_methods, needs_metrics, monkeypatch, capsys
+def test_no_arguments_uses_env_then_the_shipped_tables(
+    tmp_path, fts_dir, toy_methods, monkeypatch, capsys
 ):
     monkeypatch.setenv("LENSLLM_DATA", str(fts_dir))
     code, out_env, _ = _run(["reproduce", "--methods", "LastPoint", "--format", "csv"], capsys)
     assert code == 0
     assert {r["dataset"] for r in csv.DictReader(io.StringIO(out_env))} == {"flan", "gigaword"}
-    # No --data, no $LENSLLM_DATA: download into $LENSLLM_CACHE/fts (fetcher faked: no network).
+    # No --data, no $LENSLLM_DATA: the FLAN and Gigaword tables inside the package, offline.
     monkeypatch.delenv("LENSLLM_DATA")
-    urls = []
-
-    def fake_fetch(url):
-        urls.append(url)
-        return (fts_dir / url.rsplit("/", 1)[1]).read_bytes()
-
-    monkeypatch.setattr(data, "fetch_url", fake_fetch)
-    monkeypatch.setattr(data, "BENCHMARK_FILES", ("flan.csv", "gigaword.csv"))
-    code, out_cache, err = _run(["reproduce", "--methods", "LastPoint", "--format", "csv"], capsys)
-    assert code == 0, err
-    assert out_cache == out_env
-    assert urls == [data.benchmark_url("flan.csv"), data.benchmark_url("gigaword.csv")]
-    assert (tmp_path / "cache" / "fts" / "flan.csv").exists()
-    # Offline and nothing cached: one clear line pointing at --data / LENSLLM_DATA.
-    monkeypatch.setenv("LENSLLM_CACHE", str(tmp_path / "empty"))
 
     def offline(url):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data, "fetch_url", offline)
-    if data.copy_beside_checkout() is not None:  # offline in a source checkout: its copy
-        code, out, err = _run(["reproduce", "--methods", "LastPoint", "--format", "csv"], capsys)
-        assert code == 0 and out == out_env, err
-    monkeypatch.setattr(data, "copy_beside_checkout", lambda: None)
-    code, out, err = _run(["reproduce", "--methods", "LastPoint"], capsys)
+    monkeypatch.setattr(download, "fetch_url", offline)
+    code, out_shipped, err = _run(
+        ["reproduce", "--methods", "LastPoint", "--format", "csv"], capsys
+    )
+    assert code == 0, err
+    assert out_shipped == out_env
+    # A dataset that is not shipped, offline and not cached: one clear line.
+    code, out, err = _run(["reproduce", "--data", "wmt19", "--methods", "LastPoint"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "cannot download" in err and "LENSLLM_DATA" in err
+    # ... downloaded once into $LENSLLM_CACHE/fts (fetcher faked: FLAN's bytes under the name).
+    body = (fts_dir / "flan.csv").read_bytes()
+    urls = []
+
+    def fake_fetch(url):
+        urls.append(url)
+        return body
+
+    monkeypatch.setattr(download, "fetch_url", fake_fetch)
+    monkeypatch.setitem(download.BENCHMARK_SHA256, "wmt19.csv", hashlib.sha256(body).hexdigest())
+    args = ["reproduce", "--data", "wmt19", "--methods", "LastPoint", "--format", "csv"]
+    code, out_wmt, err = _run(args, capsys)
+    assert code == 0, err
+    assert urls == [download.benchmark_url("wmt19.csv")]
+    assert (tmp_path / "cache" / "fts" / "wmt19.csv").read_bytes() == body
+    assert {r["dataset"] for r in csv.DictReader(io.StringIO(out_wmt))} == {"wmt19"}
 
 
 # --- end to end on the real benchmark -------------------------------------------------------
@@ -386,7 +364,6 @@ def test_no_arguments_uses_env_then_cache(
 def test_end_to_end_reproduces_published(tmp_path, fts_dir, published_csv):
     """`lensllm reproduce` with no data arguments, all methods, in a real process (twice:
     the second run uses JAX's persistent compilation cache and must print the same)."""
-    select = pytest.importorskip("lensllm_jax.select", reason="select.py not landed yet")
     env = {**os.environ, "LENSLLM_DATA": str(fts_dir), "LENSLLM_CACHE": str(tmp_path / "c")}
     env.pop("LENSLLM_JIT_CACHE", None)
     outs = []
@@ -415,7 +392,7 @@ def test_end_to_end_reproduces_published(tmp_path, fts_dir, published_csv):
     assert outs[0] == outs[1]
     assert any((tmp_path / "c" / "jax").iterdir())  # the compilation cache was filled
     rows = list(csv.DictReader(io.StringIO(outs[0])))
-    methods = list(select.METHODS)
+    methods = list(registry.method_names(ntk=False))
     assert len(rows) == 2 * len(RATIOS) * len(methods) * 4
     assert {r["method"] for r in rows} == set(methods)
     ours = {

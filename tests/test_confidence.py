@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from lensllm_jax import confidence, ranking
-from lensllm_jax.curves import read_curve_table
+from lensllm_jax.benchmark import calibration
+from lensllm_jax.data.curves import read_curve_table
+from lensllm_jax.selection import confidence, ranking
 
 
 def test_prob_best_matches_monte_carlo():
@@ -59,7 +60,7 @@ def test_calibration_recovers_a_known_scale():
         preds.append(mu)
         truths.append(mu + c_true * k * rng.standard_normal(30) + 0.3)  # + a common bias
         ks.append(k)
-    c = confidence.calibrate_per_doubling(preds, truths, ks)
+    c = calibration.calibrate_per_doubling(preds, truths, ks)
     assert abs(c / c_true - 1) < 0.1, c
 
 
@@ -68,13 +69,13 @@ def fts_rankings(fts_dir):
     return [
         r
         for name in ("flan", "gigaword")
-        for r in confidence.calibration_rankings(read_curve_table(fts_dir / f"{name}.csv"))
+        for r in calibration.calibration_rankings(read_curve_table(fts_dir / f"{name}.csv"))
     ]
 
 
 def test_shipped_scale_is_the_benchmark_optimum(fts_rankings):
     assert len(fts_rankings) == 54
-    c = confidence.calibrate_per_doubling(
+    c = calibration.calibrate_per_doubling(
         [r.log_pred for r in fts_rankings],
         [r.log_true for r in fts_rankings],
         [r.doublings for r in fts_rankings],

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lensllm_jax import data
-from lensllm_jax.curves import (
+from lensllm_jax.benchmark import download
+from lensllm_jax.data.curves import (
     CurveTable,
     check_budget,
     check_protocol,
@@ -239,41 +239,43 @@ def test_check_budget_and_protocol(tmp_path):
 
 def test_resolve_explicit_and_env(tmp_path, fts_dir):
     f = fts_dir / "flan.csv"
-    assert data.resolve_data([f], env={}) == [f]
-    assert data.resolve_data([fts_dir], env={}) == sorted(fts_dir.glob("*.csv"))
-    assert data.resolve_data(None, env={"LENSLLM_DATA": str(fts_dir)}) == sorted(
+    assert download.resolve_data([f], env={}) == [f]
+    assert download.resolve_data([fts_dir], env={}) == sorted(fts_dir.glob("*.csv"))
+    assert download.resolve_data(None, env={"LENSLLM_DATA": str(fts_dir)}) == sorted(
         fts_dir.glob("*.csv")
     )
     with pytest.raises(LensLLMInputError, match="no such file"):
-        data.resolve_data([tmp_path / "nope.csv"], env={})
+        download.resolve_data([tmp_path / "nope.csv"], env={})
     with pytest.raises(LensLLMInputError, match=r"no \.csv files"):
-        data.resolve_data([tmp_path], env={})
+        download.resolve_data([tmp_path], env={})
     with pytest.raises(LensLLMInputError, match="LENSLLM_DATA is not a folder"):
-        data.resolve_data(None, env={"LENSLLM_DATA": str(tmp_path / "nope")})
+        download.resolve_data(None, env={"LENSLLM_DATA": str(tmp_path / "nope")})
 
 
 def test_checksums_match_shared_copies(fts_dir):
     for name in ("flan.csv", "gigaword.csv"):
-        assert data.sha256_file(fts_dir / name) == data.BENCHMARK_SHA256[name]
-    url = data.benchmark_url("wmt19.csv")
+        assert download.sha256_file(fts_dir / name) == download.BENCHMARK_SHA256[name]
+    url = download.benchmark_url("wmt19.csv")
     assert url == (
         "https://raw.githubusercontent.com/linhaowei1/Fine-tuning-Scaling-Law/"
-        f"{data.BENCHMARK_COMMIT}/benchmark/wmt19.csv"
+        f"{download.BENCHMARK_COMMIT}/benchmark/wmt19.csv"
     )
-    assert len(data.BENCHMARK_COMMIT) == 40
+    assert len(download.BENCHMARK_COMMIT) == 40
 
 
 class FakeFetcher:
     """Serves the shared copies (no network); records the URLs asked for."""
 
-    def __init__(self, fts_dir: Path, corrupt: bool = False, fail: bool = False):
+    def __init__(self, fts_dir: Path, corrupt: bool = False, fail: bool = False, serve=None):
         self.fts_dir, self.corrupt, self.fail, self.urls = fts_dir, corrupt, fail, []
+        self.serve = serve or {}  # asked-for name -> shared file served in its place
 
     def __call__(self, url: str) -> bytes:
         self.urls.append(url)
         if self.fail:
             raise OSError("[Errno -3] Temporary failure in name resolution")
-        body = (self.fts_dir / url.rsplit("/", 1)[1]).read_bytes()
+        name = url.rsplit("/", 1)[1]
+        body = (self.fts_dir / self.serve.get(name, name)).read_bytes()
         return body + b"tampered" if self.corrupt else body
 
 
@@ -283,37 +285,40 @@ FILES = ("flan.csv", "gigaword.csv")
 def test_download_into_cache(tmp_path, fts_dir, monkeypatch):
     cache = tmp_path / "cache"
     fetch = FakeFetcher(fts_dir)
-    paths = data.ensure_benchmark(cache, FILES, fetcher=fetch)
+    paths = download.ensure_benchmark(cache, FILES, fetcher=fetch)
     assert paths == [cache / f for f in FILES]
-    assert fetch.urls == [data.benchmark_url(f) for f in FILES]
+    assert fetch.urls == [download.benchmark_url(f) for f in FILES]
     for p in paths:
-        assert hashlib.sha256(p.read_bytes()).hexdigest() == data.BENCHMARK_SHA256[p.name]
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == download.BENCHMARK_SHA256[p.name]
     assert sorted(x.name for x in cache.iterdir()) == list(FILES)  # no temp files left
     # second call: served from the cache
-    data.ensure_benchmark(cache, FILES, fetcher=fetch)
+    download.ensure_benchmark(cache, FILES, fetcher=fetch)
     assert len(fetch.urls) == 2
     # a corrupted cached copy is fetched again
     (cache / "flan.csv").write_text("config name,0\n")
-    data.ensure_benchmark(cache, FILES, fetcher=fetch)
-    assert fetch.urls[2:] == [data.benchmark_url("flan.csv")]
-    assert data.sha256_file(cache / "flan.csv") == data.BENCHMARK_SHA256["flan.csv"]
-    # resolve_data falls back to $LENSLLM_CACHE/fts
-    monkeypatch.setattr(data, "BENCHMARK_FILES", FILES)  # no wmt19 copy to serve offline
+    download.ensure_benchmark(cache, FILES, fetcher=fetch)
+    assert fetch.urls[2:] == [download.benchmark_url("flan.csv")]
+    assert download.sha256_file(cache / "flan.csv") == download.BENCHMARK_SHA256["flan.csv"]
+    # resolve_data fetches a dataset that is not shipped into $LENSLLM_CACHE/fts
+    monkeypatch.setitem(
+        download.BENCHMARK_SHA256, "wmt19.csv", download.BENCHMARK_SHA256["flan.csv"]
+    )
     env = {"LENSLLM_CACHE": str(tmp_path / "root")}
-    got = data.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir))
-    assert [p.parent for p in got] == [tmp_path / "root" / "fts"] * 2
-    assert data.cache_root({"HOME": "/x", "XDG_CACHE_HOME": "/c"}) == Path("/c/lensllm_jax")
+    fetch = FakeFetcher(fts_dir, serve={"wmt19.csv": "flan.csv"})
+    got = download.resolve_data(["wmt19"], env=env, fetcher=fetch)
+    assert got == [tmp_path / "root" / "fts" / "wmt19.csv"]
+    assert download.cache_root({"HOME": "/x", "XDG_CACHE_HOME": "/c"}) == Path("/c/lensllm_jax")
 
 
 def test_download_failures_leave_nothing(tmp_path, fts_dir):
     cache = tmp_path / "cache"
     with pytest.raises(DataUnavailableError) as info:
-        data.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir, corrupt=True))
+        download.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir, corrupt=True))
     msg = str(info.value)
     assert "flan.csv" in msg and "SHA-256" in msg and "--data" in msg and "\n" not in msg
     assert not cache.exists() or not any(cache.iterdir())
     with pytest.raises(DataUnavailableError, match=r"cannot download .*name resolution.*--data"):
-        data.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir, fail=True))
+        download.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir, fail=True))
     assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -323,26 +328,32 @@ def test_atomic_write_on_failure(tmp_path, fts_dir, monkeypatch):
     def boom(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data.os, "replace", boom)
+    monkeypatch.setattr(download.os, "replace", boom)
     with pytest.raises(DataUnavailableError, match="cannot write the cache"):
-        data.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir))
+        download.ensure_benchmark(cache, FILES, fetcher=FakeFetcher(fts_dir))
     assert list(cache.iterdir()) == []  # neither the file nor its temp copy
 
 
-def test_offline_falls_back_to_the_copy_beside_the_checkout(tmp_path, fts_dir):
-    beside = data.copy_beside_checkout()
-    if beside is None:
-        pytest.skip("no shared/data/fts beside this checkout")
+def test_default_is_the_shipped_tables_byte_for_byte(tmp_path, fts_dir):
     env = {"LENSLLM_CACHE": str(tmp_path / "root")}
-    got = data.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir, fail=True))
-    assert got == sorted(beside.glob("*.csv"))
-    # a corrupt download is never papered over by the fallback
+    got = download.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir, fail=True))
+    assert [p.name for p in got] == ["flan.csv", "gigaword.csv"]
+    for p in got:
+        assert p.read_bytes() == (fts_dir / p.name).read_bytes()
+        assert download.sha256_file(p) == download.BENCHMARK_SHA256[p.name]
+    assert (got[0].parent / "LICENSE").is_file()  # the licence travels with the data
+    assert download.resolve_data(["gigaword"], env=env) == got[1:]
+    # a corrupt download is an error, never papered over
     with pytest.raises(DataUnavailableError, match="SHA-256"):
-        data.resolve_data(None, env=env, fetcher=FakeFetcher(fts_dir, corrupt=True))
+        download.resolve_data(
+            ["wmt19"],
+            env=env,
+            fetcher=FakeFetcher(fts_dir, corrupt=True, serve={"wmt19.csv": "flan.csv"}),
+        )
 
 
 def test_standard_error_columns_round_trip_and_are_checked(tmp_path):
-    from lensllm_jax.curves import CurveTable, write_curve_table
+    from lensllm_jax.data.curves import CurveTable, write_curve_table
 
     table = CurveTable(
         name="t",

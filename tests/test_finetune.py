@@ -12,10 +12,10 @@ import torch
 from models_helpers import save, tiny_torch_model
 from test_textdata import char_tokenizer
 
-from lensllm_jax import finetune as ft
 from lensllm_jax import models
+from lensllm_jax.data.text import Example, TokenData, split_examples, tokenize
 from lensllm_jax.errors import LensLLMInputError
-from lensllm_jax.textdata import Example, TokenData, split_examples, tokenize
+from lensllm_jax.runner import finetune as ft
 
 TINY_GPT2 = dict(model_type="gpt2", vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 

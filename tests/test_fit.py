@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import least_squares
 
-from lensllm_jax import fit, laws
-from lensllm_jax.fit import FitStatus
+from lensllm_jax.benchmark import ablations
+from lensllm_jax.core import fit, laws
+from lensllm_jax.core.fit import FitStatus
 
 SIZES = np.array([1e-10] + [200.0 * 2**i for i in range(14)])  # zero-shot + FTS sizes
 TARGET = 1_638_400.0
@@ -128,7 +129,7 @@ def test_batch_equals_one_by_one_and_masks_pad_ragged_curves():
     lengths = np.array([15, 7, 13, 8, 14])
     mask = np.arange(15)[None, :] < lengths[:, None]
     padded = np.where(mask, curves, np.nan)  # garbage beyond each curve's end
-    batch = fit.fit_law("rectified", SIZES, padded, mask)
+    batch = fit.fit_law("rectified", SIZES, padded, mask=mask)
     for i, n in enumerate(lengths):
         one = fit.fit_law("rectified", SIZES[:n], curves[i, :n])
         # equal up to the optimiser's stopping tolerance (padding changes summation order)
@@ -159,7 +160,9 @@ def test_shared_beta_is_recovered_per_group():
         "D_l": (10 ** rng.uniform(2.5, 4.5, 8)) ** betas,
     }
     curves = laws.predict("rectified", true, SIZES)
-    res = fit.fit_law("rectified", SIZES, curves, shared=("beta",), groups=np.repeat([0, 1], 4))
+    res = ablations.fit_law_ablation(
+        "rectified", SIZES, curves, shared=("beta",), groups=np.repeat([0, 1], 4)
+    )
     np.testing.assert_allclose(res.params["beta"], betas, rtol=2e-2)
     assert len(np.unique(res.params["beta"][:4])) == 1
     assert np.all(res.rmse < 5e-3)
@@ -171,19 +174,19 @@ def test_huber_resists_an_outlier():
     dirty = clean.copy()
     dirty[0, 9] *= 1.5  # one corrupted evaluation
     mse = fit.fit_law("vanilla", SIZES[1:], dirty)
-    huber = fit.fit_law("vanilla", SIZES[1:], dirty, loss="huber", huber_delta=0.01)
+    huber = ablations.fit_law_ablation("vanilla", SIZES[1:], dirty, loss="huber", huber_delta=0.01)
     err = lambda r: abs(laws.predict("vanilla", r.params, TARGET)[0] / clean[0, -1] - 1)  # noqa: E731
     assert err(huber) < 0.2 * err(mse), (err(huber), err(mse))
 
 
 def test_fits_at_least_as_well_as_scipy_from_the_same_starts(fts_dir):
-    from lensllm_jax.curves import read_curve_table
+    from lensllm_jax.data.curves import read_curve_table
 
     table = read_curve_table(fts_dir / "flan.csv")
     d = np.concatenate([[1e-10], table.sizes])
     losses = np.column_stack([table.zero_shot, table.losses])
     mask = np.broadcast_to(d <= TARGET / 16, losses.shape)
-    res = fit.fit_law("rectified", d, losses, mask, num_starts=16)
+    res = fit.fit_law("rectified", d, losses, mask=mask, num_starts=16)
     import jax
 
     with jax.enable_x64(True):
@@ -217,7 +220,9 @@ def test_fits_at_least_as_well_as_scipy_from_the_same_starts(fts_dir):
 def test_optimistix_solver_reaches_the_same_optimum():
     curves = _noisy_curves(4, 8)
     ours = fit.fit_law("rectified", SIZES, curves)
-    theirs = fit.fit_law("rectified", SIZES, curves, solver="optimistix", max_steps=400)
+    theirs = ablations.fit_law_ablation(
+        "rectified", SIZES, curves, solver="optimistix", max_steps=400
+    )
     np.testing.assert_allclose(theirs.loss, ours.loss, rtol=1e-4)
 
 
@@ -225,7 +230,7 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="same shape"):
         fit.fit_law("rectified", np.ones(4), np.ones(5))
     with pytest.raises(ValueError, match="only 'beta' can be shared"):
-        fit.fit_law("rectified", SIZES, np.ones(15), shared=("E",))
+        ablations.fit_law_ablation("rectified", SIZES, np.ones(15), shared=("E",))
     with pytest.raises(ValueError, match="cannot fix 'F'"):
         fit.fit_law("rectified", SIZES, np.ones(15), fixed={"F": 1.0})
 
@@ -235,7 +240,9 @@ def test_prior_gives_the_map_estimate():
     compare with scipy on the same augmented residuals, and check a tight prior pins β."""
     curves = _noisy_curves(2, 9)
     center, tau, sd = 0.45, 0.2, 0.01
-    res = fit.fit_law("rectified", SIZES, curves, prior={"beta": (center, tau)}, prior_noise_sd=sd)
+    res = ablations.fit_law_ablation(
+        "rectified", SIZES, curves, prior={"beta": (center, tau)}, prior_noise_sd=sd
+    )
     for i in range(2):
 
         def augmented(x, i=i):
@@ -245,7 +252,7 @@ def test_prior_gives_the_map_estimate():
         ref = least_squares(augmented, res.raw[i] + 0.05, method="lm", xtol=1e-15, ftol=1e-15)
         assert 0.5 * res.loss[i] * res.num_points[i] <= ref.cost * (1 + 1e-8)
         np.testing.assert_allclose(res.raw[i], ref.x, rtol=1e-4, atol=1e-6)
-    tight = fit.fit_law("rectified", SIZES, curves, prior={"beta": (center, 1e-7)})
+    tight = ablations.fit_law_ablation("rectified", SIZES, curves, prior={"beta": (center, 1e-7)})
     np.testing.assert_allclose(tight.params["beta"], center, rtol=1e-5)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lensllm_jax import hessian
+from lensllm_jax.core import hessian
 
 
 def init(key):

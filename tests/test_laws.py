@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from lensllm_jax import laws
+from lensllm_jax.core import laws
 
 D = np.array([1e-10, 200.0, 800.0, 6400.0, 102400.0, 1638400.0])
 

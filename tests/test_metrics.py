@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lensllm_jax import metrics
-from lensllm_jax.curves import CurveTable
-from lensllm_jax.select import Selection
+from lensllm_jax.benchmark import metrics
+from lensllm_jax.data.curves import CurveTable
+from lensllm_jax.selection.base import Selection
 
 
 def _table(n_params):

@@ -31,7 +31,6 @@ def _json_outputs(nb) -> dict:
 
 @pytest.mark.slow
 def test_notebook_runs(fts_dir, published_csv, monkeypatch, tmp_path):
-    pytest.importorskip("lensllm_jax.select", reason="select.py not landed yet")
     monkeypatch.setenv("LENSLLM_DATA", str(fts_dir))  # the kernel inherits it: no download
     monkeypatch.setenv("LENSLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from lensllm_jax import ntk
+from lensllm_jax.core import ntk
+from lensllm_jax.errors import LensLLMError
 
 # ----------------------------------------------------------------------------- tiny models
 
@@ -215,7 +216,6 @@ class FakeDevice:
 
 
 def test_auto_chunk_follows_the_memory_rule(monkeypatch):
-    monkeypatch.delenv(ntk.MEMORY_ENV, raising=False)
     gib = 2**30
     # GPT-2 small (124,439,808 params) on an H200-like device: bf16 Jacobians, 100 GiB free
     # of a 104 GiB pool -> budget 50 GiB -> c_max 215 >= 64: one block of all 64.
@@ -230,18 +230,23 @@ def test_auto_chunk_follows_the_memory_rule(monkeypatch):
     )
     assert budget == 20 * gib
     assert ntk.auto_chunk_size(64, 4 * p, budget) == 16
-    # a device without statistics (CPU) gets the fixed host budget; the env var overrides both
+    # a device without statistics (CPU) gets the fixed host budget; the argument beats both
     assert ntk.memory_budget(device=FakeDevice(None)) == ntk.HOST_MEMORY_BUDGET == 2 * gib
-    monkeypatch.setenv(ntk.MEMORY_ENV, "3GiB")
-    assert ntk.memory_budget(device=fake_h200) == 3 * gib
-    monkeypatch.setenv(ntk.MEMORY_ENV, "5e8")
-    assert ntk.memory_budget() == 500_000_000
-    assert ntk.memory_budget(123) == 123  # the argument beats the env var
-    monkeypatch.setenv(ntk.MEMORY_ENV, "lots")
-    with pytest.raises(ntk.NTKError, match=r"LENSLLM_NTK_MEMORY.*byte count"):
-        ntk.memory_budget()
+    assert ntk.memory_budget(123, device=fake_h200) == 123
     with pytest.raises(ntk.NTKError, match="memory_budget_bytes"):
         ntk.memory_budget(-1)
+    # `lensllm run` reads $LENSLLM_NTK_MEMORY (the core reads no environment) and passes it in
+    from lensllm_jax.runner import measure
+
+    monkeypatch.delenv(measure.MEMORY_ENV, raising=False)
+    assert measure.ntk_memory_budget() is None
+    monkeypatch.setenv(measure.MEMORY_ENV, "3GiB")
+    assert measure.ntk_memory_budget() == 3 * gib
+    monkeypatch.setenv(measure.MEMORY_ENV, "5e8")
+    assert measure.ntk_memory_budget() == 500_000_000
+    monkeypatch.setenv(measure.MEMORY_ENV, "lots")
+    with pytest.raises(ntk.NTKError, match=r"LENSLLM_NTK_MEMORY.*byte count"):
+        measure.ntk_memory_budget()
     # the closed form equals the brute-force statement of the rule on a grid of sizes
     for n in (1, 2, 7, 16, 63, 64, 65, 100):
         for per in (1, 3, 1000, 4 * p):
@@ -429,8 +434,8 @@ def test_bad_ntk_inputs_raise_one_line_errors():
     nan_f = lambda p, x: mlp_apply(p, x) * jnp.log(x[:, :1] - 2.0)  # noqa: E731
     with pytest.raises(ntk.NTKError, match=r"'llama'.*non-finite"):
         ntk.empirical_ntk(nan_f, params, x, name="llama")
-    for err in ntk.NTKError.__mro__[:2]:
-        assert issubclass(err, ValueError)
+    assert issubclass(ntk.NTKError, ValueError)
+    assert issubclass(ntk.NTKError, LensLLMError)
 
 
 @pytest.mark.slow

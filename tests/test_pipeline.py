@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lensllm_jax import cli, curves, pipeline
-from lensllm_jax.curves import CurveTable
+from lensllm_jax import cli
+from lensllm_jax.data import curves
+from lensllm_jax.data.curves import CurveTable
+from lensllm_jax.models import lm_probe
+from lensllm_jax.runner import checks, job, measure
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -230,7 +233,14 @@ def _csv_rows(text: str) -> list[dict]:
 def test_run_writes_results_that_select_reranks_identically(world, done, capsys):
     out_dir = done["out_dir"]
     names = sorted(p.name for p in out_dir.iterdir())
-    assert names == ["candidates", "curves.csv", "manifest.json", "ranking.csv", "report.json"]
+    assert names == [
+        "candidates",
+        "curves.csv",
+        "manifest.json",
+        "ntk_features.csv",
+        "ranking.csv",
+        "report.json",
+    ]
     assert not list(out_dir.rglob("*.part"))
     ranking_csv = (out_dir / "ranking.csv").read_text()
     assert done["out_csv"].read_text() == ranking_csv  # --format csv is the ranking file
@@ -264,16 +274,22 @@ def test_run_writes_results_that_select_reranks_identically(world, done, capsys)
     assert code == 0
     selected = _csv_rows(capsys.readouterr().out)
     assert selected == [r for r in rows if r["method"] == "LensLLM"]
+    # ... and with the run's NTK spectra, LensLLM-NTK too: every row the run wrote, exactly.
+    for ntk_arg in (out_dir, out_dir / "ntk_features.csv"):
+        argv = ["select", str(out_dir / "curves.csv"), "--target", "96", "--ntk", str(ntk_arg)]
+        assert cli.main([*argv, "--format", "csv"]) == 0
+        assert capsys.readouterr().out == ranking_csv
 
 
 def _probe(world, folder):
-    from lensllm_jax import models, textdata
+    from lensllm_jax import models
+    from lensllm_jax.data import text
 
-    examples = textdata.read_examples(world["data"])
-    split = textdata.split_examples(len(examples), num_test=TEST, num_probe=PROBE, seed=0)
+    examples = text.read_examples(world["data"])
+    split = text.split_examples(len(examples), num_test=TEST, num_probe=PROBE, seed=0)
     m = models.load(folder)
-    probe = textdata.tokenize(examples, m.tokenizer, max_length=32).take(split.probe)
-    return m, probe, pipeline.probe_batch(probe)
+    probe = text.tokenize(examples, m.tokenizer, max_length=32).take(split.probe)
+    return m, probe, lm_probe.probe_batch(probe)
 
 
 @pytest.mark.slow
@@ -282,7 +298,7 @@ def test_ntk_features_equal_a_dense_reference(world, done):
     per-example losses in float64, r from PyTorch's logits, F(t) from a dense eigh."""
     import jax
 
-    from lensllm_jax import ntk
+    from lensllm_jax.core import ntk
 
     saved = sorted((done["out_dir"] / "candidates").glob("*.npz"))
     assert len(saved) == 3
@@ -296,7 +312,7 @@ def test_ntk_features_equal_a_dense_reference(world, done):
 
         with jax.enable_x64(True):
             params64 = jax.tree.map(lambda x: np.asarray(x, np.float64), m.params)
-            jac = jax.jit(jax.jacrev(pipeline.probe_loss_fn(m.apply)))(params64, batch)
+            jac = jax.jit(jax.jacrev(lm_probe.probe_loss_fn(m.apply)))(params64, batch)
             flat = np.concatenate(
                 [np.asarray(j).reshape(PROBE, -1) for j in jax.tree.leaves(jac)], axis=1
             )
@@ -334,8 +350,8 @@ def test_hessian_trace_brackets_the_exact_trace(world):
     from jax.flatten_util import ravel_pytree
 
     m, _, batch = _probe(world, world["models"][1])
-    mean, stderr = pipeline.hessian_step(m.apply, m.params, batch, num_probes=16, seed=0, name="x")
-    loss = pipeline.probe_loss_fn(m.apply)
+    mean, stderr = measure.hessian_step(m.apply, m.params, batch, num_probes=16, seed=0, name="x")
+    loss = lm_probe.probe_loss_fn(m.apply)
     with jax.enable_x64(True):
         flat, unravel = ravel_pytree(jax.tree.map(lambda x: np.asarray(x, np.float64), m.params))
         hess = jax.jit(jax.hessian(lambda v: loss(unravel(v), batch).mean()))(flat)
@@ -353,7 +369,8 @@ def test_interrupted_run_resumes_to_identical_bytes(world, done, tmp_path, monke
     computed (1 is read back), and ranking.csv / curves.csv equal the uninterrupted run's
     byte for byte (every candidate recomputed in this process: the run is deterministic).
     A third run loads nothing."""
-    from lensllm_jax import finetune, models
+    from lensllm_jax import models
+    from lensllm_jax.runner import finetune
 
     out_dir = tmp_path / "resumed"
     calls = {"load": 0, "curve": 0}
@@ -569,11 +586,11 @@ def test_missing_tokenizer_library_is_one_line(monkeypatch, tmp_path):
     def loader():
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
 
-    monkeypatch.setattr(pipeline, "_inspect", lambda p: (str(tmp_path), "gpt2", 10, loader))
+    monkeypatch.setattr(checks, "_inspect", lambda p: (str(tmp_path), "gpt2", 10, loader))
     from lensllm_jax.errors import LensLLMInputError
 
     with pytest.raises(LensLLMInputError) as info:
-        pipeline.check_candidates([str(tmp_path)])
+        checks.check_candidates([str(tmp_path)])
     msg = str(info.value)
     assert "transformers is not installed" in msg and "lensllm-jax[run]" in msg
     assert "\n" not in msg
@@ -589,8 +606,8 @@ def test_hessian_distance_step_equals_the_dense_quadratic_form(world):
     moved = jax.tree.map(
         lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), m.params
     )
-    got = pipeline.hessian_distance_step(m.apply, m.params, moved, batch, name="x")
-    loss = pipeline.probe_loss_fn(m.apply)
+    got = measure.hessian_distance_step(m.apply, m.params, moved, batch, name="x")
+    loss = lm_probe.probe_loss_fn(m.apply)
     with jax.enable_x64(True):
         to64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
         flat0, _ = ravel_pytree(to64(m.params))
@@ -606,11 +623,13 @@ def test_hessian_by_size_measures_the_fine_tuned_params(world, tmp_path):
     """--hessian measures the trace and vᵀHv at the params fine-tuned on each size: each
     entry equals `hessian_step` / `hessian_distance_step` on an independent fine-tune of
     that size (the run is deterministic), and report.json lists them with AtS's phase."""
-    from lensllm_jax import finetune, models, textdata
+    from lensllm_jax import models
+    from lensllm_jax.data import text
+    from lensllm_jax.runner import finetune
 
     sizes, probes = (8, 16, 32), 4
     config = finetune.FinetuneConfig(learning_rate=3e-3, epochs=2, min_steps=4)
-    res = pipeline.run(
+    res = job.run(
         [world["models"][0]],
         world["data"],
         sizes=sizes,
@@ -627,15 +646,15 @@ def test_hessian_by_size_measures_the_fine_tuned_params(world, tmp_path):
     assert np.isfinite(r.ft_hessian_trace).all() and np.isfinite(r.ft_hessian_distance).all()
     assert (r.ft_hessian_stderr > 0).all() and (r.ft_hessian_distance != 0).all()
 
-    examples = textdata.read_examples(world["data"])
-    split = textdata.split_examples(len(examples), num_test=TEST, num_probe=PROBE, seed=0)
+    examples = text.read_examples(world["data"])
+    split = text.split_examples(len(examples), num_test=TEST, num_probe=PROBE, seed=0)
     m = models.load(world["models"][0])
-    data = textdata.tokenize(examples, m.tokenizer, max_length=32)
-    pool, batch = data.take(split.pool), pipeline.probe_batch(data.take(split.probe))
-    sub = textdata.nested_subset(np.arange(pool.num_examples), sizes[1], seed=0)
+    data = text.tokenize(examples, m.tokenizer, max_length=32)
+    pool, batch = data.take(split.pool), lm_probe.probe_batch(data.take(split.probe))
+    sub = text.nested_subset(np.arange(pool.num_examples), sizes[1], seed=0)
     ft = finetune.finetune(m.apply, m.params, pool.take(sub), config, seed=0).params
-    tr, se = pipeline.hessian_step(m.apply, ft, batch, num_probes=probes, seed=0, name="x")
-    dist = pipeline.hessian_distance_step(m.apply, m.params, ft, batch, name="x")
+    tr, se = measure.hessian_step(m.apply, ft, batch, num_probes=probes, seed=0, name="x")
+    dist = measure.hessian_distance_step(m.apply, m.params, ft, batch, name="x")
     np.testing.assert_allclose(
         [r.ft_hessian_trace[1], r.ft_hessian_stderr[1], r.ft_hessian_distance[1]],
         [tr, se, dist],

@@ -89,11 +89,11 @@ def test_the_pretrained_model_wins_surely(world):
 def test_zero_shot_loss_equals_pytorch_on_the_same_gguf(world):
     """The run's zero-shot nats/byte of SmolLM2 from an independent implementation: PyTorch
     transformers dequantising the same GGUF, the same test examples and target bytes."""
-    from lensllm_jax import textdata
+    from lensllm_jax.data import text
 
-    examples = textdata.read_examples(world["data"])
-    split = textdata.split_examples(len(examples), num_test=16, num_probe=4, seed=0)
-    data = textdata.tokenize(examples, world["tok"], max_length=40).take(split.test)
+    examples = text.read_examples(world["data"])
+    split = text.split_examples(len(examples), num_test=16, num_probe=4, seed=0)
+    data = text.tokenize(examples, world["tok"], max_length=40).take(split.test)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(world["gguf"].parent),
         gguf_file=world["gguf"].name,

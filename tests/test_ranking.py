@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from lensllm_jax import cli, ranking, select
-from lensllm_jax.curves import read_curve_table
+from lensllm_jax import cli
+from lensllm_jax.data.curves import read_curve_table
 from lensllm_jax.errors import LensLLMInputError
+from lensllm_jax.selection import ranking, registry
 
 KEEP = ("config name", "0", "200", "400", "800", "1600", "3200", "6400", "size", "family")
 
@@ -41,7 +42,7 @@ def test_rank_orders_by_each_methods_prediction(small_table):
     table = read_curve_table(small_table)
     rows = ranking.rank(table, 1_638_400, ["AtS", "LensLLM"])
     for name in ("AtS", "LensLLM"):
-        scores = select.METHODS[name](table, 6400.0, 1_638_400.0).scores
+        scores = registry.METHODS[name](table, 6400.0, 1_638_400.0).scores
         got = [r for r in rows if r.method == name]
         assert [r.rank for r in got] == list(range(1, table.num_models + 1))
         assert [r.model for r in got] == [table.models[i] for i in np.argsort(scores)]

@@ -8,8 +8,9 @@ import functools
 import numpy as np
 import pytest
 
-from lensllm_jax import metrics, select
-from lensllm_jax.curves import read_curve_table
+from lensllm_jax.benchmark import metrics, protocol
+from lensllm_jax.data.curves import read_curve_table
+from lensllm_jax.selection import registry
 
 EXACT = ("AtS", "ZeroShot", "SubTuning", "ModelSize")
 DATASETS = ("flan", "gigaword")
@@ -27,10 +28,10 @@ def _published(path):
 def _ours(fts_dir, dataset, method):
     """{(budget, metric): value} for one method on one dataset, all 7 budgets."""
     table = read_curve_table(fts_dir / f"{dataset}.csv")
-    truth = table.column(select.TARGET)
+    truth = table.column(protocol.TARGET)
     out = {}
-    for ratio in select.BUDGET_RATIOS:
-        sel = select.METHODS[method](table, select.TARGET / ratio, select.TARGET)
+    for ratio in protocol.BUDGET_RATIOS:
+        sel = registry.METHODS[method](table, protocol.TARGET / ratio, protocol.TARGET)
         out[(f"1/{ratio}", "PearCorr")] = metrics.selection_pearson_percent(sel, truth)
         out[(f"1/{ratio}", "RelAcc")] = metrics.relacc_percent(sel.scores, truth)
     return out

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pytest
 
-from lensllm_jax import fit, select
-from lensllm_jax.curves import CurveTable, read_curve_table
+from lensllm_jax.benchmark import protocol
+from lensllm_jax.core import fit
+from lensllm_jax.data.curves import CurveTable, NTKSpectra, read_curve_table
 from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
+from lensllm_jax.selection import _fusion, baselines, lensllm, registry
 
 SIZES = 200.0 * 2.0 ** np.arange(14)  # 200 ... 1,638,400
 
@@ -37,29 +40,31 @@ def _synthetic(m=6, seed=0):
 def _with_future(table: CurveTable, budget: float, value: float) -> CurveTable:
     losses = table.losses.copy()
     losses[:, table.sizes > budget] = value
-    return CurveTable(
-        table.name,
-        table.models,
-        table.sizes,
-        losses,
-        table.zero_shot,
-        table.n_params,
-        table.families,
-    )
+    return dataclasses.replace(table, losses=losses)
 
 
-LAW_METHODS = ("VanillaFit", "RectifiedFit", "LensLLM")  # jit-compile on first use: slow
+def _with_spectra(table, n=8, seed=1):
+    """The table with random NTK spectra (λ >= 0, projections, η) for every candidate."""
+    rng = np.random.default_rng(seed)
+    lam = rng.gamma(0.5, 1.0, (table.num_models, n))
+    proj = rng.normal(0.0, 1.0, (table.num_models, n))
+    eta = np.full(table.num_models, 1e-4)
+    have = np.ones(table.num_models, bool)
+    return dataclasses.replace(table, ntk=NTKSpectra(lam, proj, eta, have))
+
+
+LAW_METHODS = ("VanillaFit", "RectifiedFit", "LensLLM", "LensLLM-NTK")  # compile on first use
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in LAW_METHODS else n for n in select.METHODS],
+    [pytest.param(n, marks=pytest.mark.slow) if n in LAW_METHODS else n for n in registry.METHODS],
 )
 def test_methods_never_see_sizes_above_budget(name):
-    table = _synthetic()
-    budget = select.TARGET / 64
-    a = select.METHODS[name](table, budget, select.TARGET)
-    b = select.METHODS[name](_with_future(table, budget, 1e-3), budget, select.TARGET)
+    table = _with_spectra(_synthetic())
+    budget = protocol.TARGET / 64
+    a = registry.METHODS[name](table, budget, protocol.TARGET)
+    b = registry.METHODS[name](_with_future(table, budget, 1e-3), budget, protocol.TARGET)
     np.testing.assert_array_equal(a.scores, b.scores)
     assert a.status == ("ok",) * table.num_models
     assert len(a.finetuned_sizes) == table.num_models
@@ -67,7 +72,7 @@ def test_methods_never_see_sizes_above_budget(name):
 
 
 def test_registry_and_protocol_constants():
-    assert list(select.METHODS) == [
+    assert list(registry.METHODS) == [
         "ZeroShot",
         "SubTuning",
         "ModelSize",
@@ -75,14 +80,15 @@ def test_registry_and_protocol_constants():
         "RectifiedFit",
         "AtS",
         "LensLLM",
+        "LensLLM-NTK",
     ]
-    assert select.TARGET == 1_638_400
-    assert select.BUDGET_RATIOS == (8, 16, 32, 64, 128, 256, 512)
+    assert protocol.TARGET == 1_638_400
+    assert protocol.BUDGET_RATIOS == (8, 16, 32, 64, 128, 256, 512)
 
 
 def test_too_few_points_is_one_line_input_error():
     with pytest.raises(LensLLMInputError, match="leaves 2 fine-tuned sizes"):
-        select.ats(_synthetic(), 400.0, select.TARGET)
+        baselines.ats(_synthetic(), 400.0, protocol.TARGET)
 
 
 def _reference_ats(d, l_obs, target, k=3, delta=5.0):
@@ -107,12 +113,12 @@ def test_ats_matches_reference_and_stops_at_phase_change():
     pre = 50.0 * 3200**-0.3 * (1.0 + 0.02 * np.log2(3200 / d))
     l_obs = np.where(d >= 3200, 50.0 * d**-0.3, pre)
     l_obs = l_obs * np.exp(1e-3 * (-1.0) ** np.arange(d.size))  # noise of a known size
-    first = select.ats_first_point(np.log(d), np.log(l_obs))
+    first = baselines.ats_first_point(np.log(d), np.log(l_obs))
     assert d[first] == 3200.0
     table = CurveTable("t", ("a",), d, l_obs[None], np.array([9.0]), np.array([1.0]), ("f",))
-    got = select.ats(table, d[-1], select.TARGET).scores[0]
-    assert got == pytest.approx(_reference_ats(d, l_obs, select.TARGET), rel=1e-10)
-    assert got == pytest.approx(50.0 * select.TARGET**-0.3, rel=1e-3)
+    got = baselines.ats(table, d[-1], protocol.TARGET).scores[0]
+    assert got == pytest.approx(_reference_ats(d, l_obs, protocol.TARGET), rel=1e-10)
+    assert got == pytest.approx(50.0 * protocol.TARGET**-0.3, rel=1e-3)
 
 
 @pytest.mark.slow
@@ -125,7 +131,7 @@ def test_failed_fit_is_status_nan_warning_and_ranks_last():
     )
     for name in ("VanillaFit", "LensLLM"):
         with pytest.warns(CurveFitWarning, match="1 of 6"):
-            sel = select.METHODS[name](bad, 6400.0, select.TARGET)
+            sel = registry.METHODS[name](bad, 6400.0, protocol.TARGET)
         assert sel.status[2] == "failed"
         assert np.isnan(sel.scores[2])
         assert all(s == "ok" for i, s in enumerate(sel.status) if i != 2)
@@ -137,7 +143,9 @@ def test_lensllm_law_recovers_synthetic_extrapolation():
     table = _synthetic()
     with warnings.catch_warnings():
         warnings.simplefilter("error", CurveFitWarning)
-        pred, ok, rmse = select.lensllm_law_predictions(table, select.TARGET / 8)
+        pred, ok, rmse = lensllm.lensllm_law_predictions(
+            table, protocol.TARGET / 8, protocol.TARGET
+        )
     assert ok.all()
     assert np.all(rmse < 0.005)
     np.testing.assert_allclose(pred, table.losses[:, -1], rtol=0.03)
@@ -166,22 +174,22 @@ def test_fay_herriot_shrinks_toward_the_trend_and_lowers_error():
     var = rng.uniform(0.005, 0.05, n)
     var[0] = 1e-12
     est = theta + rng.normal(size=n) * np.sqrt(var)
-    post = select._fay_herriot(est, var, np.column_stack([np.ones(n), x]))
+    post = _fusion._fay_herriot(est, var, np.column_stack([np.ones(n), x]))
     assert np.mean((post - theta) ** 2) < 0.6 * np.mean((est - theta) ** 2)
     # Oracle posterior (τ² = 0.01 and the trend known): the EB estimate is close to it.
     oracle = (est / var + (1 + 2 * x) / 0.01) / (1 / var + 1 / 0.01)
     assert np.mean((post - oracle) ** 2) < 0.05 * np.mean((est - theta) ** 2)
     assert post[0] == pytest.approx(est[0], abs=1e-8)
     # Too few candidates to estimate a trend and τ²: unchanged.
-    np.testing.assert_array_equal(select._fay_herriot(est[:3], var[:3], np.ones((3, 2))), est[:3])
+    np.testing.assert_array_equal(_fusion._fay_herriot(est[:3], var[:3], np.ones((3, 2))), est[:3])
 
 
 def _mean_metrics(method, table, target):
-    from lensllm_jax import metrics
+    from lensllm_jax.benchmark import metrics
 
     truth = table.column(target)
     pears, rel = [], []
-    for ratio in select.BUDGET_RATIOS:
+    for ratio in protocol.BUDGET_RATIOS:
         budget = target / ratio
         if (table.sizes <= budget).sum() < 3:
             continue
@@ -205,15 +213,15 @@ def test_lensllm_beats_ats_on_both_datasets_and_holds_on_pseudo_targets(fts_dir,
                 published.setdefault(key, []).append(float(row["value_percent"]))
     for name in ("flan", "gigaword"):
         table = read_curve_table(fts_dir / f"{name}.csv")
-        ours = _mean_metrics(select.lensllm, table, select.TARGET)
-        ats = _mean_metrics(select.ats, table, select.TARGET)
+        ours = _mean_metrics(lensllm.lensllm, table, protocol.TARGET)
+        ats = _mean_metrics(baselines.ats, table, protocol.TARGET)
         pub = (np.mean(published[(name, "PearCorr")]), np.mean(published[(name, "RelAcc")]))
         assert ours[0] > max(ats[0], pub[0]), (name, ours, ats, pub)
         assert ours[1] > max(ats[1], pub[1]), (name, ours, ats, pub)
         # Held-out check against fitting choices to one target: with targets 819,200 and
         # 409,600 (budgets T/8 ... T/512), LensLLM does not lose to AtS on average.
         pseudo = [
-            (_mean_metrics(select.lensllm, table, t), _mean_metrics(select.ats, table, t))
+            (_mean_metrics(lensllm.lensllm, table, t), _mean_metrics(baselines.ats, table, t))
             for t in (819_200, 409_600)
         ]
         for k in (0, 1):

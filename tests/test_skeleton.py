@@ -1,7 +1,7 @@
 import numpy as np
 
 import lensllm_jax
-from lensllm_jax.curves import CurveTable
+from lensllm_jax.data.curves import CurveTable
 
 
 def test_version_and_table():

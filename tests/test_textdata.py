@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lensllm_jax.errors import LensLLMInputError
-from lensllm_jax.textdata import (
+from lensllm_jax.data.text import (
     Example,
     TokenData,
     nested_subset,
@@ -17,6 +16,7 @@ from lensllm_jax.textdata import (
     split_examples,
     tokenize,
 )
+from lensllm_jax.errors import LensLLMInputError
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,é"
 

@@ -6,8 +6,9 @@ GPT-NeoX, loaded from Hugging Face safetensors (single or sharded), GGUF, or the
     losses = models.per_example_loss(m.apply, m.params, {"tokens": t, "loss_mask": lm})
 """
 
+from lensllm_jax.errors import ModelConfigError, ModelLoadError
+
 from .config import FAMILY_OF_MODEL_TYPE, LMConfig, config_from_hf
-from .errors import ModelConfigError, ModelLoadError
 from .loading import CausalLM, ModelInfo, from_config, inspect, load, resolve_cached_repo
 from .losses import count_params, greedy_generate, per_example_loss, token_logprobs
 

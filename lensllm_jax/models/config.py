@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ModelConfigError
+from lensllm_jax.errors import ModelConfigError
 
 __all__ = ["FAMILY_OF_MODEL_TYPE", "LMConfig", "config_from_hf"]
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from lensllm_jax.errors import ModelConfigError, ModelLoadError
+
 from .config import LMConfig
-from .errors import ModelConfigError, ModelLoadError
 from .weights import TensorRef
 
 __all__ = ["gguf_config", "gguf_name", "gguf_refs", "open_gguf", "unpermute_qk"]

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lensllm_jax.errors import ModelConfigError
+
 from .config import LMConfig
-from .errors import ModelConfigError
 
 __all__ = [
     "ACTIVATIONS",

@@ -18,8 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lensllm_jax.errors import ModelLoadError
+
 from .config import LMConfig, config_from_hf
-from .errors import ModelLoadError
 from .losses import count_params, per_example_loss, token_logprobs
 from .weights import TensorRef, build_params, read_safetensors_index, safetensors_refs
 

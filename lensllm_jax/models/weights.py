@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from lensllm_jax.errors import ModelLoadError
+
 from .config import LMConfig
-from .errors import ModelLoadError
 
 __all__ = [
     "TensorRef",

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from lensllm_jax.errors import HessianError
+
 __all__ = [
     "SAMPLERS",
     "EigenEstimate",
@@ -56,10 +58,6 @@ __all__ = [
 PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]
 GroupBy = Literal["leaf", "top"] | Callable[[tuple], Hashable]
-
-
-class HessianError(ValueError):
-    """Bad input to a Hessian function (one line: what, where, what to do)."""
 
 
 class TraceEstimate(NamedTuple):

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -51,9 +49,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax import _ntk_blocks
+from lensllm_jax.core import _ntk_blocks
+from lensllm_jax.core._ntk_checks import (
+    _batch_size,
+    _check_finite,
+    _check_same_structure,
+    _is_concrete,
+    _normalise_trace_axes,
+    _where,
+)
+from lensllm_jax.core._ntk_memory import (
+    DEVICE_MEMORY_FRACTION,
+    HOST_MEMORY_BUDGET,
+    auto_chunk_size,
+    jacobian_bytes_per_example,
+    memory_budget,
+    parse_bytes,
+)
+from lensllm_jax.core.ntk_loss import (
+    KernelDiagnostics,
+    NTKFeatures,
+    check_kernel,
+    checked_features,
+    features,
+    kernel_diagnostics,
+    ntk_test_loss,
+    ntk_test_loss_from_features,
+)
+from lensllm_jax.errors import NTKError
 
 __all__ = [
+    "DEVICE_MEMORY_FRACTION",
+    "HOST_MEMORY_BUDGET",
     "KernelDiagnostics",
     "NTKError",
     "NTKFeatures",
@@ -73,6 +100,7 @@ __all__ = [
     "ntk_test_loss",
     "ntk_test_loss_from_features",
     "ntk_vp",
+    "parse_bytes",
 ]
 
 PyTree = Any
@@ -80,188 +108,12 @@ ApplyFn = Callable[[PyTree, PyTree], jax.Array]
 KernelFn = Callable[..., jax.Array]
 ChunkSize = int | str | None  # examples per Jacobian block, "auto" (memory budget) or None (all)
 
-MEMORY_ENV = "LENSLLM_NTK_MEMORY"  # bytes for the two Jacobian blocks, e.g. "8GiB" or "5e8"
-HOST_MEMORY_BUDGET = 2 * 1024**3  # when the device reports no memory (CPU): 2 GiB
-DEVICE_MEMORY_FRACTION = 0.5  # of the device's free memory; the rest is for activations
-
-
-class NTKError(ValueError):
-    """Bad input to an NTK function (one line: what, where, what to do)."""
-
 
 class NtkImplementation(enum.Enum):
     """How the empirical NTK is computed (see each `_ntk_*` function for its cost)."""
 
     JACOBIAN_CONTRACTION = "jacobian_contraction"
     NTK_VECTOR_PRODUCTS = "ntk_vector_products"
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _where(name: str | None) -> str:
-    return f" for {name!r}" if name else ""
-
-
-def _batch_size(x: PyTree, arg: str, name: str | None) -> int:
-    leaves = jax.tree.leaves(x)
-    if not leaves:
-        raise NTKError(f"{arg}{_where(name)} has no array leaves; pass a batch with a leading axis")
-    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
-    if None in sizes or len(sizes) != 1:
-        raise NTKError(
-            f"{arg}{_where(name)}: every leaf needs the same leading batch axis, got sizes "
-            f"{sorted(s for s in sizes if s is not None)}{' and a scalar' if None in sizes else ''}"
-        )
-    return sizes.pop()
-
-
-def _check_same_structure(x1: PyTree, x2: PyTree, name: str | None) -> None:
-    s1, s2 = jax.tree.structure(x1), jax.tree.structure(x2)
-    if s1 != s2:
-        raise NTKError(f"x1 and x2{_where(name)} have different pytree structures: {s1} vs {s2}")
-    for l1, l2 in zip(jax.tree.leaves(x1), jax.tree.leaves(x2), strict=True):
-        if np.shape(l1)[1:] != np.shape(l2)[1:]:
-            raise NTKError(
-                f"x1 and x2{_where(name)} differ in per-example shape: "
-                f"{np.shape(l1)[1:]} vs {np.shape(l2)[1:]}; pad or crop to one shape"
-            )
-
-
-def _normalise_trace_axes(
-    trace_axes: Sequence[int] | None, out_ndim: int, name: str | None
-) -> tuple[int, ...]:
-    """Axes of the full output (N, *out) to trace; never the batch axis 0."""
-    if trace_axes is None:
-        return tuple(range(1, out_ndim))
-    axes = []
-    for ax in trace_axes:
-        a = ax + out_ndim if ax < 0 else ax
-        if not 1 <= a < out_ndim:
-            raise NTKError(
-                f"trace_axes{_where(name)} has {ax}, but outputs have {out_ndim} axes and axis 0 "
-                "is the batch; use axes 1..ndim-1 (or negatives)"
-            )
-        axes.append(a)
-    if len(set(axes)) != len(axes):
-        raise NTKError(f"trace_axes{_where(name)} repeats an axis: {tuple(trace_axes)}")
-    return tuple(sorted(axes))
-
-
-def _is_concrete(x: Any) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
-
-
-def _check_finite(arr: jax.Array, what: str, name: str | None) -> None:
-    a = np.asarray(arr)
-    if not np.all(np.isfinite(a)):
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        raise NTKError(
-            f"{what}{_where(name)} has {bad} non-finite entries (NaN/inf); check the model's "
-            "outputs / loss on this batch (overflow, log(0), bad tokens)"
-        )
-
-
-# ----------------------------------------------------------------------------- memory budget
-
-_BYTE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "kib": 2**10,
-    "m": 10**6,
-    "mb": 10**6,
-    "mib": 2**20,
-    "g": 10**9,
-    "gb": 10**9,
-    "gib": 2**30,
-    "t": 10**12,
-    "tb": 10**12,
-    "tib": 2**40,
-}
-
-
-def _parse_bytes(text: str, what: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m and _BYTE_UNITS.get(m.group(2).lower())
-    if not m or unit is None or float(m.group(1)) * unit < 1:
-        raise NTKError(
-            f"{what} = {text!r} is not a positive byte count; use e.g. 8GiB, 500MB or 2e9"
-        )
-    return int(float(m.group(1)) * unit)
-
-
-def memory_budget(
-    memory_budget_bytes: int | None = None,
-    *,
-    device: Any = None,
-    fraction: float = DEVICE_MEMORY_FRACTION,
-) -> int:
-    """Bytes the two live Jacobian blocks of JACOBIAN_CONTRACTION may take (`chunk_size="auto"`).
-
-    The first rule that applies:
-      1. `memory_budget_bytes` when given;
-      2. the environment variable LENSLLM_NTK_MEMORY (bytes, or with a unit: "8GiB", "500MB");
-      3. `fraction` (default 0.5) of the device's free memory, bytes_limit − bytes_in_use of
-         `device.memory_stats()` (GPU / TPU; default device `jax.devices()[0]`): the other half
-         is left for the activations of a chunk, the Gram and XLA's temporaries;
-      4. HOST_MEMORY_BUDGET (2 GiB) when the device reports no memory statistics (CPU).
-    Cost: one `memory_stats()` query (no device work).
-    """
-    if memory_budget_bytes is not None:
-        if not isinstance(memory_budget_bytes, int | np.integer) or memory_budget_bytes < 1:
-            raise NTKError(
-                f"memory_budget_bytes must be a positive int (bytes), got {memory_budget_bytes!r}"
-            )
-        return int(memory_budget_bytes)
-    env = os.environ.get(MEMORY_ENV)
-    if env:
-        return _parse_bytes(env, MEMORY_ENV)
-    dev = device if device is not None else jax.devices()[0]
-    try:
-        stats = dev.memory_stats()
-    except Exception:  # backends without allocator statistics raise or return None
-        stats = None
-    if stats and "bytes_limit" in stats:
-        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-        return max(1, int(fraction * free))
-    return HOST_MEMORY_BUDGET
-
-
-def jacobian_bytes_per_example(
-    params: PyTree, n_outputs: int = 1, jacobian_dtype: Any = None
-) -> int:
-    """Bytes of one example's Jacobian: n_outputs (= A·C) x Σ_leaves size · itemsize, with the
-    itemsize of `jacobian_dtype` when given, else of each leaf (gradients keep params' dtypes)."""
-    total = 0
-    for leaf in jax.tree.leaves(params):
-        dt = jnp.dtype(jacobian_dtype) if jacobian_dtype is not None else jnp.result_type(leaf)
-        total += int(np.prod(np.shape(leaf), dtype=np.int64)) * dt.itemsize
-    return int(n_outputs) * total
-
-
-def auto_chunk_size(n: int, bytes_per_example: int, budget_bytes: int) -> int:
-    """Examples per Jacobian block such that two blocks fit the budget: a pure function.
-
-    c_max = max(1, ⌊budget / (2 · bytes_per_example)⌋) (the row and the column block of
-    `_ntk_blocks`; a chunk of one is always allowed, even over budget). If c_max >= n, all n at
-    once; otherwise the fewest blocks nb = ⌈n / c_max⌉, balanced as c = ⌈n / nb⌉ <= c_max so the
-    last block wastes as little padding as possible (64 with c_max = 40: 2 blocks of 32, not 40 +
-    24 padded to 40). Cost of the choice: a symmetric kernel computes 1 + nb (nb − 1) / 2 chunk
-    Jacobians (nb when nb <= 2), i.e. (1 + nb (nb − 1) / 2) / nb per-example-gradient passes
-    over the batch (1, 1, 4/3, 7/4 for nb = 1..4): a larger budget means fewer passes.
-    """
-    if n < 1 or bytes_per_example < 1 or budget_bytes < 1:
-        raise NTKError(
-            f"auto_chunk_size needs positive sizes, got n={n}, bytes_per_example="
-            f"{bytes_per_example}, budget_bytes={budget_bytes}"
-        )
-    c_max = max(1, budget_bytes // (2 * bytes_per_example))
-    if c_max >= n:
-        return n
-    nb = -(-n // c_max)
-    return -(-n // nb)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -430,11 +282,11 @@ def empirical_ntk_fn(
         params to make the backward passes themselves bf16.
       precision: `lax.Precision` for the Gram contractions (e.g. HIGHEST to avoid TF32 on GPU).
       memory_budget_bytes: bytes for the two Jacobian blocks when chunk_size="auto" (default:
-        $LENSLLM_NTK_MEMORY, else from the device; see `memory_budget`).
+        from the device; see `memory_budget`).
 
     The returned function is jittable (shape checks at trace time); outside `jit` it also
     checks the kernel for NaN/inf and names `name` in the error. Keep and reuse it: it compiles
-    once per input shape (`empirical_ntk` builds a fresh one, so it compiles on every call).
+    once per input shape (`empirical_ntk` caches one per (f, options), so it does too).
     """
     try:
         impl = NtkImplementation(implementation)
@@ -640,124 +492,3 @@ def causal_lm_token_logprobs(
         return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
     return token_logprobs
-
-
-# ----------------------------------------------------------------------------- test loss
-
-
-class NTKFeatures(NamedTuple):
-    """What F(Θ, t) needs of a kernel: Θ = U diag(eigenvalues) Uᵀ, projected_residual = Uᵀ r.
-
-    eigenvalues: (..., N), clipped to >= 0; projected_residual: (..., N).
-    """
-
-    eigenvalues: jax.Array
-    projected_residual: jax.Array
-
-
-class KernelDiagnostics(NamedTuple):
-    """How far a kernel is from symmetric PSD (all relative to max |λ|, 0 for a clean kernel).
-
-    asymmetry: max |Θ − Θᵀ| / max |Θ|; min_eigenvalue: smallest eigenvalue of (Θ + Θᵀ)/2;
-    clipped: Σ max(−λ_k, 0) / max_k |λ_k|, the eigenvalue mass that `features` set to zero.
-    """
-
-    asymmetry: jax.Array
-    min_eigenvalue: jax.Array
-    clipped: jax.Array
-
-
-def _sym(theta: jax.Array) -> jax.Array:
-    return 0.5 * (theta + jnp.swapaxes(theta, -1, -2))
-
-
-def features(theta: jax.Array, residual: jax.Array) -> NTKFeatures:
-    """Eigendecompose the symmetrised kernel once: O(N³) FLOPs, O(N²) memory; jittable.
-
-    theta: (..., N, N) symmetric PSD up to round-off; residual: (..., N) = f0(X) − y.
-    Negative eigenvalues (round-off) are clipped to 0; see `kernel_diagnostics` for how much.
-    """
-    theta = jnp.asarray(theta)
-    residual = jnp.asarray(residual, dtype=theta.dtype)
-    lam, u = jnp.linalg.eigh(_sym(theta))
-    proj = jnp.einsum("...nk,...n->...k", u, residual)
-    return NTKFeatures(jnp.maximum(lam, 0.0), proj)
-
-
-def ntk_test_loss_from_features(features: NTKFeatures, t: Any, eta: Any) -> jax.Array:
-    """F(t) = Σ_k exp(−2 η λ_k t) (u_kᵀ r)²: O(N) FLOPs; differentiable in t and η.
-
-    t and eta broadcast against the leading axes of `features` (scalars for one candidate).
-    Stable for any λ >= 0 and η t >= 0: exponents are <= 0, so large λ (1e8 and beyond) give
-    exp -> 0 and finite gradients (−2 λ t e^{−2ηλt} -> 0), never overflow.
-    """
-    lam, proj = features
-    t = jnp.asarray(t)[..., None]
-    eta = jnp.asarray(eta)[..., None]
-    return jnp.sum(jnp.exp(-2.0 * eta * t * lam) * proj**2, axis=-1)
-
-
-def ntk_test_loss(theta: jax.Array, residual: jax.Array, t: Any, eta: Any) -> jax.Array:
-    """F(Θ, t) = ‖expm(−η Θ t) r‖², by `eigh` (= `ntk_test_loss_from_features(features(Θ, r))`).
-
-    O(N³) for the eigendecomposition; vmappable over candidates; differentiable in t and η.
-    """
-    return ntk_test_loss_from_features(features(theta, residual), t, eta)
-
-
-def kernel_diagnostics(theta: jax.Array) -> KernelDiagnostics:
-    """Asymmetry and negative-eigenvalue mass of a kernel (jittable; O(N³))."""
-    theta = jnp.asarray(theta)
-    lam = jnp.linalg.eigvalsh(_sym(theta))
-    scale = jnp.maximum(jnp.max(jnp.abs(lam), axis=-1), jnp.finfo(theta.dtype).tiny)
-    tscale = jnp.maximum(jnp.max(jnp.abs(theta), axis=(-2, -1)), jnp.finfo(theta.dtype).tiny)
-    asym = jnp.max(jnp.abs(theta - jnp.swapaxes(theta, -1, -2)), axis=(-2, -1)) / tscale
-    return KernelDiagnostics(asym, lam[..., 0], jnp.sum(jnp.maximum(-lam, 0.0), -1) / scale)
-
-
-def check_kernel(
-    theta: Any, *, name: str | None = None, rtol: float | None = None
-) -> KernelDiagnostics:
-    """Non-jittable front door: shape, finiteness and PSD-up-to-round-off checks.
-
-    Raises `NTKError` if Θ is not (..., N, N), has NaN/inf, or its asymmetry or clipped negative
-    eigenvalue mass (relative to max |λ|) exceeds `rtol` (default 1e-4 for float32, 1e-8 for
-    float64: round-off of a Gram matrix, a real non-PSD kernel is far above). Returns the
-    diagnostics (how much was symmetrised / clipped) otherwise.
-    """
-    arr = np.asarray(theta)
-    if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
-        raise NTKError(f"kernel{_where(name)} must be (..., N, N), got shape {arr.shape}")
-    _check_finite(arr, "kernel", name)
-    if rtol is None:
-        rtol = 1e-8 if arr.dtype == np.float64 else 1e-4
-    diag = kernel_diagnostics(jnp.asarray(arr))
-    asym, clipped = float(np.max(diag.asymmetry)), float(np.max(diag.clipped))
-    if asym > rtol:
-        raise NTKError(
-            f"kernel{_where(name)} is not symmetric (relative asymmetry {asym:.2e} > {rtol:.0e}); "
-            "pass a Gram matrix J Jᵀ, not a cross kernel"
-        )
-    if clipped > rtol:
-        raise NTKError(
-            f"kernel{_where(name)} is not PSD (negative eigenvalue mass {clipped:.2e} of max |λ| "
-            f"> {rtol:.0e}); it is not a Gram matrix"
-        )
-    return diag
-
-
-def checked_features(
-    theta: Any, residual: Any, *, name: str | None = None, rtol: float | None = None
-) -> tuple[NTKFeatures, KernelDiagnostics]:
-    """`check_kernel` + residual checks, then `features`. Non-jittable; returns the diagnostics
-    (asymmetry removed and eigenvalue mass clipped) alongside the features."""
-    diag = check_kernel(theta, name=name, rtol=rtol)
-    r = np.asarray(residual)
-    t = np.asarray(theta)
-    if r.shape != t.shape[:-1]:
-        raise NTKError(
-            f"residual{_where(name)} has shape {r.shape}, expected {t.shape[:-1]} "
-            "(one entry per kernel row)"
-        )
-    _check_finite(r, "residual", name)
-    return features(jnp.asarray(t), jnp.asarray(r, dtype=t.dtype)), diag

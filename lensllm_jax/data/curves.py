@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lensllm_jax._files import read_input, write_atomic
+from lensllm_jax.data._files import read_input, write_atomic
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [
     "CurveTable",
+    "NTKSpectra",
     "budget_label",
     "check_budget",
     "check_protocol",
@@ -51,6 +52,24 @@ SE_PREFIX = "se_"  # se_<size>: the standard error of that size's loss (optional
 
 
 @dataclass(frozen=True)
+class NTKSpectra:
+    """Each candidate's NTK on a probe set, as F(Θ, t) needs it: Θ = U diag(λ) Uᵀ, c = Uᵀ r.
+
+    Attributes:
+      eigenvalues: (M, N) λ_k >= 0; rows of candidates with fewer probes are padded with 0
+        (with c_k = 0 a padded entry adds nothing to F).
+      projected_residual: (M, N) c_k = u_kᵀ r, r = f0(X) − y.
+      eta: (M,) the learning rate η of F(Θ, t) = Σ_k e^{−2ηλ_k t} c_k².
+      available: (M,) bool, False for a candidate without a spectrum.
+    """
+
+    eigenvalues: np.ndarray
+    projected_residual: np.ndarray
+    eta: np.ndarray
+    available: np.ndarray
+
+
+@dataclass(frozen=True)
 class CurveTable:
     """Test losses of M candidate models fine-tuned on S subset sizes.
 
@@ -65,6 +84,8 @@ class CurveTable:
       source: where the table came from (a path, for error messages); "" if built in memory.
       loss_se: (M, S) standard errors of `losses` (from a finite test set; NaN = unknown),
         or None. In a CSV, optional columns ``se_<size>`` (e.g. ``se_200``).
+      ntk: the candidates' NTK spectra (`NTKSpectra`, for LensLLM-NTK), or None. Not part
+        of the CSV: `data.spectra` reads and writes them beside it.
     """
 
     name: str
@@ -76,6 +97,7 @@ class CurveTable:
     families: tuple[str, ...]
     source: str = ""
     loss_se: np.ndarray | None = None
+    ntk: NTKSpectra | None = None
 
     @property
     def num_models(self) -> int:

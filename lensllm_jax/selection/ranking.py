@@ -1,4 +1,4 @@
-"""Rank your own candidates from your own small fine-tunes: the `lensllm select` job.
+"""One ranking path for every method: scores -> places (failed last) -> P(best).
 
 Input: a curve table in the benchmark's layout (``config name``, the zero-shot column ``0``,
 one column per fine-tuning subset size D, ``size`` = parameters, ``family``), holding the
@@ -6,10 +6,12 @@ test loss of each candidate fine-tuned on each of a few small nested subsets. Ev
 selection method sees all of those sizes (the budget is the largest) and scores each
 candidate for the full data size `target`; for the law-based methods and AtS the score is
 the predicted test loss L(target). Candidates are ranked by score, lower first; a failed
-fit ranks last with status "failed". For LensLLM each row also carries P(best), the
-probability that the candidate is truly the best at the target under the benchmark-
-calibrated error model of `confidence` (σ = c · log₂(target / largest size)), widened by
-the largest size's standard error when the table has ``se_<size>`` columns.
+fit ranks last with status "failed", and so do candidates whose curves could not be
+measured at all (`failed=`). For a calibrated method (`Method.calibrated`: LensLLM) each
+row also carries P(best), the probability that the candidate is truly the best at the
+target under the benchmark-calibrated error model of `confidence` (σ = c · log₂(target /
+largest size)), widened by the largest size's standard error when the table has
+``se_<size>`` columns.
 
 Cost: that of the methods (one batched fit for the law-based ones, O(M·S²) for AtS).
 """
@@ -25,21 +27,22 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lensllm_jax.curves import CurveTable, check_budget
+from lensllm_jax.data.curves import CurveTable, check_budget
 from lensllm_jax.errors import LensLLMInputError
+from lensllm_jax.selection.base import Selection
+from lensllm_jax.selection.registry import DEFAULT_METHODS, Method, resolve_methods
 
 __all__ = [
     "COLUMNS",
-    "DEFAULT_METHODS",
     "RankRow",
     "credible_set_text",
     "rank",
+    "rank_selection",
     "rows_to_csv",
     "rows_to_json",
 ]
 
 COLUMNS = ("method", "rank", "model", "score", "status", "p_best")
-DEFAULT_METHODS = ("LensLLM",)
 
 
 class RankRow(NamedTuple):
@@ -51,19 +54,27 @@ class RankRow(NamedTuple):
     score: float  # predicted loss at the target for the fitting methods; NaN when failed
     status: str
     # P(this candidate is truly the best at the target) for the methods with a calibrated
-    # error model (`confidence.CONFIDENCE_METHODS`), NaN for the others and for failed fits.
+    # error model (`Method.calibrated`), NaN for the others and for failed fits.
     p_best: float = math.nan
 
 
-def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None) -> list[RankRow]:
+def rank(
+    table: CurveTable,
+    target: float,
+    methods: Sequence[str] | None = None,
+    *,
+    failed: Sequence[str] = (),
+) -> list[RankRow]:
     """Rank `table`'s candidates by each method's score for data size `target`.
 
-    Raises `LensLLMInputError` (one line) for a target not beyond the largest fine-tuned
-    size, fewer than 3 sizes, or an unknown method; nothing else raises for a bad curve.
-    """
-    from lensllm_jax.confidence import CONFIDENCE_METHODS, confidence
-    from lensllm_jax.reproduce import resolve_methods
+    Every method sees every size of the table (the budget is the largest). `failed` names
+    candidates outside the table whose curves could not be measured (a fine-tune that
+    diverged): they rank last under every method, status "failed".
 
+    Raises `LensLLMInputError` (one line) for a target not beyond the largest fine-tuned
+    size, fewer than 3 sizes, an unknown method, or an NTK method on a table without NTK
+    spectra; nothing else raises for a bad curve.
+    """
     chosen = resolve_methods(list(DEFAULT_METHODS) if methods is None else methods)
     largest = float(table.sizes[-1])
     if not (math.isfinite(target) and target > largest):
@@ -73,22 +84,45 @@ def rank(table: CurveTable, target: float, methods: Sequence[str] | None = None)
             hint="give --target the number of samples you will fine-tune on",
         )
     check_budget(table, largest)
-    noise = None  # the largest size's relative standard error, when the table has them
-    if table.loss_se is not None:
-        noise = np.asarray(table.loss_se, np.float64)[:, -1] / table.losses[:, -1]
     rows: list[RankRow] = []
     for name, method in chosen.items():
-        sel = method(table, largest, float(target))
-        scores = np.asarray(sel.scores, np.float64)
-        p_best = np.full(scores.shape, np.nan)
-        if name in CONFIDENCE_METHODS:
-            p_best = confidence(scores, largest, float(target), measurement_sd=noise).p_best
-        order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
+        mine = rank_selection(table, method, method(table, largest, float(target)), target)
+        rows.extend(mine)
         rows.extend(
-            RankRow(name, place, table.models[i], float(scores[i]), sel.status[i], float(p_best[i]))
-            for place, i in enumerate(order, start=1)
+            RankRow(name, len(mine) + k, model, math.nan, "failed")
+            for k, model in enumerate(failed, start=1)
         )
     return rows
+
+
+def rank_selection(
+    table: CurveTable, method: Method, sel: Selection, target: float
+) -> list[RankRow]:
+    """Rows for one method's `Selection` (lower first, NaN = failed, last); P(best) when the
+    method is calibrated (`confidence.confidence`, widened by the table's standard errors
+    of its largest size when it has them). Cost O(M log M), O(G·M) for P(best)."""
+    from lensllm_jax.selection.confidence import confidence
+
+    scores = np.asarray(sel.scores, np.float64)
+    largest = float(table.sizes[-1])
+    p_best = np.full(scores.shape, np.nan)
+    if method.calibrated:
+        noise = None  # the largest size's relative standard error, when the table has them
+        if table.loss_se is not None:
+            noise = np.asarray(table.loss_se, np.float64)[:, -1] / table.losses[:, -1]
+        p_best = confidence(scores, largest, float(target), measurement_sd=noise).p_best
+    order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
+    return [
+        RankRow(
+            method.name,
+            place,
+            table.models[i],
+            float(scores[i]),
+            sel.status[i],
+            float(p_best[i]),
+        )
+        for place, i in enumerate(order, start=1)
+    ]
 
 
 def rows_to_csv(rows: Sequence[RankRow]) -> str:
@@ -106,7 +140,7 @@ def rows_to_csv(rows: Sequence[RankRow]) -> str:
 def credible_set_text(rows: Sequence[RankRow], level: float = 0.9) -> str:
     """'A, B and C hold the best with probability >= 0.9' for one method's rows (with
     P(best)); '' when the rows carry none."""
-    from lensllm_jax.confidence import credible_set
+    from lensllm_jax.selection.confidence import credible_set
 
     p = np.array([r.p_best for r in rows], np.float64)
     if not np.isfinite(p).any():

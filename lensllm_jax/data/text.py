@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lensllm_jax._files import read_input
+from lensllm_jax.data._files import read_input
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [

@@ -1,15 +1,14 @@
-"""Where the fine-tuning scaling benchmark lives, and fetching it once.
+"""Where the fine-tuning scaling benchmark's curve tables come from.
 
 Search order (first hit wins):
 
-1. explicit paths (``lensllm reproduce --data PATH ...``): CSV files, or folders whose
-   ``*.csv`` files are all read;
-2. the folder in the environment variable ``LENSLLM_DATA`` (offline use);
-3. the cache folder ``$LENSLLM_CACHE/fts`` (default ``~/.cache/lensllm_jax/fts``), where
-   missing files are downloaded from Lin et al.'s public repository at a pinned commit,
-   written atomically (temporary file + rename) and checked against a SHA-256 digest;
-4. offline (the download cannot reach the host), a ``shared/data/fts`` folder beside a
-   source checkout of this package, as the project's own machines and CI lay it out.
+1. explicit ``--data`` entries: CSV files, folders (every ``*.csv`` in them), or a dataset
+   name: ``flan`` and ``gigaword`` are shipped inside the package (``benchmark/fts``, with
+   their Apache-2.0 licence); ``wmt19`` is downloaded once from Lin et al.'s public
+   repository at a pinned commit into ``$LENSLLM_CACHE/fts`` (default
+   ``~/.cache/lensllm_jax/fts``), written atomically and checked against a SHA-256 digest;
+2. the folder in the environment variable ``LENSLLM_DATA``;
+3. the shipped FLAN and Gigaword tables (no network needed).
 
 A cached file whose digest is wrong (a torn or edited copy) is fetched again; a downloaded
 file whose digest is wrong is an error, never used.
@@ -20,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
-from lensllm_jax._files import write_atomic
+from lensllm_jax.data._files import CACHE_ENV, cache_root, write_atomic
 from lensllm_jax.errors import DataUnavailableError, DownloadError, LensLLMInputError
 
 __all__ = [
@@ -31,9 +31,10 @@ __all__ = [
     "BENCHMARK_SHA256",
     "CACHE_ENV",
     "DATA_ENV",
+    "EMBEDDED_FILES",
     "benchmark_url",
     "cache_root",
-    "copy_beside_checkout",
+    "embedded_dir",
     "ensure_benchmark",
     "fetch_url",
     "resolve_data",
@@ -41,12 +42,12 @@ __all__ = [
 ]
 
 DATA_ENV = "LENSLLM_DATA"
-CACHE_ENV = "LENSLLM_CACHE"
 
 BENCHMARK_REPO = "linhaowei1/Fine-tuning-Scaling-Law"
 # The commit the digests below were taken from; pinning it makes the download reproducible.
 BENCHMARK_COMMIT = "b7012351b1635c0b276f4a256a3ad02eb3e24a1d"
 BENCHMARK_FILES = ("flan.csv", "gigaword.csv", "wmt19.csv")
+EMBEDDED_FILES = ("flan.csv", "gigaword.csv")  # shipped in lensllm_jax/benchmark/fts
 BENCHMARK_SHA256 = {
     # Digests of the files at BENCHMARK_COMMIT (flan and gigaword: the project's shared
     # copies, which are unchanged; wmt19: the repository file at that commit).
@@ -61,15 +62,6 @@ Fetcher = Callable[[str], bytes]
 def benchmark_url(filename: str, commit: str = BENCHMARK_COMMIT) -> str:
     """Raw URL of ``benchmark/<filename>`` in Lin et al.'s repository at `commit`."""
     return f"https://raw.githubusercontent.com/{BENCHMARK_REPO}/{commit}/benchmark/{filename}"
-
-
-def cache_root(env: Mapping[str, str] | None = None) -> Path:
-    """``$LENSLLM_CACHE``, else ``$XDG_CACHE_HOME/lensllm_jax``, else ``~/.cache/lensllm_jax``."""
-    env = os.environ if env is None else env
-    if env.get(CACHE_ENV):
-        return Path(env[CACHE_ENV]).expanduser()
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "lensllm_jax"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -153,18 +145,35 @@ def _csvs_in(folder: Path) -> list[Path]:
     return found
 
 
+def embedded_dir() -> Path:
+    """The folder of the FLAN and Gigaword tables shipped inside the package."""
+    return Path(str(resources.files("lensllm_jax.benchmark") / "fts"))
+
+
+def _dataset(name: str, env: Mapping[str, str], fetcher: Fetcher | None) -> Path:
+    """A benchmark dataset by name: shipped (flan, gigaword) or cached / downloaded."""
+    filename = f"{name}.csv"
+    if filename in EMBEDDED_FILES:
+        return embedded_dir() / filename
+    return ensure_benchmark(cache_root(env) / "fts", [filename], fetcher=fetcher)[0]
+
+
 def resolve_data(
     paths: Sequence[str | os.PathLike[str]] | None = None,
     *,
     env: Mapping[str, str] | None = None,
     fetcher: Fetcher | None = None,
 ) -> list[Path]:
-    """The CSV files to read: explicit `paths`, else ``$LENSLLM_DATA``, else the cache.
+    """The CSV files to read.
 
-    Folders expand to their ``*.csv`` files (sorted). A missing path is an error, not a
-    reason to fall back, so a typo never silently runs on other data.
+    Each of `paths` is a CSV file, a folder (its ``*.csv`` files, sorted) or the name of a
+    benchmark dataset (``flan``, ``gigaword``: shipped; ``wmt19``: downloaded once into the
+    cache and checked). Without `paths`: the folder in ``$LENSLLM_DATA``, else the shipped
+    FLAN and Gigaword tables, so the default needs no network. A missing path is an error,
+    not a reason to fall back, so a typo never silently runs on other data.
     """
     env = os.environ if env is None else env
+    names = {f.removesuffix(".csv") for f in BENCHMARK_FILES}
     if paths:
         out: list[Path] = []
         for p in map(Path, paths):
@@ -172,9 +181,14 @@ def resolve_data(
                 out.extend(_csvs_in(p))
             elif p.exists():
                 out.append(p)
+            elif str(p) in names:
+                out.append(_dataset(str(p), env, fetcher))
             else:
                 raise LensLLMInputError(
-                    "no such file or folder", file=p, hint="check the path given to --data"
+                    "no such file or folder, nor a benchmark dataset",
+                    file=p,
+                    hint="check the path given to --data, or name one of "
+                    + ", ".join(sorted(names)),
                 )
         return out
     if env.get(DATA_ENV):
@@ -186,20 +200,4 @@ def resolve_data(
                 hint=f"set {DATA_ENV} to the folder holding the benchmark CSVs, or unset it",
             )
         return _csvs_in(folder)
-    try:
-        return ensure_benchmark(cache_root(env) / "fts", fetcher=fetcher)
-    except DownloadError:
-        beside = copy_beside_checkout()
-        if beside is None:
-            raise
-        return _csvs_in(beside)
-
-
-def copy_beside_checkout() -> Path | None:
-    """``shared/data/fts`` next to a source checkout of this package (how the project's own
-    machines and CI provide the benchmark offline), or None when there is none."""
-    root = Path(__file__).resolve().parents[1]
-    folder = root.parent / "shared" / "data" / "fts"
-    if (root / "pyproject.toml").is_file() and (folder / "flan.csv").is_file():
-        return folder
-    return None
+    return [embedded_dir() / f for f in EMBEDDED_FILES]

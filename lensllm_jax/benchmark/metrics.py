@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lensllm_jax.curves import CurveTable
+from lensllm_jax.data.curves import CurveTable
 
 __all__ = [
     "cost_percent",

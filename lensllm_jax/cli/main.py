@@ -2,7 +2,8 @@
 
     lensllm reproduce [--data CSV|DIR ...] [--methods M ...] [--format table|csv|json]
                       [--out FILE]
-    lensllm select CSV --target N [--methods M ...] [--format table|csv|json] [--out FILE]
+    lensllm select CSV --target N [--ntk FILE|DIR] [--methods M ...]
+                   [--format table|csv|json] [--out FILE]
     lensllm run --models PATH [PATH ...] --data FILE [--sizes N ...] [--target N]
                 [--out-dir DIR] [fine-tuning, NTK and output options]
 
@@ -26,13 +27,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lensllm_jax._files import write_atomic
-from lensllm_jax.errors import LensLLMInputError
+from lensllm_jax.cli.render import render_ranking, render_run, render_table
+from lensllm_jax.data._files import write_atomic
+from lensllm_jax.errors import LensLLMError, LensLLMInputError
 
 __all__ = ["main"]
 
 PROG = "lensllm"
 FORMATS = ("table", "csv", "json")
+NTK_FILE = "ntk_features.csv"  # what `lensllm run` writes and `select --ntk DIR` reads
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _method_names() -> tuple[str, ...]:
-    from lensllm_jax.reproduce import method_names  # select is light: no jax until a fit
+    from lensllm_jax.selection.registry import method_names  # light: no jax until a fit
 
     return method_names()
 
@@ -96,7 +99,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="number of samples of the full fine-tuning run",
     )
-    _add_method_and_output_args(sel, default="LensLLM")
+    sel.add_argument(
+        "--ntk",
+        metavar="FILE|DIR",
+        help="the candidates' NTK spectra (ntk_features.csv, or a lensllm run folder "
+        "holding it): adds LensLLM-NTK to the default methods",
+    )
+    _add_method_and_output_args(sel, default="LensLLM; with --ntk also LensLLM-NTK")
     sel.set_defaults(handler=_cmd_select)
     _add_run_parser(sub)
     return parser
@@ -206,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except LensLLMInputError as err:
+    except LensLLMError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -235,7 +244,7 @@ def _enable_jit_cache() -> None:
     """Point JAX's persistent compilation cache at the lensllm cache (CLI only)."""
     if os.environ.get("LENSLLM_JIT_CACHE", "1") == "0":
         return
-    from lensllm_jax.data import cache_root
+    from lensllm_jax.data._files import cache_root
 
     folder = cache_root() / "jax"
     try:
@@ -271,40 +280,52 @@ def _emit(text: str, out: Path | None) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from lensllm_jax import curves, data, reproduce
+    from lensllm_jax.benchmark import protocol
+    from lensllm_jax.benchmark.download import resolve_data
+    from lensllm_jax.data.curves import read_curve_tables
 
     out = _check_out(args.out)
-    paths = data.resolve_data(args.data)
-    tables = curves.read_curve_tables(paths)
+    paths = resolve_data(args.data)
+    tables = read_curve_tables(paths)
     _enable_jit_cache()
-    rows = _with_warnings_reported(lambda: reproduce.run(tables, args.methods))
+    rows = _with_warnings_reported(lambda: protocol.run(tables, args.methods))
     if args.format == "csv":
-        return _emit(reproduce.rows_to_csv(rows), out)
+        return _emit(protocol.rows_to_csv(rows), out)
     if args.format == "json":
-        return _emit(reproduce.rows_to_json(rows), out)
+        return _emit(protocol.rows_to_json(rows), out)
     return _emit(render_table(rows, color=out is None and sys.stdout.isatty()), out)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from lensllm_jax import curves, ranking
+    from lensllm_jax.data.curves import read_curve_table
+    from lensllm_jax.data.spectra import read_spectra, with_spectra
+    from lensllm_jax.selection import ranking as rank
 
     out = _check_out(args.out)
     path = Path(args.table)
     if not path.is_file():
         raise LensLLMInputError("no such file", file=path, hint="give the curve table's path")
-    table = curves.read_curve_table(path)
+    table = read_curve_table(path)
+    methods = args.methods
+    if args.ntk is not None:
+        spectra_path = Path(args.ntk)
+        if spectra_path.is_dir():  # a run's output folder
+            spectra_path = spectra_path / NTK_FILE
+        table = with_spectra(table, read_spectra(spectra_path))
+        methods = methods or ["LensLLM", "LensLLM-NTK"]
     _enable_jit_cache()
-    rows = _with_warnings_reported(lambda: ranking.rank(table, args.target, args.methods))
+    rows = _with_warnings_reported(lambda: rank.rank(table, args.target, methods))
     if args.format == "csv":
-        return _emit(ranking.rows_to_csv(rows), out)
+        return _emit(rank.rows_to_csv(rows), out)
     if args.format == "json":
-        return _emit(ranking.rows_to_json(rows), out)
+        return _emit(rank.rows_to_json(rows), out)
     color = out is None and sys.stdout.isatty()
     return _emit(render_ranking(rows, args.target, color=color), out)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lensllm_jax import finetune, pipeline, ranking
+    from lensllm_jax.runner import finetune, job
+    from lensllm_jax.selection import ranking as rank
 
     out = _check_out(args.out)
     recipe = {
@@ -322,7 +343,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
     result = _with_warnings_reported(
-        lambda: pipeline.run(
+        lambda: job.run(
             args.models,
             data,
             sizes=args.sizes,
@@ -341,161 +362,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     )
     if args.format == "csv":
-        return _emit(ranking.rows_to_csv(result.rows), out)
+        return _emit(rank.rows_to_csv(result.rows), out)
     if args.format == "json":
-        return _emit(ranking.rows_to_json(result.rows), out)
+        return _emit(rank.rows_to_json(result.rows), out)
     color = out is None and sys.stdout.isatty()
     return _emit(render_run(result, color=color), out)
-
-
-def render_run(result: Any, *, color: bool = False) -> str:
-    """The ranking tables, then one row per candidate: size, zero-shot and last fine-tuned
-    loss (nats per byte), the NTK's largest eigenvalue and ‖r‖², the Hessian trace ± s.e."""
-    import io
-    import math
-
-    import numpy as np
-    from rich.console import Console
-    from rich.table import Table
-
-    from lensllm_jax import pipeline
-
-    def num(x: float, fmt: str = ".4g") -> str:
-        return "-" if not math.isfinite(x) else format(x, fmt)
-
-    text = render_ranking(result.rows, result.target, color=color)
-    buf = io.StringIO()
-    console = Console(file=buf, width=100, force_terminal=color, no_color=not color)
-    table = Table(title="candidates · test loss in nats per byte", title_justify="left")
-    cols = ("model", "params", "zero-shot", "last D", "loss", "NTK λ_max", "‖r‖²", "tr H ± s.e.")
-    for i, col in enumerate(cols):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for r in result.diagnostics.values():
-        lam = float(r.eigenvalues.max()) if r.has_ntk else math.nan
-        r2 = float(r.residual @ r.residual) if r.has_ntk else math.nan
-        hess = (
-            f"{r.hessian_trace:.4g} ± {r.hessian_stderr:.2g}"
-            if math.isfinite(r.hessian_trace)
-            else "-"
-        )
-        table.add_row(
-            r.name,
-            f"{r.n_params:,}",
-            num(r.zero_shot, ".4f"),
-            f"{int(r.sizes[-1])}",
-            num(float(r.losses[-1]), ".4f"),
-            num(lam),
-            num(r2),
-            hess,
-        )
-    console.print(table)
-    measured = [r for r in result.diagnostics.values() if np.isfinite(r.ft_hessian_trace).any()]
-    if measured:
-        phases = Table(
-            title="Hessian of the probe loss after fine-tuning on D samples "
-            "(v = θ_D − θ_0; phase by AtS's rule)",
-            title_justify="left",
-        )
-        for i, col in enumerate(("model", "D", "loss", "tr H ± s.e.", "vᵀHv", "phase")):
-            phases.add_column(col, justify="left" if i in (0, 5) else "right")
-        for r in measured:
-            for j, e in enumerate(pipeline.hessian_by_size(r)):
-                phase = {True: "power", False: "pre-power", None: "-"}[e["power_phase"]]
-                phases.add_row(
-                    r.name if j == 0 else "",
-                    str(e["size"]),
-                    num(float(r.losses[j]), ".4f"),
-                    "-" if e["trace"] is None else f"{e['trace']:.4g} ± {e['stderr']:.2g}",
-                    "-" if e["distance"] is None else f"{e['distance']:.4g}",
-                    phase,
-                )
-        console.print(phases)
-    console.print(f"results in {result.out_dir}")
-    return text + buf.getvalue()
-
-
-def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str:
-    """One rich table per method: rank, model, score (predicted loss), P(best) where the
-    method has a calibrated one (then also the 90 % credible set), status."""
-    import io
-    import math
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from lensllm_jax.ranking import credible_set_text
-
-    buf = io.StringIO()
-    console = Console(file=buf, width=100, force_terminal=color, no_color=not color)
-    for method in dict.fromkeys(r.method for r in rows):
-        mine = [r for r in rows if r.method == method]
-        sure = any(math.isfinite(r.p_best) for r in mine)
-        table = Table(title=f"{method} · predicted loss at D = {target:g}", title_justify="left")
-        cols = (("rank", "right"), ("model", "left"), ("score", "right"))
-        for col, just in (*cols, *((("P(best)", "right"),) if sure else ())):
-            table.add_column(col, justify=just)
-        table.add_column("status")
-        for r in mine:
-            score = "nan" if math.isnan(r.score) else f"{r.score:.4f}"
-            p_best = ("-" if math.isnan(r.p_best) else f"{r.p_best:.2f}",) if sure else ()
-            table.add_row(str(r.rank), r.model, score, *p_best, r.status)
-        console.print(table)
-        if sure:
-            console.print(f"{credible_set_text(mine)} (calibration: lensllm_jax/confidence.py)")
-    return buf.getvalue()
-
-
-def render_table(rows: Sequence, *, color: bool = False, width: int = 100) -> str:
-    """One rich table per dataset and metric: methods x budgets plus the mean; the best
-    value of each column is bold (highest, or lowest for CostPercent)."""
-    import io
-    import math
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from lensllm_jax.reproduce import HIGHER_IS_BETTER, METRICS
-
-    datasets = list(dict.fromkeys(r.dataset for r in rows))
-    budgets = list(dict.fromkeys(r.budget for r in rows))
-    methods = list(dict.fromkeys(r.method for r in rows))
-    value = {(r.dataset, r.budget, r.method, r.metric): r.value_percent for r in rows}
-
-    buf = io.StringIO()
-    console = Console(
-        file=buf, width=width, force_terminal=color, no_color=not color, highlight=False
-    )
-    for ds in datasets:
-        for metric in METRICS:
-            higher = HIGHER_IS_BETTER[metric]
-            grid = {m: [value.get((ds, b, m, metric), math.nan) for b in budgets] for m in methods}
-            for m, vals in grid.items():
-                # A method that is NaN at one budget has no honest mean.
-                grid[m] = [*vals, sum(vals) / len(vals) if vals else math.nan]
-            cols = [*budgets, "mean"]
-            best = []
-            for j in range(len(cols)):
-                col = [grid[m][j] for m in methods if not math.isnan(grid[m][j])]
-                best.append((max(col) if higher else min(col)) if col else None)
-            table = Table(
-                title=f"{ds} · {metric} (%, {'higher' if higher else 'lower'} is better)",
-                title_justify="left",
-            )
-            table.add_column("method")
-            for c in cols:
-                table.add_column(c, justify="right")
-            for m in methods:
-                cells = []
-                for j, v in enumerate(grid[m]):
-                    text = "nan" if math.isnan(v) else f"{v:.1f}"
-                    if best[j] is not None and v == best[j]:
-                        text = f"[bold green]{text}[/]" if color else f"*{text}"
-                    cells.append(text)
-                table.add_row(m, *cells)
-            console.print(table)
-    if not color:
-        console.print("* best in its column")
-    return buf.getvalue()
 
 
 if __name__ == "__main__":

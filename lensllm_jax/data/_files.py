@@ -1,16 +1,19 @@
-"""File access shared by the package: whole-file-or-nothing writes, and reads of a user's
-input file whose failures are one-line `LensLLMInputError`s."""
+"""File access shared by the package: whole-file-or-nothing writes, reads of a user's
+input file whose failures are one-line `LensLLMInputError`s, and the cache folder."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
 from lensllm_jax.errors import LensLLMInputError
 
-__all__ = ["read_input", "write_atomic"]
+__all__ = ["CACHE_ENV", "cache_root", "read_input", "write_atomic"]
+
+CACHE_ENV = "LENSLLM_CACHE"
 
 
 def read_input(
@@ -45,3 +48,12 @@ def write_atomic(path: str | PathLike[str], data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """``$LENSLLM_CACHE``, else ``$XDG_CACHE_HOME/lensllm_jax``, else ``~/.cache/lensllm_jax``."""
+    env = os.environ if env is None else env
+    if env.get(CACHE_ENV):
+        return Path(env[CACHE_ENV]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "lensllm_jax"

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from lensllm_jax.errors import LensLLMInputError
+
 __all__ = [
     "LAWS",
     "Law",
@@ -133,14 +135,14 @@ LAWS: dict[str, Law] = {
 
 
 def get_law(law: str | Law) -> Law:
-    """The `Law` named `law` (or `law` itself). Raises ValueError naming the known laws."""
+    """The `Law` named `law` (or `law` itself). Raises `LensLLMInputError` naming the known laws."""
     if isinstance(law, Law):
         return law
     try:
         return LAWS[law]
     except KeyError:
         known = ", ".join(sorted(LAWS))
-        raise ValueError(f"unknown law {law!r}; choose one of: {known}") from None
+        raise LensLLMInputError(f"unknown law {law!r}; choose one of: {known}") from None
 
 
 def raw_from_params(law: str | Law, params: Mapping[str, Any]) -> Array:

@@ -9,7 +9,7 @@ moves no rank), so the model is
 
 with b a bias common to the task (irrelevant here) and c the relative log-loss error per
 doubling of extrapolation, calibrated on the fine-tuning scaling benchmark of Lin et al.
-(`ERROR_PER_DOUBLING`; `calibrate_per_doubling` re-derives it). Then
+(`ERROR_PER_DOUBLING`; `benchmark.calibration.calibrate_per_doubling` re-derives it). Then
 
     P(m is best) = ∫ φ_σ(x − μ_m) Π_{j≠m} (1 − Φ_σ(x − μ_j)) dx,   μ = log L̂,
     P(i beats j) = Φ((μ_j − μ_i) / (√2 σ)),
@@ -17,19 +17,10 @@ doubling of extrapolation, calibrated on the fine-tuning scaling benchmark of Li
 and the credible set is the fewest candidates, most probable first, whose P(best) sums to
 at least `level` (default 0.9).
 
-Measured (`benchmarks/confidence_calibration.py`, LensLLM on FLAN and Gigaword, targets
-1,638,400 / 819,200 / 409,600 / 204,800, budgets target/8 .. target/512 with D_top >= 800:
-54 rankings of 30 models): the pairwise-log-loss optimum is c = 0.0197 on FLAN and 0.0085
-on Gigaword, 0.0145 pooled (shipped). With it the two datasets miss in opposite directions
-(FLAN over-confident: pairs stated at 0.85 held 0.74 of the time; Gigaword under-confident:
-0.85 held 0.95); the top pick's mean P(best) is 0.37 against a hit rate of 0.43 (FLAN 0.67,
-Gigaword 0.19, where the top models are near-ties); the 90 % credible set (6.1 of 30 models
-on average) held the truly best model in 98 % of the rankings (FLAN 100 %, Gigaword 96 %).
-Leave-one-dataset-out, c from the other dataset still beats a coin flip (pairwise log loss
-FLAN 0.60, Gigaword 0.32 vs 0.69) but is worse than the pooled c (0.46, 0.28). In-data
-backtests (predicting the largest fine-tuned size from smaller ones) did not tell the two
-datasets' scales apart, so c is one number: read the probabilities as calibrated across
-tasks like these, not for your task in particular.
+How well this holds (coverage of the credible set, the reliability of P(i beats j), the
+top pick's P(best) against its hit rate, per dataset) is measured by
+`benchmarks/confidence_calibration.py`; the figures are in README. c is one number for
+every task: read the probabilities as calibrated across tasks like the benchmark's.
 
 Cost: O(G·M) for P(best) on a G-point grid (G = 4001), O(M²) for the pairwise matrix.
 """
@@ -37,42 +28,26 @@ Cost: O(G·M) for P(best) on a G-point grid (G = 4001), O(M²) for the pairwise 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_ndtr, ndtr
 
-from lensllm_jax.curves import CurveTable
-
 __all__ = [
-    "CONFIDENCE_METHODS",
     "ERROR_PER_DOUBLING",
     "Confidence",
-    "Ranking",
-    "calibrate_per_doubling",
-    "calibration_rankings",
     "confidence",
     "credible_set",
     "doublings",
-    "pairwise_log_loss",
     "prob_beats",
     "prob_best",
 ]
 
 # Relative log-loss error sd per doubling of extrapolation for LensLLM, pooled over FLAN and
-# Gigaword (`calibrate_per_doubling` on the benchmark; tests/test_confidence.py re-derives it).
+# Gigaword (`benchmark.calibration.calibrate_per_doubling`; tests/test_confidence.py re-derives it).
 ERROR_PER_DOUBLING = 0.0145
-# The methods this calibration was measured for.
-CONFIDENCE_METHODS = ("LensLLM",)
+
 _GRID = 4001
-# The benchmark cells the constant comes from: pseudo-targets and budget ratios of Lin et
-# al.'s protocol, every budget with at least 800 samples (>= 3 fine-tuned sizes plus a
-# doubling-back backtest).
-CALIBRATION_TARGETS = (1_638_400, 819_200, 409_600, 204_800)
-CALIBRATION_RATIOS = (8, 16, 32, 64, 128, 256, 512)
-CALIBRATION_MIN_BUDGET = 800.0
 
 
 class Confidence(NamedTuple):
@@ -167,80 +142,3 @@ def confidence(
     sigmas = np.sqrt(sigma**2 + np.where(np.isfinite(extra), extra, 0.0) ** 2)
     p = prob_best(mu, sigmas)
     return Confidence(p, credible_set(p, level), sigma, k, level, sigmas)
-
-
-def pairwise_log_loss(
-    log_preds: Sequence[np.ndarray],
-    log_truths: Sequence[np.ndarray],
-    ks: Sequence[float],
-    per_doubling: float,
-) -> float:
-    """Mean log loss of P(i beats j) over every pair of every ranking (candidates with a
-    non-finite prediction or truth left out). The calibration objective."""
-    total, count = 0.0, 0
-    for mu, truth, k in zip(log_preds, log_truths, ks, strict=True):
-        ok = np.isfinite(mu) & np.isfinite(truth)
-        mu, truth = np.asarray(mu)[ok], np.asarray(truth)[ok]
-        i, j = np.triu_indices(mu.size, 1)
-        z = (mu[j] - mu[i]) / (math.sqrt(2) * per_doubling * k)
-        y = truth[i] < truth[j]
-        total -= float(np.sum(np.where(y, log_ndtr(z), log_ndtr(-z))))
-        count += i.size
-    return total / max(count, 1)
-
-
-def calibrate_per_doubling(
-    log_preds: Sequence[np.ndarray], log_truths: Sequence[np.ndarray], ks: Sequence[float]
-) -> float:
-    """The c minimising `pairwise_log_loss` over rankings with known outcomes (bounded
-    1-D search on log c in [1e-4, 1]). Cost O(iterations · Σ M²)."""
-    res = minimize_scalar(
-        lambda lc: pairwise_log_loss(log_preds, log_truths, ks, math.exp(lc)),
-        bounds=(math.log(1e-4), 0.0),
-        method="bounded",
-        options={"xatol": 1e-4},
-    )
-    return math.exp(res.x)
-
-
-class Ranking(NamedTuple):
-    """One benchmark ranking with a known outcome: predicted and true log losses."""
-
-    dataset: str
-    target: float
-    budget: float
-    log_pred: np.ndarray  # (M,)
-    log_true: np.ndarray  # (M,)
-
-    @property
-    def doublings(self) -> float:
-        return doublings(self.budget, self.target)
-
-
-def calibration_rankings(
-    table: CurveTable,
-    method: str = "LensLLM",
-    targets: Sequence[float] = CALIBRATION_TARGETS,
-    ratios: Sequence[int] = CALIBRATION_RATIOS,
-    min_budget: float = CALIBRATION_MIN_BUDGET,
-) -> list[Ranking]:
-    """Run `method` on `table` for every (pseudo-)target in `targets` and budget
-    target/ratio >= `min_budget` that is one of the table's sizes; the truth is the table's
-    loss at the target. Cost: one selection per cell (law fits memoised across cells)."""
-    from lensllm_jax import select
-
-    sizes = [float(s) for s in table.sizes]
-    out = []
-    for target in targets:
-        if float(target) not in sizes:
-            continue
-        truth = np.log(table.losses[:, sizes.index(float(target))])
-        for ratio in ratios:
-            budget = float(target) / ratio
-            if budget < min_budget or budget not in sizes:
-                continue
-            sel = select.METHODS[method](table, budget, float(target))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                pred = np.log(np.asarray(sel.scores, np.float64))
-            out.append(Ranking(table.name, float(target), budget, pred, truth))
-    return out

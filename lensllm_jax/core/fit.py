@@ -12,9 +12,9 @@ Solver: a batched Levenberg-Marquardt (Moré's diagonal scaling, Nielsen's dampi
 an unrolled P x P Cholesky) written as one `lax.while_loop` per (candidate, start) lane and
 vmapped over all lanes; see `levenberg_marquardt`. Multi-start in two phases: every start
 takes a few steps, the best per candidate then runs to convergence (`_solve_batch`).
-Chosen by measurement (`benchmarks/bench_fit.py`, 420 FTS fits, 2-core CPU): 0.08 s warm,
-every fit within 3e-7 of a 256-start reference; optimistix's LevenbergMarquardt
-(``solver="optimistix"``) took 0.29 s and stopped at a worse optimum on half the fits.
+Chosen over optimistix's LevenbergMarquardt and a scipy loop by `benchmarks/bench_fit.py`
+(speed and optimum quality; figures in README). The research knobs (Huber loss, a shared β,
+Gaussian priors, another solver) are in `lensllm_jax.benchmark.ablations`.
 
 Cost: one LM step is one evaluation of the residuals and their Jacobian (closed form for
 the vanilla/rectified/lensllm laws, forward-mode AD otherwise), O(S·P²), plus an O(P³)
@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from lensllm_jax.laws import Law, get_law
+from lensllm_jax.core._lm import Solution, levenberg_marquardt
+from lensllm_jax.core.laws import Law, get_law
+from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [
     "FitResult",
@@ -46,6 +48,8 @@ __all__ = [
     "levenberg_marquardt",
 ]
 
+Solver = Callable[..., Solution]  # (residual_and_jac, x0, free, *, max_steps) -> Solution
+
 
 class FitStatus(enum.IntEnum):
     """Outcome of one candidate's fit. `SUCCESS` and `MAX_STEPS` carry usable parameters."""
@@ -54,15 +58,6 @@ class FitStatus(enum.IntEnum):
     MAX_STEPS = 1  # the best start ran out of steps before converging; still the best found
     NONFINITE = 2  # no start reached a finite objective
     TOO_FEW_POINTS = 3  # fewer usable points than free parameters
-
-
-class Solution(NamedTuple):
-    """Result of `levenberg_marquardt` for one problem (batched under vmap)."""
-
-    x: Array  # (P,) final parameters
-    cost: Array  # ½ Σ r², +inf if not finite
-    num_steps: Array  # iterations taken
-    converged: Array  # bool
 
 
 class FitResult(NamedTuple):
@@ -90,146 +85,6 @@ class FitResult(NamedTuple):
     def ok(self) -> np.ndarray:
         """(M,) bool: the parameters are usable (converged, or the best within max_steps)."""
         return self.status <= FitStatus.MAX_STEPS
-
-
-# ----------------------------------------------------------------------------- solver
-
-
-def _spd_solve(a: Array, b: Array) -> Array:
-    """Solve a x = b for a small symmetric positive-definite `a` by an unrolled Cholesky.
-
-    P is static and tiny (3-4), so this is O(P³) scalar ops that XLA fuses across a vmapped
-    batch; a batched `linalg.solve` would call LAPACK once per matrix on CPU.
-    """
-    p = a.shape[0]
-    low = [[None] * p for _ in range(p)]
-    for i in range(p):
-        for j in range(i + 1):
-            s = a[i, j] - sum(low[i][k] * low[j][k] for k in range(j))
-            low[i][j] = jnp.sqrt(jnp.maximum(s, 1e-300)) if i == j else s / low[j][j]
-    y = [None] * p
-    for i in range(p):
-        y[i] = (b[i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
-    x = [None] * p
-    for i in reversed(range(p)):
-        x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, p))) / low[i][i]
-    return jnp.stack(x)
-
-
-def levenberg_marquardt(
-    residual_and_jac: Callable[[Array], tuple[Array, Array]],
-    x0: Array,
-    free: Array | None = None,
-    *,
-    max_steps: int = 200,
-    ftol: float = 1e-9,
-    gtol: float = 1e-12,
-) -> Solution:
-    """Minimise ½‖r(x)‖² from `x0` by Levenberg-Marquardt; pure, jit- and vmap-able.
-
-    `residual_and_jac(x)` returns r (S,) and its Jacobian (S, P) (e.g. from
-    `jax.jacfwd`, or in closed form). Step: (JᵀJ + λ·D + εI) δ = −Jᵀr with Moré's scaling
-    D = running max of diag(JᵀJ), accepted when it lowers the cost; λ follows Nielsen's
-    rule (λ ← λ·max(1/3, 1 − (2ρ − 1)³) for gain ratio ρ; on rejection λ ← νλ, ν ← 2ν).
-    Stops when an accepted step improves the cost by less than `ftol` relatively, when
-    ‖Jᵀr‖∞ < gtol, or when λ saturates (no descent direction left). Coordinates with
-    ``free[i] == False`` stay at x0.
-
-    Cost per step: one evaluation of `residual_and_jac` (at the trial point, reused as the
-    next step's linearisation when accepted) and a P x P Cholesky solve. Never raises: a
-    non-finite start gives cost = +inf and converged = False.
-    """
-    p = x0.shape[0]
-    free_f = jnp.ones((p,), x0.dtype) if free is None else jnp.asarray(free, x0.dtype)
-
-    def evaluate(x):
-        r, jac = residual_and_jac(x)
-        c = 0.5 * jnp.sum(r * r)
-        return r, jac * free_f[None, :], jnp.where(jnp.isfinite(c), c, jnp.inf)
-
-    def body(state):
-        x, r, jac, cost, lam, nu, scale, step, _done, _conv = state
-        # Elementwise products + reductions rather than dot_general: XLA:CPU fuses these
-        # across the vmapped batch, where tiny batched matmuls become per-problem calls.
-        g = jnp.sum(jac * r[:, None], axis=0)
-        h = jnp.sum(jac[:, :, None] * jac[:, None, :], axis=0)
-        scale = jnp.maximum(scale, jnp.diag(h))  # Moré: never shrink the scaling
-        a = h + jnp.diag(lam * scale) + 1e-12 * (1.0 + jnp.max(scale)) * jnp.eye(p)
-        delta = _spd_solve(a, -g) * free_f
-        delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, jnp.zeros_like(delta))
-        x_new = x + delta
-        r_new, jac_new, cost_new = evaluate(x_new)
-        predicted = 0.5 * jnp.sum(delta * (lam * scale * delta - g))
-        gain = (cost - cost_new) / jnp.maximum(predicted, 1e-300)
-        accept = (cost_new < cost) & (gain > 0)
-        small_gain = accept & ((cost - cost_new) <= ftol * cost)
-        converged = small_gain | (jnp.max(jnp.abs(g)) < gtol) | (lam > 1e15)
-        keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-        # Nielsen's damping update: shrink λ by how well the quadratic model predicted the
-        # gain; on a rejected step grow it by ν and double ν.
-        shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain - 1.0) ** 3)
-        state = (
-            keep(x_new, x),
-            keep(r_new, r),
-            keep(jac_new, jac),
-            keep(cost_new, cost),
-            jnp.where(accept, lam * shrink, lam * nu),
-            jnp.where(accept, 2.0, nu * 2.0),
-            scale,
-            step + 1,
-            converged | ~jnp.isfinite(cost),
-            converged,
-        )
-        return state
-
-    def cond(state):
-        return (~state[8]) & (state[7] < max_steps)
-
-    r0, jac0, cost0 = evaluate(x0)
-    init = (
-        x0,
-        r0,
-        jac0,
-        cost0,
-        jnp.asarray(1e-3, x0.dtype),
-        jnp.asarray(2.0, x0.dtype),
-        jnp.zeros((p,), x0.dtype),
-        jnp.asarray(0, jnp.int32),
-        ~jnp.isfinite(cost0),
-        jnp.asarray(False),
-    )
-    x, _, _, cost, _, _, _, steps, _, conv = jax.lax.while_loop(cond, body, init)
-    return Solution(x=x, cost=cost, num_steps=steps, converged=conv & jnp.isfinite(cost))
-
-
-def _optimistix_lm(residual_and_jac, x0, free=None, *, max_steps=200):
-    """The same problem through optimistix.LevenbergMarquardt (for measurement)."""
-    import optimistix as optx
-
-    def residual_fn(x):
-        return residual_and_jac(x)[0]
-
-    free_b = jnp.ones(x0.shape, bool) if free is None else jnp.asarray(free, bool)
-
-    def fn(x, args):
-        return residual_fn(jnp.where(free_b, x, x0))
-
-    sol = optx.least_squares(
-        fn,
-        optx.LevenbergMarquardt(rtol=1e-10, atol=1e-12),
-        x0,
-        max_steps=max_steps,
-        throw=False,
-    )
-    x = jnp.where(free_b, sol.value, x0)
-    r = residual_fn(x)
-    cost = 0.5 * jnp.sum(r * r)
-    cost = jnp.where(jnp.isfinite(cost), cost, jnp.inf)
-    ok = sol.result == optx.RESULTS.successful
-    return Solution(x=x, cost=cost, num_steps=sol.stats["num_steps"], converged=ok)
-
-
-_SOLVERS = {"lm": levenberg_marquardt, "optimistix": _optimistix_lm}
 
 
 # ----------------------------------------------------------------------------- objective
@@ -283,7 +138,7 @@ def _solve_batch(
     prior: Any,  # (mean (M, P), weight (M, P)) or None
     loss: str,
     delta: Array,
-    solver: str,
+    solver: Solver,
     max_steps: int,
     explore_steps: int,
     num_polish: int,
@@ -293,7 +148,7 @@ def _solve_batch(
     into the same few basins within a few steps, so this spends the step budget where it
     matters: K·explore + polish·max lane-steps instead of K·max."""
     law = get_law(law_name)
-    solve = _SOLVERS[solver]
+    solve = solver
     aux_axis = None if aux is None else 0
     num_starts = x0.shape[1]
 
@@ -415,7 +270,7 @@ def _as_2d(name: str, a: Any) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
-        raise ValueError(f"{name} must have shape (M, S) or (S,), got {arr.shape}")
+        raise LensLLMInputError(f"{name} must have shape (M, S) or (S,), got {arr.shape}")
     return arr
 
 
@@ -423,26 +278,18 @@ def fit_law(
     law: str | Law,
     d: Any,
     loss_values: Any,
-    mask: Any = None,
     *,
+    mask: Any = None,
+    aux: Any = None,
+    fixed: Mapping[str, Any] | None = None,
     num_starts: int = 16,
     seed: int = 0,
     key: Array | None = None,
-    fixed: Mapping[str, Any] | None = None,
-    shared: Sequence[str] = (),
-    groups: Any = None,
-    aux: Any = None,
-    loss: str = "mse",
-    huber_delta: float = 0.01,
-    solver: str = "lm",
     max_steps: int = 200,
-    explore_steps: int = 20,
-    num_polish: int = 1,
-    beta_grid: Sequence[float] | None = None,
-    prior: Mapping[str, tuple[Any, Any]] | None = None,
-    prior_noise_sd: float = 0.01,
 ) -> FitResult:
     """Fit `law` to M loss curves at once; the best of `num_starts` starts per candidate.
+
+    Objective per candidate: ½ Σ_s (log L̂(D_s; θ) − log L_s)² over its usable points.
 
     Args:
       law: "vanilla", "rectified", "lensllm", "lensllm_ntk" or a `Law`.
@@ -451,54 +298,87 @@ def fit_law(
       loss_values: (M, S) or (S,) losses L (> 0 where used).
       mask: (M, S) bool, True where a point is used; None uses every finite point.
         Curves with different numbers of points share one batch through the mask.
-      num_starts: random starts per candidate (`initial_starts`), seeded by `seed`/`key`.
-      fixed: natural values for parameters to hold fixed, scalar or (M,) each
-        (e.g. ``{"F": f_ntk}`` for LENSLLM with F from the NTK).
-      shared: ``("beta",)`` fits one β per group of candidates (a task's learning
-        difficulty), by profiling: each candidate is fitted with β fixed on a grid, the
-        group's total objective picks β, and a finer grid around it refines it.
-      groups: (M,) integer group labels for `shared` (default: one group).
       aux: per-candidate side data with a leading M axis (`lensllm_ntk`: (eigenvalues,
         projected_residual, eta)).
-      loss: "mse" or "huber" (on log-loss residuals, threshold `huber_delta`).
-      solver: "lm" (ours) or "optimistix".
-      max_steps: LM iterations for each polished start.
-      explore_steps, num_polish: every start first takes `explore_steps` LM steps; the
-        `num_polish` best per candidate then run up to `max_steps` (see `_solve_batch`).
-      beta_grid: the coarse β grid for `shared` (default 48 values log-spaced in [0.005, 5]).
-      prior: Gaussian priors on log-parameters, ``{name: (center, tau)}`` (natural center,
-        std of log(param); scalars or (M,) each): the fit becomes the MAP estimate under
-        log-loss noise of std `prior_noise_sd`, i.e. extra residuals
-        (σ/τ)·(log θ − log center). `loss` then includes the prior term; `rmse` does not.
+      fixed: natural values for parameters to hold fixed, scalar or (M,) each
+        (e.g. ``{"F": f_ntk}`` for LENSLLM with F from the NTK).
+      num_starts: random starts per candidate (`initial_starts`), seeded by `seed`/`key`.
+      max_steps: LM iterations for the polished start.
 
     Returns:
       `FitResult`. Never raises for a curve that cannot be fitted: its status says so.
+
+    Cost: M x num_starts LM problems of S points, each step O(S·P²) (see the module).
     """
+    return _fit(
+        law,
+        d,
+        loss_values,
+        mask=mask,
+        aux=aux,
+        fixed=fixed,
+        num_starts=num_starts,
+        seed=seed,
+        key=key,
+        max_steps=max_steps,
+    )
+
+
+RowSolver = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _fit(
+    law: str | Law,
+    d: Any,
+    loss_values: Any,
+    *,
+    mask: Any = None,
+    aux: Any = None,
+    fixed: Mapping[str, Any] | None = None,
+    num_starts: int = 16,
+    seed: int = 0,
+    key: Array | None = None,
+    max_steps: int = 200,
+    explore_steps: int = 20,
+    num_polish: int = 1,
+    loss: str = "mse",
+    huber_delta: float = 0.01,
+    solver: Solver = levenberg_marquardt,
+    prior: Mapping[str, tuple[Any, Any]] | None = None,
+    prior_noise_sd: float = 0.01,
+    shared: Sequence[str] = (),
+    groups: Any = None,
+    solve_rows: RowSolver | None = None,
+) -> FitResult:
+    """`fit_law` with every knob: the public function's engine, and the research variants'
+    (`benchmark.ablations.fit_law_ablation` documents the extra arguments). `shared` names
+    parameters held out of the free set and chosen by `solve_rows(run, law, fixed_raw,
+    log_d, log_l, mask, aux, prior, groups)` (a profile over a grid, say)."""
     law = get_law(law)
     d2 = _as_2d("d", d)
     l2 = _as_2d("loss_values", loss_values)
     if d2.shape[0] == 1 and l2.shape[0] > 1:
         d2 = np.broadcast_to(d2, l2.shape)
     if d2.shape != l2.shape:
-        raise ValueError(f"d and loss_values must have the same shape, got {d2.shape}, {l2.shape}")
+        raise LensLLMInputError(
+            f"d and loss_values must have the same shape, got {d2.shape}, {l2.shape}"
+        )
     m, _ = l2.shape
     # D = 0 is usable where the law has a curvature term (L(0) = B/F + E), not for vanilla.
     d_ok = (d2 >= 0) if law.curvature_name is not None else (d2 > 0)
     usable = np.isfinite(d2) & np.isfinite(l2) & d_ok & (l2 > 0)
     mk = usable if mask is None else (np.broadcast_to(np.asarray(mask, bool), l2.shape) & usable)
     if loss not in ("mse", "huber"):
-        raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
-    if solver not in _SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {solver!r}")
-    unknown = set(shared) - {"beta"}
-    if unknown:
-        raise ValueError(f"only 'beta' can be shared across candidates, got {sorted(unknown)}")
+        raise LensLLMInputError(f"loss must be 'mse' or 'huber', got {loss!r}")
+    if shared and solve_rows is None:
+        raise LensLLMInputError(f"shared parameters {list(shared)} need a solve_rows strategy")
     fixed = dict(fixed or {})
     for name in fixed:
         if name not in law.param_names:
-            raise ValueError(f"cannot fix {name!r}: law {law.name!r} has {law.param_names}")
-    if "beta" in shared and "beta" in fixed:
-        raise ValueError("beta cannot be both shared and fixed")
+            raise LensLLMInputError(f"cannot fix {name!r}: law {law.name!r} has {law.param_names}")
+    both = set(shared) & set(fixed)
+    if both:
+        raise LensLLMInputError(f"{sorted(both)} cannot be both shared and fixed")
 
     # Sanitise unused entries so no NaN leaks into gradients through masked lanes.
     with np.errstate(divide="ignore"):  # log 0 = −inf is meant
@@ -535,7 +415,7 @@ def fit_law(
         weight = np.zeros_like(fixed_raw)
         for name, (center, tau) in prior.items():
             if name not in law.param_names:
-                raise ValueError(
+                raise LensLLMInputError(
                     f"no parameter {name!r} for a prior: law {law.name!r} has {law.param_names}"
                 )
             i = law.param_names.index(name)
@@ -557,9 +437,9 @@ def fit_law(
             explore_steps=explore_steps,
             num_polish=num_polish,
         )
-        if "beta" in shared:
-            x, cost, conv, resid = _profile_beta(
-                run, law, fixed_raw, log_d, log_l, mk_pad, aux, prior_arrays, groups, beta_grid
+        if shared and solve_rows is not None:
+            x, cost, conv, resid = solve_rows(
+                run, law, fixed_raw, log_d, log_l, mk_pad, aux, prior_arrays, groups
             )
         else:
             x, cost, conv, resid = run(fixed_raw, log_d, log_l, mk_pad, aux, prior_arrays)
@@ -626,45 +506,3 @@ def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, prior, *
         **static,
     )
     return tuple(np.asarray(a) for a in out)
-
-
-def _profile_beta(run, law: Law, fixed_raw, log_d, log_l, mask, aux, prior, groups, beta_grid):
-    """Shared-β fit by profiling: fit everything else with β fixed on a grid, pick the β
-    that minimises each group's total objective, then refine on a finer grid around it.
-    Every grid point of every candidate is one more row of a single batched solve."""
-    m, p = fixed_raw.shape
-    ib = law.param_names.index("beta")
-    grp = np.zeros(m, np.int64) if groups is None else np.asarray(groups)
-    if grp.shape != (m,):
-        raise ValueError(f"groups must have shape ({m},), got {grp.shape}")
-    labels, grp_idx = np.unique(grp, return_inverse=True)
-    coarse = np.log(np.asarray(beta_grid if beta_grid is not None else np.geomspace(0.005, 5, 48)))
-
-    def at_betas(log_betas):  # (G, M) β per grid point and candidate
-        g = log_betas.shape[0]
-        held = np.repeat(fixed_raw[None], g, axis=0)  # (G, M, P)
-        held[..., ib] = log_betas
-        rep = lambda a: np.concatenate([a] * g, axis=0)  # noqa: E731
-        aux_g = None if aux is None else jax.tree.map(lambda a: np.concatenate([a] * g), aux)
-        prior_g = None if prior is None else tuple(rep(a) for a in prior)
-        x, cost, conv, resid = run(
-            held.reshape(g * m, p), rep(log_d), rep(log_l), rep(mask), aux_g, prior_g
-        )
-        return x.reshape(g, m, p), cost.reshape(g, m), conv.reshape(g, m), resid.reshape(g, m, -1)
-
-    def group_totals(cost):  # (G, M) -> (G, groups); a curve unfittable everywhere is ignored
-        fit_somewhere = np.isfinite(cost).any(axis=0)
-        c = np.where(np.isfinite(cost), cost, np.where(fit_somewhere, np.inf, 0.0))
-        out = np.zeros((cost.shape[0], len(labels)))
-        np.add.at(out.T, grp_idx, c.T)
-        return out
-
-    _, cost, _, _ = at_betas(np.repeat(coarse[:, None], m, axis=1))
-    best = np.argmin(group_totals(cost), axis=0)  # (groups,)
-    lo = coarse[np.maximum(best - 1, 0)]
-    hi = coarse[np.minimum(best + 1, len(coarse) - 1)]
-    fine = lo[None, :] + (hi - lo)[None, :] * np.linspace(0.0, 1.0, 17)[:, None]  # (17, groups)
-    xf, costf, convf, residf = at_betas(fine[:, grp_idx])
-    bestf = np.argmin(group_totals(costf), axis=0)[grp_idx]  # per candidate
-    rows = np.arange(m)
-    return xf[bestf, rows], costf[bestf, rows], convf[bestf, rows], residf[bestf, rows]

@@ -32,20 +32,24 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lensllm_jax.curves import CurveTable, budget_label, check_protocol
+from lensllm_jax.data.curves import CurveTable, budget_label, check_protocol
 from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
+from lensllm_jax.selection.registry import resolve_methods
 
 __all__ = [
+    "BUDGET_RATIOS",
     "COLUMNS",
     "HIGHER_IS_BETTER",
     "METRICS",
+    "TARGET",
     "Row",
-    "method_names",
-    "resolve_methods",
     "rows_to_csv",
     "rows_to_json",
     "run",
 ]
+
+TARGET = 1_638_400  # the benchmark's full fine-tuning size
+BUDGET_RATIOS = (8, 16, 32, 64, 128, 256, 512)  # budget = TARGET / ratio
 
 METRICS = ("PearCorr", "RelAcc", "KendallTau", "CostPercent")
 HIGHER_IS_BETTER = {"PearCorr": True, "RelAcc": True, "KendallTau": True, "CostPercent": False}
@@ -62,46 +66,6 @@ class Row(NamedTuple):
     value_percent: float
 
 
-def method_names() -> tuple[str, ...]:
-    """Names of the registered selection methods, in registry order."""
-    from lensllm_jax import select
-
-    return tuple(select.METHODS)
-
-
-def resolve_methods(
-    methods: Sequence[str] | Mapping[str, Callable] | None,
-) -> dict[str, Callable]:
-    """Name -> selection method. `None` means every registered method; a mapping is used
-    as given (custom methods); an unknown name is a `LensLLMInputError`."""
-    if isinstance(methods, Mapping):
-        return dict(methods)
-    from lensllm_jax import select
-
-    if methods is None:
-        return dict(select.METHODS)
-    out: dict[str, Callable] = {}
-    for name in methods:
-        if name not in select.METHODS:
-            raise LensLLMInputError(
-                f"unknown method {name!r}",
-                hint=f"choose from {', '.join(select.METHODS)}",
-            )
-        out[name] = select.METHODS[name]
-    return out
-
-
-def _protocol_defaults(
-    ratios: Sequence[int] | None, target: float | None
-) -> tuple[tuple[int, ...], float]:
-    from lensllm_jax import select
-
-    return (
-        tuple(select.BUDGET_RATIOS if ratios is None else ratios),
-        float(select.TARGET if target is None else target),
-    )
-
-
 def run(
     tables: Sequence[CurveTable],
     methods: Sequence[str] | Mapping[str, Callable] | None = None,
@@ -113,10 +77,10 @@ def run(
 
     Args:
       tables: curve tables; each needs the target size as a column.
-      methods: method names from `select.METHODS` (default: all), or a mapping
-        name -> ``(table, budget_size, target) -> Selection`` for custom methods.
-      ratios: budget ratios r (budget size = target / r); default `select.BUDGET_RATIOS`.
-      target: the full data size; default `select.TARGET` (1,638,400).
+      methods: method names from `selection.METHODS` (default: all that need no NTK
+        spectra), or a mapping name -> ``(table, budget_size, target) -> Selection``.
+      ratios: budget ratios r (budget size = target / r); default `BUDGET_RATIOS`.
+      target: the full data size; default `TARGET` (1,638,400).
 
     Returns:
       Rows ordered by dataset, budget, method, metric (PearCorr, RelAcc, KendallTau,
@@ -127,18 +91,13 @@ def run(
         the target column or with a hole in its sizes, or a budget leaving < 3 sizes.
     """
     chosen = resolve_methods(methods)
-    ratios, target = _protocol_defaults(ratios, target)
+    ratios = tuple(BUDGET_RATIOS if ratios is None else ratios)
+    target = float(TARGET if target is None else target)
     if not tables:
         raise LensLLMInputError("no curve tables given", hint="pass at least one CSV")
     for table in tables:
         check_protocol(table, target, ratios)
-    from lensllm_jax import metrics  # after the checks: bad input never waits for jax
-
-    # Lin et al. correlate each method's own feature (log(size) for ModelSize), which a
-    # Selection may carry as `pearson_sign`; metrics knows how to apply it.
-    pearson = getattr(metrics, "selection_pearson_percent", None) or (
-        lambda sel, truth: metrics.pearson_percent(np.asarray(sel.scores), truth)
-    )
+    from lensllm_jax.benchmark import metrics  # after the checks: bad input never waits
 
     rows: list[Row] = []
     for table in tables:
@@ -153,7 +112,9 @@ def run(
                 _warn_failed(table, budget, name, sel.status)
                 scores = np.asarray(sel.scores, dtype=np.float64)
                 values = (
-                    pearson(sel, truth),
+                    # Lin et al. correlate each method's own feature (log(size) for
+                    # ModelSize), which a Selection carries as `pearson_sign`.
+                    metrics.selection_pearson_percent(sel, truth),
                     metrics.relacc_percent(scores, truth),
                     metrics.kendall_tau_percent(scores, truth),
                     metrics.cost_percent(table, sel, target),

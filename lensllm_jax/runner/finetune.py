@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lensllm_jax.data.text import TokenData, nested_subset
 from lensllm_jax.errors import LensLLMInputError
 from lensllm_jax.models.losses import token_logprobs
-from lensllm_jax.textdata import TokenData, nested_subset
 
 __all__ = [
     "EvalResult",

@@ -1,0 +1,345 @@
+"""The end-to-end LENSLLM run for your own candidates: the job of `lensllm run`.
+
+Data flows one way::
+
+    files (models, task examples)
+      -> per candidate: fine-tuning curve on nested subsets + NTK spectrum on a probe set
+      -> curve table (+ spectra) -> every chosen selection method -> ranking -> report
+
+1. `plan`: check everything first (`checks`: candidates, sizes, counts, methods, the
+   output folder; the data file; each tokenizer against its model): a bad input is one
+   `LensLLMInputError` line before any fine-tuning, and nothing is written.
+2. Split the examples once (`data.text.split_examples`): pool / test / probe, the same
+   example indices for every candidate. The default target is the pool size.
+3. Per candidate (`measure.measure_candidate`): fine-tune from the pretrained weights on
+   each nested subset of the pool, evaluate on the test set in nats per byte, then the NTK
+   (and optionally Hessian traces) at the pretrained weights on the probe set. Each
+   result is saved atomically as it completes (`store`), so a rerun resumes.
+4. Build the `CurveTable` with the candidates' NTK spectra, write ``curves.csv`` and
+   ``ntk_features.csv`` (``lensllm select curves.csv --ntk ntk_features.csv`` re-ranks
+   them identically), rank with the chosen methods (`selection.ranking.rank`: LensLLM and, with
+   NTK features, LensLLM-NTK; a diverged candidate ranks last, "failed"), and write
+   ``ranking.csv`` and ``report.json`` (`report`).
+
+Output folder::
+
+    manifest.json             the settings; a resume with other settings is refused
+    candidates/NNN_<name>.npz one per finished candidate (curve, Θ, r, features, Hessian)
+    curves.csv                the curve table (FTS layout, with se_<size> columns)
+    ntk_features.csv          each candidate's NTK spectrum (`data.spectra`)
+    ranking.csv               method,rank,model,score,status,p_best
+    report.json               settings, per-candidate curve and diagnostics, the ranking
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lensllm_jax.data._files import write_atomic
+from lensllm_jax.data.curves import CurveTable, write_curve_table
+from lensllm_jax.data.spectra import stack_spectra, write_spectra
+from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
+from lensllm_jax.runner import checks, store
+from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
+
+__all__ = ["RunPlan", "plan", "run"]
+
+Log = Callable[[str], None]
+
+
+class RunPlan(NamedTuple):
+    """A checked run: every input validated, the examples split and tokenized."""
+
+    candidates: list[Candidate]
+    token_data: list[Any]  # data.text.TokenData per candidate
+    split: Any  # data.text.Split
+    sizes: tuple[int, ...]
+    target: float
+    methods: list[str]
+    config: Any  # run.finetune.FinetuneConfig
+    settings: dict[str, Any]  # what the results depend on (the manifest)
+    out: Path
+    data_path: Path
+    ntk: bool
+    ntk_chunk: int | str | None
+    hessian_probes: int
+    seed: int
+
+
+def run(
+    models: Sequence[str],
+    data: str | os.PathLike[str],
+    *,
+    sizes: Sequence[int] = (200, 400, 800, 1600),
+    target: float | None = None,
+    out_dir: str | os.PathLike[str],
+    config: Any = None,
+    test_size: int = 500,
+    probe_size: int = 32,
+    max_length: int = 256,
+    seed: int = 0,
+    methods: Sequence[str] | None = None,
+    ntk: bool = True,
+    ntk_chunk: int | str | None = "auto",
+    hessian_probes: int = 0,
+    log: Log | None = None,
+) -> RunResult:
+    """Fine-tune every candidate on nested subsets, measure its NTK features, rank them.
+
+    Args:
+      models: candidate paths (HF folders, .gguf files, repo ids in the local HF cache).
+      data: the task's examples (`data.text.read_examples`: .jsonl or .txt).
+      sizes: fine-tuning subset sizes (>= 3, each <= the pool size).
+      target: the full fine-tuning size to predict the loss at; default the pool size
+        (all examples not held out for test and probe); must exceed the largest size.
+      out_dir: results folder (created; resumed when it holds the same run).
+      config: `run.finetune.FinetuneConfig` (default: its defaults).
+      test_size, probe_size: held-out examples for the test loss and the NTK probe set.
+      max_length: tokens per example (a longer one loses its prompt's beginning first).
+      seed: every random choice (split, subsets, fine-tuning order, Hessian probes).
+      methods: selection methods (default LensLLM); LensLLM-NTK is added unless `ntk` is
+        False.
+      ntk_chunk: probe examples per Jacobian chunk ("auto": fit a memory budget, see
+        `core.ntk.auto_chunk_size`). hessian_probes: 0 = no Hessian trace.
+      log: called with one progress line per step (e.g. print to stderr).
+
+    Raises `LensLLMInputError` (one line, nothing written) for any bad input, before any
+    fine-tuning. Cost: see `run.measure`.
+    """
+    log = log or (lambda _line: None)
+    p = plan(
+        models,
+        data,
+        sizes=sizes,
+        target=target,
+        out_dir=out_dir,
+        config=config,
+        test_size=test_size,
+        probe_size=probe_size,
+        max_length=max_length,
+        seed=seed,
+        methods=methods,
+        ntk=ntk,
+        ntk_chunk=ntk_chunk,
+        hessian_probes=hessian_probes,
+    )
+    results, resumed = _measure_all(p, log)
+    return _rank_and_report(p, results, resumed)
+
+
+def plan(
+    models: Sequence[str],
+    data: str | os.PathLike[str],
+    *,
+    sizes: Sequence[int],
+    target: float | None,
+    out_dir: str | os.PathLike[str],
+    config: Any,
+    test_size: int,
+    probe_size: int,
+    max_length: int,
+    seed: int,
+    methods: Sequence[str] | None,
+    ntk: bool,
+    ntk_chunk: int | str | None,
+    hessian_probes: int,
+) -> RunPlan:
+    """Check every input of `run` (arguments as there) and prepare the work; writes nothing.
+
+    Raises `LensLLMInputError` (one line) for the first problem found. Cost: reading the
+    data file, one config and one tokenizer per candidate, tokenizing the examples.
+    """
+    from lensllm_jax.data import text
+    from lensllm_jax.runner import finetune
+
+    sizes_t = checks.check_sizes(sizes)
+    test_size = checks.check_positive_int(test_size, "test size", "--test-size")
+    probe_size = checks.check_positive_int(
+        probe_size, "probe size", "--probe-size", 2 if ntk else 1
+    )
+    max_length = checks.check_positive_int(max_length, "max length", "--max-length", 2)
+    hessian_probes = checks.check_positive_int(hessian_probes, "Hessian probes", "--hessian", 0)
+    if hessian_probes == 1:
+        raise LensLLMInputError(
+            "1 Hessian probe gives no standard error", hint="use at least 2 probes"
+        )
+    seed = checks.check_positive_int(seed, "seed", "--seed", 0)
+    if ntk_chunk not in ("auto", None):
+        ntk_chunk = checks.check_positive_int(ntk_chunk, "NTK chunk", "--ntk-chunk")
+    chosen = checks.check_methods(methods, ntk)
+    config = finetune.FinetuneConfig() if config is None else config
+    finetune.check_config(config)  # a bad recipe fails now, not after the first load
+    out = Path(out_dir)
+    checks.check_out_dir(out)
+
+    data_path = Path(data)
+    examples = text.read_examples(data_path)
+    split = text.split_examples(len(examples), num_test=test_size, num_probe=probe_size, seed=seed)
+    pool_size = len(split.pool)
+    if sizes_t[-1] > pool_size:
+        raise LensLLMInputError(
+            f"subset size {sizes_t[-1]} is larger than the fine-tuning pool ({pool_size} of "
+            f"{len(examples)} examples; {test_size} test, {probe_size} probe)",
+            file=data_path,
+            hint="give smaller --sizes, a smaller --test-size/--probe-size, or more examples",
+        )
+    target = float(pool_size) if target is None else float(target)
+    if not (math.isfinite(target) and target > sizes_t[-1]):
+        raise LensLLMInputError(
+            f"target {target:g} must be larger than the largest subset size {sizes_t[-1]}",
+            hint="give --target the number of samples you will fine-tune on",
+        )
+
+    candidates = checks.check_candidates(models)
+    token_data = [_tokenize(text, examples, cand, max_length) for cand in candidates]
+    settings = store.settings_of(
+        data_path,
+        len(examples),
+        candidates,
+        sizes_t,
+        test_size,
+        probe_size,
+        max_length,
+        seed,
+        config,
+        ntk,
+        hessian_probes,
+    )
+    return RunPlan(
+        candidates,
+        token_data,
+        split,
+        sizes_t,
+        target,
+        chosen,
+        config,
+        settings,
+        out,
+        data_path,
+        ntk,
+        ntk_chunk,
+        hessian_probes,
+        seed,
+    )
+
+
+def _tokenize(text: Any, examples: Any, cand: Candidate, max_length: int) -> Any:
+    """`cand`'s tokenization of the examples; a token id beyond its embeddings is an
+    input error (a model paired with the wrong tokenizer)."""
+    td = text.tokenize(examples, cand.tokenizer, max_length=max_length, name=cand.name)
+    top = int(np.max(td.tokens)) if np.size(td.tokens) else 0
+    if top >= cand.vocab_size:
+        raise LensLLMInputError(
+            f"its tokenizer gives token id {top}, but the model has {cand.vocab_size} embeddings",
+            file=cand.path,
+            hint="pair the model with the tokenizer it was trained with",
+        )
+    return td
+
+
+def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]]:
+    """Every candidate's results, read back when an earlier run saved them, else measured
+    and saved. Writes the manifest first (or checks it against the earlier run's)."""
+    from lensllm_jax.runner.measure import measure_candidate
+
+    resuming = store.check_manifest(p.out, p.settings)
+    (p.out / "candidates").mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        text = json.dumps(p.settings, indent=1, sort_keys=True) + "\n"
+        write_atomic(p.out / checks.MANIFEST, text)
+    log(
+        f"{len(p.candidates)} candidates, {p.settings['data']['examples']} examples: pool "
+        f"{len(p.split.pool)}, test {len(p.split.test)}, probe {len(p.split.probe)}; sizes "
+        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if resuming else "")
+    )
+    results: list[CandidateResult] = []
+    resumed: list[str] = []
+    for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
+        prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
+        path = store.result_path(p.out, i, cand.name)
+        res = store.load_result(path)
+        if res is not None and res.name == cand.name and res.path == cand.location:
+            log(f"{prefix}: done in an earlier run, read back")
+            resumed.append(cand.name)
+        else:
+            res = measure_candidate(
+                cand,
+                td,
+                p.split,
+                p.sizes,
+                p.config,
+                seed=p.seed,
+                ntk=p.ntk,
+                ntk_chunk=p.ntk_chunk,
+                hessian_probes=p.hessian_probes,
+                log=log,
+                prefix=prefix,
+            )
+            store.save_result(path, res)
+            log(f"{prefix}: done in {res.seconds:.1f} s")
+        results.append(res)
+    return results, resumed
+
+
+def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[str]) -> RunResult:
+    """The curve table of the complete candidates (with their spectra), every method's
+    ranking (diverged candidates last), and the files of the output folder."""
+    from lensllm_jax.core.ntk import NTKFeatures
+    from lensllm_jax.runner.report import report_json
+    from lensllm_jax.selection.ranking import rank, rows_to_csv
+
+    complete = [r for r in results if r.complete]
+    incomplete = [r.name for r in results if not r.complete]
+    for name in incomplete:
+        warnings.warn(
+            f"{name}: fine-tuning diverged on some subset; it is left out of curves.csv and "
+            "ranks last (try a lower --lr)",
+            CurveFitWarning,
+            stacklevel=3,
+        )
+    if not complete:
+        raise LensLLMInputError(
+            "fine-tuning diverged for every candidate",
+            file=p.out,
+            hint="lower --lr (and use a new --out-dir)",
+        )
+    spectra = {r.name: (r.eigenvalues, r.projected_residual, r.eta) for r in results if r.has_ntk}
+    models = tuple(r.name for r in complete)
+    table = CurveTable(
+        name=p.data_path.stem,
+        models=models,
+        sizes=np.asarray(p.sizes, np.float64),
+        losses=np.stack([r.losses for r in complete]),
+        zero_shot=np.asarray([r.zero_shot for r in complete], np.float64),
+        n_params=np.asarray([r.n_params for r in complete], np.float64),
+        families=tuple(r.family for r in complete),
+        source=str(p.out / "curves.csv"),
+        loss_se=np.stack([r.loss_se for r in complete]),
+        ntk=stack_spectra(models, spectra) if p.ntk else None,
+    )
+    write_curve_table(table, p.out / "curves.csv")
+    if p.ntk:
+        write_spectra(p.out / "ntk_features.csv", spectra)
+    rows = rank(table, p.target, p.methods, failed=incomplete)
+    write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
+    write_atomic(
+        p.out / "report.json",
+        report_json(p.settings, p.data_path, p.target, results, rows, resumed),
+    )
+    return RunResult(
+        table=table,
+        features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},
+        rows=rows,
+        diagnostics={r.name: r for r in results},
+        target=p.target,
+        out_dir=p.out,
+        resumed=tuple(resumed),
+    )

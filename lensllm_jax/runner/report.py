@@ -1,0 +1,109 @@
+"""What `lensllm run` reports: ``report.json`` (settings, per-candidate curve and
+diagnostics, the ranking) and the Hessian's two-phase table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lensllm_jax.runner.result import CandidateResult
+from lensllm_jax.runner.store import LOSS_UNIT, json_default
+
+__all__ = ["hessian_by_size", "report_json"]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def hessian_by_size(r: CandidateResult) -> list[dict[str, Any]] | None:
+    """Per fine-tuned size: the Hessian trace ± s.e. and vᵀHv (None when not measured), and
+    whether AtS's rule puts the size in the power phase (`baselines.ats_first_point` on
+    the curve): the two phases of the Hessian PAC-Bayes account, side by side."""
+    if not np.isfinite(r.ft_hessian_trace).any():
+        return None
+    from lensllm_jax.selection.baselines import ats_first_point
+
+    ok = np.isfinite(r.losses) & (r.losses > 0)
+    first = (
+        int(np.flatnonzero(ok)[ats_first_point(np.log(r.sizes[ok]), np.log(r.losses[ok]))])
+        if ok.sum() >= 3
+        else None
+    )
+    return [
+        {
+            "size": int(d),
+            "trace": _finite_or_none(t),
+            "stderr": _finite_or_none(e),
+            "distance": _finite_or_none(v),
+            "power_phase": None if first is None else j >= first,
+        }
+        for j, (d, t, e, v) in enumerate(
+            zip(
+                r.sizes, r.ft_hessian_trace, r.ft_hessian_stderr, r.ft_hessian_distance, strict=True
+            )
+        )
+    ]
+
+
+def report_json(
+    settings: Mapping[str, Any],
+    data_path: Path,
+    target: float,
+    results: Sequence[CandidateResult],
+    rows: Sequence[Any],
+    resumed: Sequence[str],
+) -> str:
+    """report.json: settings, target, per-candidate curve and diagnostics, the ranking."""
+    cands = []
+    for r in results:
+        cands.append(
+            {
+                "name": r.name,
+                "path": r.path,
+                "family": r.family,
+                "n_params": r.n_params,
+                "zero_shot": _finite_or_none(r.zero_shot),
+                "sizes": [int(s) for s in r.sizes],
+                "losses": [_finite_or_none(v) for v in r.losses],
+                "loss_se": [_finite_or_none(v) for v in r.loss_se],
+                "num_steps": [int(s) for s in r.num_steps],
+                "status": list(r.status),
+                "ntk": None
+                if not r.has_ntk
+                else {
+                    "probe_examples": int(r.eigenvalues.size),
+                    "eta": r.eta,
+                    "max_eigenvalue": float(r.eigenvalues.max()),
+                    "trace": float(r.eigenvalues.sum()),
+                    "residual_norm2": float(r.residual @ r.residual),
+                    "asymmetry": _finite_or_none(r.kernel_diagnostics[0]),
+                    "min_eigenvalue": _finite_or_none(r.kernel_diagnostics[1]),
+                    "clipped": _finite_or_none(r.kernel_diagnostics[2]),
+                },
+                "hessian_trace": None
+                if not math.isfinite(r.hessian_trace)
+                else {"mean": r.hessian_trace, "stderr": _finite_or_none(r.hessian_stderr)},
+                "hessian_by_size": hessian_by_size(r),
+                "resumed": r.name in resumed,
+            }
+        )
+    ranking = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r._asdict().items()}
+        for r in rows
+    ]
+    body = {
+        "settings": settings,
+        "data_file": str(data_path.resolve()),
+        "loss_unit": LOSS_UNIT,
+        "target": target,
+        "candidates": cands,
+        "ranking": ranking,
+    }
+    return json.dumps(body, indent=1, default=json_default) + "\n"

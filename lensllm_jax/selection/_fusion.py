@@ -1,0 +1,192 @@
+"""LensLLM's extrapolation from curves: the LENSLLM law's tangent and AtS's line, fused by
+their calibrated variances, the slopes pooled across the task (`fused_predict`).
+
+Every function is a pure function of the visible data; `lensllm.lensllm` documents the
+method, and `benchmark.ablations` turns its choices on and off.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from lensllm_jax.data.curves import CurveTable
+from lensllm_jax.selection.base import visible_curves
+from lensllm_jax.selection.baselines import ats_first_point, line_fit
+
+__all__ = ["LENSLLM_ZERO_D", "fused_predict"]
+
+LENSLLM_ZERO_D = 0.0  # the zero-shot point: the law gives L(0) = B/F + E
+
+
+class _Lines(NamedTuple):
+    """Two extrapolation lines in (log D, log L) per model, anchored at x_top = log D_top:
+    log L̂(x) = level + slope·(x − x_top), with their (co)variances."""
+
+    law_level: np.ndarray  # the fitted law's log L at D_top, and its log-log slope there
+    law_slope: np.ndarray
+    law_cov: np.ndarray  # (M, 2, 2) Laplace covariance of (level, slope)
+    ats_level: np.ndarray  # AtS's least-squares line at D_top, and its slope
+    ats_slope: np.ndarray
+    ats_cov: np.ndarray  # (M, 2, 2) OLS covariance of (level at x_top, slope)
+    x_top: float
+    ok: np.ndarray  # (M,) the law fit is usable
+
+
+def _shrunk_variance(sse: np.ndarray, dof: np.ndarray, nu0: float = 0.5) -> np.ndarray:
+    """Residual variance per model, partially pooled across the task's candidates: a scaled
+    inverse-χ² prior centred on the pooled variance Σ SSE / Σ dof with `nu0` pseudo degrees
+    of freedom (so a curve with 0-2 residual dof still gets a finite variance)."""
+    dof = np.maximum(dof, 0.0)
+    use = np.isfinite(sse)  # a curve that could not be fitted does not enter the pool
+    sse_u, dof_u = sse[use], dof[use]
+    pooled = sse_u.sum() / dof_u.sum() if dof_u.sum() > 0 else sse_u.sum() / max(sse_u.size, 1)
+    return (nu0 * pooled + sse) / np.maximum(nu0 + dof, 1e-12)
+
+
+_LINES_CACHE: dict[tuple, _Lines] = {}  # keyed by the visible data: budget b/2 of one call
+_LINES_CACHE_SIZE = 64  # is budget b of the next ratio, so each law fit runs once
+
+
+def _lines(table: CurveTable, budget_size: float, num_starts: int = 16, nu0: float = 0.5) -> _Lines:
+    """The law's tangent line (level + slope at the largest visible size, Laplace
+    covariance s²·gᵀ(JᵀJ)⁺g) and AtS's line (OLS covariance) for every model.
+    Memoised on the visible data (the result is a pure function of it)."""
+    sizes, losses = visible_curves(table, budget_size)
+    zero_shot = np.asarray(table.zero_shot, np.float64)
+    key = (sizes.tobytes(), losses.tobytes(), zero_shot.tobytes(), losses.shape, num_starts, nu0)
+    if key not in _LINES_CACHE:
+        if len(_LINES_CACHE) >= _LINES_CACHE_SIZE:
+            _LINES_CACHE.pop(next(iter(_LINES_CACHE)))  # oldest first
+        _LINES_CACHE[key] = _compute_lines(sizes, losses, zero_shot, num_starts, nu0)
+    return _LINES_CACHE[key]
+
+
+def _compute_lines(
+    sizes: np.ndarray, losses: np.ndarray, zero_shot: np.ndarray, num_starts: int, nu0: float
+) -> _Lines:
+    from lensllm_jax.core import fit, laws
+
+    d = np.concatenate([[LENSLLM_ZERO_D], sizes])
+    l_all = np.concatenate([zero_shot[:, None], losses], axis=1)
+    res = fit.fit_law("lensllm", np.broadcast_to(d, l_all.shape), l_all, num_starts=num_starts)
+    ok = np.asarray(res.ok) & np.isfinite(res.raw).all(axis=1)
+    raw = np.where(ok[:, None], res.raw, 0.0)
+    x_top = float(np.log(sizes[-1]))
+    y, jac = laws.value_and_jac("lensllm", raw, d)
+    level, slope, g_level, g_slope = laws.tangent("lensllm", raw, sizes[-1])
+    g = np.stack([g_level, g_slope], axis=1)  # (M, 2, 4)
+    sse = np.where(ok, np.sum((y - np.log(l_all)) ** 2, axis=1), np.nan)
+    s2 = _shrunk_variance(sse, np.full(ok.size, d.size - 4.0), nu0)
+    info_inv = np.linalg.pinv(np.einsum("msp,msq->mpq", jac, jac))
+    law_cov = s2[:, None, None] * np.einsum("mip,mpq,mjq->mij", g, info_inv, g)
+    ls = np.column_stack([level, slope])
+
+    x = np.log(sizes)
+    m = losses.shape[0]
+    a_level, a_slope, a_sse, a_dof = (np.empty(m) for _ in range(4))
+    a_geo = np.empty((m, 2, 2))
+    with np.errstate(all="ignore"):
+        for i in range(m):
+            y_i = np.log(losses[i])
+            first = ats_first_point(x, y_i)
+            xa, ya = x[first:], y_i[first:]
+            slope, icpt = line_fit(xa, ya)
+            r = ya - (slope * xa + icpt)
+            sxx, dx = float(np.sum((xa - xa.mean()) ** 2)), x_top - xa.mean()
+            a_level[i], a_slope[i] = slope * x_top + icpt, slope
+            a_sse[i], a_dof[i] = float(r @ r), xa.size - 2.0
+            a_geo[i] = [[1 / xa.size + dx**2 / sxx, dx / sxx], [dx / sxx, 1 / sxx]]
+    ats_cov = _shrunk_variance(a_sse, a_dof, nu0)[:, None, None] * a_geo
+    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok)
+
+
+def _line_variance(cov: np.ndarray, dx: float) -> np.ndarray:
+    """Var(level + slope·dx) from a (M, 2, 2) covariance."""
+    return cov[:, 0, 0] + 2 * dx * cov[:, 0, 1] + dx * dx * cov[:, 1, 1]
+
+
+def _calibration(
+    table: CurveTable, budget_size: float, nu0: float = 0.5, centre: bool = True
+) -> tuple[float, float]:
+    """Bias-aware variance factors (k_law, k_AtS) >= 1 from a one-doubling backtest on the
+    visible data: fit both lines on sizes <= D_top/2, predict log L(D_top), and take the
+    mean squared standardised error after removing the task-wide mean error (a bias shared
+    by every candidate does not change a ranking). (1, 1) when D_top/2 leaves < 3 sizes."""
+    sizes, losses = visible_curves(table, budget_size)
+    half = float(sizes[-1]) / 2
+    if int(np.sum(table.sizes <= half * (1 + 1e-12))) < 3:
+        return 1.0, 1.0
+    past = _lines(table, half, nu0=nu0)
+    dx = float(np.log(sizes[-1])) - past.x_top
+    truth = np.log(losses[:, -1])
+    out = []
+    for level, slope, cov in (
+        (past.law_level, past.law_slope, past.law_cov),
+        (past.ats_level, past.ats_slope, past.ats_cov),
+    ):
+        err, var = level + slope * dx - truth, _line_variance(cov, dx)
+        use = past.ok & np.isfinite(err) & (var > 0)
+        if use.sum() < 2:
+            out.append(1.0)
+            continue
+        w = 1 / var[use]
+        centred = err[use] - (np.sum(w * err[use]) / w.sum() if centre else 0.0)
+        out.append(max(1.0, float(np.mean(centred**2 * w))))
+    return out[0], out[1]
+
+
+def _fay_herriot(est: np.ndarray, var: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """Empirical-Bayes posterior means of θ_m under est_m ~ N(θ_m, var_m),
+    θ_m ~ N(x_mᵀγ, τ²) (Fay-Herriot): γ by weighted least squares, τ² by iterated moments
+    (Σ r²/(n − p) − mean var, floored). Returns est unchanged when n <= p + 1. Cost O(n·p²)."""
+    n, p = covariates.shape
+    if n <= p + 1:
+        return est
+    tau2 = 0.0
+    for _ in range(20):
+        w = np.sqrt(1 / (var + tau2)) if tau2 > 0 else np.ones(n)
+        gamma = np.linalg.lstsq(covariates * w[:, None], est * w, rcond=None)[0]
+        r = est - covariates @ gamma
+        tau2 = max(float(np.sum(r**2) / (n - p) - np.mean(var)), 1e-12)
+    prior_mean = covariates @ gamma
+    return (est / var + prior_mean / tau2) / (1 / var + 1 / tau2)
+
+
+def fused_predict(
+    table: CurveTable,
+    budget_size: float,
+    target: float,
+    *,
+    nu0: float = 0.5,
+    centre: bool = True,
+    calibrate: bool = True,
+    trend: str = "size",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`lensllm.lensllm`'s log-space prediction with its choices exposed for the ablations in
+    `benchmarks/lensllm_vs_ats.py`: `nu0` (pooling of residual variances), `centre` and
+    `calibrate` (backtest calibration), `trend` ("size": pool slopes toward a trend in
+    log(model size); "mean": toward the task mean; "none": no pooling).
+    Returns (predicted L(target) (M,), ok (M,), visible sizes)."""
+    sizes, _ = visible_curves(table, budget_size)
+    lines = _lines(table, budget_size, nu0=nu0)
+    k_law, k_ats = _calibration(table, budget_size, nu0, centre) if calibrate else (1.0, 1.0)
+    ok = lines.ok
+    cov_t, cov_a = lines.law_cov * k_law, lines.ats_cov * k_ats
+    with np.errstate(all="ignore"):
+        vs_t, vs_a = cov_t[:, 1, 1], cov_a[:, 1, 1]
+        vl_t, vl_a = cov_t[:, 0, 0], cov_a[:, 0, 0]
+        slope = (lines.law_slope / vs_t + lines.ats_slope / vs_a) / (1 / vs_t + 1 / vs_a)
+        v_slope = 1 / (1 / vs_t + 1 / vs_a)
+        level = (lines.law_level / vl_t + lines.ats_level / vl_a) / (1 / vl_t + 1 / vl_a)
+    ok = ok & np.isfinite(slope) & np.isfinite(level) & (v_slope > 0)
+    pooled = slope.copy()
+    if ok.any() and trend != "none":
+        cols = [np.ones(ok.sum())]
+        if trend == "size":
+            cols.append(np.log(np.asarray(table.n_params, np.float64)[ok]))
+        pooled[ok] = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
+    with np.errstate(all="ignore"):
+        pred = np.exp(level + pooled * (np.log(target) - lines.x_top))
+    return pred, ok, sizes
