@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ntk import machine
+from _common import machine
 
 from lensllm_jax import models
 from lensllm_jax.data.text import TokenData

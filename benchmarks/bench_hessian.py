@@ -29,30 +29,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_ntk import (
-    PRESETS,
-    add_config_args,
+from _common import (
     add_rates,
-    build_model,
     dump,
-    gpt2_grad_flops,
     machine,
     peak_memory_bytes,
     section,
     time_jitted,
-    to_torch,
     torch_device,
-    torch_per_example_loss,
     torch_time,
+)
+from _gpt2 import (
+    PRESETS,
+    add_config_args,
+    build_model,
+    gpt2_grad_flops,
+    to_torch,
+    torch_per_example_loss,
 )
 
 from lensllm_jax.core import hessian

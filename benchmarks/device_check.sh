@@ -76,14 +76,14 @@ for name in ("gguf", "rich"):
     sys.modules[name] = None  # any `import gguf` / `import rich` now raises ImportError
 import jax
 print("jax", jax.__version__, "devices", jax.devices())
-for mod in ("lensllm_jax.ntk", "lensllm_jax.hessian", "lensllm_jax.models"):
+for mod in ("lensllm_jax.core.ntk", "lensllm_jax.core.hessian", "lensllm_jax.models"):
     importlib.import_module(mod)
 sys.path.insert(0, "benchmarks")
-import bench_hessian, bench_ntk  # noqa: E401,F401
-print("lensllm_jax.ntk / hessian / models and the benches import without gguf / rich")
+import _gpt2, bench_hessian, bench_ntk  # noqa: E401,F401
+print("lensllm_jax.core.ntk / hessian / models and the benches import without gguf / rich")
 for name in ("gguf", "rich"):
     del sys.modules[name]
-print("benchmark model:", bench_ntk.default_model(), "(zoo needs flax; else the builtin GPT-2)")
+print("benchmark model:", _gpt2.default_model(), "(zoo needs flax; else the builtin GPT-2)")
 for pkg in ("jaxlib", "flax", "optax", "numpy", "scipy", "torch", "transformers"):
     try:
         print(pkg, importlib.import_module(pkg).__version__)

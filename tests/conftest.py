@@ -37,3 +37,27 @@ def smollm2_gguf() -> Path:
     if not path.exists():
         pytest.skip(f"{path} missing")
     return path
+
+
+# ---------------------------------------------------------------- the fast loop stays fast
+# `pytest -m "not slow"` is the inner loop: a test that takes longer than this (setup + call)
+# without the `slow` mark is named at the end of the run, so it can be marked or sped up.
+SLOW_SECONDS = float(os.environ.get("LENSLLM_SLOW_TEST_SECONDS", "5"))
+_unmarked_slow: list[tuple[str, float]] = []
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call"):
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+    if report.when == "call" and "slow" not in report.keywords:
+        total = _durations.get(report.nodeid, 0.0)
+        if total > SLOW_SECONDS:
+            _unmarked_slow.append((report.nodeid, total))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _unmarked_slow:
+        terminalreporter.section(f"unmarked tests over {SLOW_SECONDS:g} s (mark them slow)")
+        for nodeid, seconds in sorted(_unmarked_slow, key=lambda x: -x[1]):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")

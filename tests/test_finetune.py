@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 from models_helpers import save, tiny_torch_model
 from test_textdata import char_tokenizer
 
@@ -16,6 +15,8 @@ from lensllm_jax import models
 from lensllm_jax.data.text import Example, TokenData, split_examples, tokenize
 from lensllm_jax.errors import LensLLMInputError
 from lensllm_jax.runner import finetune as ft
+
+torch = pytest.importorskip("torch")  # the PyTorch references (dev extra)
 
 TINY_GPT2 = dict(model_type="gpt2", vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 
@@ -67,6 +68,7 @@ def random_token_data(n: int, seq: int, vocab: int, seed: int) -> TokenData:
     return TokenData(tokens, loss_mask, attention, rng.integers(5, 50, n).astype(np.int64))
 
 
+@pytest.mark.slow
 def test_evaluate_matches_torch_masked_cross_entropy(tmp_path):
     model = tiny_torch_model("gpt2")
     m = models.load(save(model, tmp_path))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import torch
 from models_helpers import rel_err, save, tiny_torch_model, tokens
 
 from lensllm_jax import models
+
+torch = pytest.importorskip("torch")  # the PyTorch references (dev extra)
 
 
 def test_token_logprobs_match_torch(tmp_path):

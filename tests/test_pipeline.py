@@ -596,6 +596,7 @@ def test_missing_tokenizer_library_is_one_line(monkeypatch, tmp_path):
     assert "\n" not in msg
 
 
+@pytest.mark.slow
 def test_hessian_distance_step_equals_the_dense_quadratic_form(world):
     """vᵀHv at the 'fine-tuned' params θ0 + v against the dense float64 Hessian there."""
     import jax

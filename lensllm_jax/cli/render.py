@@ -7,7 +7,10 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 __all__ = ["render_ranking", "render_run", "render_table"]
 
@@ -89,8 +92,12 @@ def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str
         mine = [r for r in rows if r.method == method]
         sure = any(math.isfinite(r.p_best) for r in mine)
         table = Table(title=f"{method} · predicted loss at D = {target:g}", title_justify="left")
-        cols = (("rank", "right"), ("model", "left"), ("score", "right"))
-        for col, just in (*cols, *((("P(best)", "right"),) if sure else ())):
+        cols: list[tuple[str, JustifyMethod]] = [
+            ("rank", "right"),
+            ("model", "left"),
+            ("score", "right"),
+        ]
+        for col, just in [*cols, *([("P(best)", "right")] if sure else [])]:
             table.add_column(col, justify=just)
         table.add_column("status")
         for r in mine:

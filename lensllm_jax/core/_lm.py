@@ -33,15 +33,16 @@ def _spd_solve(a: Array, b: Array) -> Array:
     batch; a batched `linalg.solve` would call LAPACK once per matrix on CPU.
     """
     p = a.shape[0]
-    low = [[None] * p for _ in range(p)]
+    zero = jnp.zeros((), a.dtype)
+    low: list[list[Array]] = [[zero] * p for _ in range(p)]
     for i in range(p):
         for j in range(i + 1):
             s = a[i, j] - sum(low[i][k] * low[j][k] for k in range(j))
             low[i][j] = jnp.sqrt(jnp.maximum(s, 1e-300)) if i == j else s / low[j][j]
-    y = [None] * p
+    y: list[Array] = [zero] * p
     for i in range(p):
         y[i] = (b[i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
-    x = [None] * p
+    x: list[Array] = [zero] * p
     for i in reversed(range(p)):
         x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, p))) / low[i][i]
     return jnp.stack(x)

@@ -32,9 +32,9 @@ JacFn = Callable[
 def gram(j1: PyTree, j2: PyTree, acc_dtype: Any, precision: Any = None) -> jax.Array:
     """Σ_leaves Σ_{c,p} J1[i,a,c,p] J2[j,b,c,p] -> (c1, c2, A, B); 2 c1 c2 A B C P FLOPs."""
     total = None
-    for l1, l2 in zip(jax.tree.leaves(j1), jax.tree.leaves(j2), strict=True):
-        c1, a = l1.shape[:2]
-        c2, b = l2.shape[:2]
+    leaves1, leaves2 = jax.tree.leaves(j1), jax.tree.leaves(j2)
+    (c1, a), (c2, b) = leaves1[0].shape[:2], leaves2[0].shape[:2]
+    for l1, l2 in zip(leaves1, leaves2, strict=True):
         # (c1·A, C·P) x (c2·B, C·P)ᵀ: contiguous reshapes, one plain matmul, no transposed
         # copy of the Jacobians (a 4-d einsum was ~3x slower on CPU).
         g = jax.lax.dot_general(

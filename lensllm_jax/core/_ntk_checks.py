@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.core import Tracer
 
 from lensllm_jax.errors import NTKError
 
@@ -30,7 +31,9 @@ def _batch_size(x: PyTree, arg: str, name: str | None) -> int:
             f"{arg}{_where(name)}: every leaf needs the same leading batch axis, got sizes "
             f"{sorted(s for s in sizes if s is not None)}{' and a scalar' if None in sizes else ''}"
         )
-    return sizes.pop()
+    size = sizes.pop()
+    assert size is not None
+    return size
 
 
 def _check_same_structure(x1: PyTree, x2: PyTree, name: str | None) -> None:
@@ -66,10 +69,10 @@ def _normalise_trace_axes(
 
 
 def _is_concrete(x: Any) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+    return not any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(x))
 
 
-def _check_finite(arr: jax.Array, what: str, name: str | None) -> None:
+def _check_finite(arr: Any, what: str, name: str | None) -> None:
     a = np.asarray(arr)
     if not np.all(np.isfinite(a)):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))

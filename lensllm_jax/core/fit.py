@@ -90,7 +90,9 @@ class FitResult(NamedTuple):
 # ----------------------------------------------------------------------------- objective
 
 
-def _residuals_and_jac(law: Law, raw, log_d, log_l, mask, aux, loss: str, delta: float, prior=None):
+def _residuals_and_jac(
+    law: Law, raw, log_d, log_l, mask, aux, loss: str, delta: float | Array, prior=None
+):
     """Masked (pseudo-)residuals of log L and their Jacobian, (S,) and (S, P); with a
     Gaussian prior (mean μ, weight w = σ_noise/τ per raw parameter) P more residuals
     w·(θ − μ) follow, so the least-squares optimum is the MAP estimate."""

@@ -30,14 +30,17 @@ Checks that need values (NaN / inf) run only outside `jit`, in the eager front d
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 
+from lensllm_jax.core.probes import SAMPLERS, gaussian, rademacher
 from lensllm_jax.errors import HessianError
 
 __all__ = [
@@ -56,7 +59,7 @@ __all__ = [
 ]
 
 PyTree = Any
-LossFn = Callable[[PyTree], jax.Array]
+LossFn = Callable[..., jax.Array]  # loss(params), or loss(params, batch) with batch=
 GroupBy = Literal["leaf", "top"] | Callable[[tuple], Hashable]
 
 
@@ -159,7 +162,7 @@ def _check_loss_and_params(loss_fn: LossFn, params: PyTree, name: str | None) ->
 
 def _check_finite(x: Any, what: str, name: str | None) -> None:
     leaves = jax.tree.leaves(x)
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if any(isinstance(leaf, Tracer) for leaf in leaves):
         return  # under jit: values unknown, checked by the caller outside jit
     for leaf in leaves:
         if not np.all(np.isfinite(np.asarray(leaf))):
@@ -243,46 +246,6 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree) -> PyTree:
     return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
 
 
-def _random_signs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """I.i.d. fair ±1 of `shape`: every bit of ⌈size/32⌉ uniform uint32 words is one sign, so the
-    PRNG runs 32x less than `jax.random.rademacher` (one uniform per entry); on the 2-core CPU
-    4M signs took 4-8 ms instead of 29-33 ms. Cost: size/32 PRNG words + a shift/mask per sign."""
-    size = int(np.prod(shape, dtype=np.int64))
-    words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
-    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
-    signs = bits.reshape(-1)[:size].reshape(shape).astype(dtype)
-    return (2 * signs - 1).astype(dtype)
-
-
-def rademacher(key: jax.Array, params: PyTree) -> PyTree:
-    """Probe with i.i.d. ±1 entries (minimum-variance Hutchinson probe), params' dtypes.
-
-    Each leaf's signs are the bits of uniform uint32 words (`_random_signs`): the same
-    distribution as `jax.random.rademacher`, a different (32x cheaper) stream."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        tree,
-        [
-            _random_signs(k, jnp.shape(x), jnp.result_type(x))
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
-
-
-def gaussian(key: jax.Array, params: PyTree) -> PyTree:
-    """Probe with i.i.d. N(0, 1) entries, params' dtypes."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        tree,
-        [
-            jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
-
-
 def _hvp_operator(loss_fn: LossFn, params: PyTree, linearize: bool) -> Callable[[PyTree], PyTree]:
     """v -> Hv. linearize=True runs the gradient's primal once (`jax.linearize` of `grad`) and
     applies only the tangent map per vector: ~half the FLOPs per HVP after the first, holding
@@ -290,12 +253,6 @@ def _hvp_operator(loss_fn: LossFn, params: PyTree, linearize: bool) -> Callable[
     if linearize:
         return jax.linearize(jax.grad(loss_fn), params)[1]
     return lambda v: hvp(loss_fn, params, v)
-
-
-SAMPLERS: dict[str, Callable[[jax.Array, PyTree], PyTree]] = {
-    "rademacher": rademacher,
-    "gaussian": gaussian,
-}
 
 
 def _sampler(sampler: str | Callable, name: str | None) -> Callable:
@@ -430,7 +387,7 @@ def hutchinson_trace(
     run = _hutchinson_program(loss_fn, draw, _grouping_key(grouping), linearize, batch_size)
     samples = run(params, batch, jax.random.split(key, num_probes))
     per_group = {g: _mean_se(s) for g, s in samples.items()}
-    total = sum(samples.values())
+    total = functools.reduce(operator.add, samples.values())
     mean, se = _mean_se(total)
     _check_finite(mean, "Hutchinson trace", name)
     return TraceEstimate(
@@ -545,6 +502,6 @@ def hessian_distance(
     )
     grouping = _grouping(at, group_by, stacked)
     per_group, block = _distance_program(loss_fn, _grouping_key(grouping))(at, batch, v)
-    total = sum(per_group.values())
+    total = functools.reduce(operator.add, per_group.values())
     _check_finite(total, "vᵀHv", name)
     return HessianDistance(total, per_group, block)

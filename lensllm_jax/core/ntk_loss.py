@@ -37,8 +37,8 @@ class NTKFeatures(NamedTuple):
     eigenvalues: (..., N), clipped to >= 0; projected_residual: (..., N).
     """
 
-    eigenvalues: jax.Array
-    projected_residual: jax.Array
+    eigenvalues: jax.Array | np.ndarray
+    projected_residual: jax.Array | np.ndarray
 
 
 class KernelDiagnostics(NamedTuple):

@@ -17,6 +17,7 @@ Reading is strict about values (every loss finite and > 0) and lenient about lay
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
 from collections.abc import Sequence
@@ -102,6 +103,18 @@ class CurveTable:
     @property
     def num_models(self) -> int:
         return len(self.models)
+
+    def up_to(self, size: float) -> CurveTable:
+        """The table cut to the subset sizes D <= `size` (what you would have fine-tuned by
+        then): the same models, zero-shot losses and spectra. Raises `LensLLMInputError`
+        when no size is left."""
+        keep = self.sizes <= size
+        if not keep.any():
+            raise LensLLMInputError(f"no subset size <= {size:g}", file=self.source or self.name)
+        se = None if self.loss_se is None else self.loss_se[:, keep]
+        return dataclasses.replace(
+            self, sizes=self.sizes[keep], losses=self.losses[:, keep], loss_se=se
+        )
 
     def column(self, size: float) -> np.ndarray:
         """(M,) losses at subset size `size` (0 gives the zero-shot losses)."""
@@ -312,6 +325,7 @@ def read_curve_table(path: str | PathLike[str]) -> CurveTable:
         for k, j in enumerate(loss_cols):
             losses[i, k] = _positive(cells[j], name, r, header[j], "loss", model)
         for se_size, j in se_cols.items():
+            assert loss_se is not None  # allocated whenever there are se_ columns
             loss_se[i, sizes.index(se_size)] = _standard_error(cells[j], name, r, header[j], model)
         n_params[i] = _positive(
             cells[named[PARAMS_COLUMN]],

@@ -109,6 +109,7 @@ def layer_norm(x: Array, scale: Array | None, bias: Array | None, eps: float) ->
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     if scale is not None:
+        assert bias is not None  # a LayerNorm with a scale has a bias
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype)
 
@@ -180,7 +181,7 @@ def attention_bias(
     return allowed
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | Array) -> Array:
     """softmax(q kᵀ · scale + mask) v with grouped-query heads.
 
     q: (B, S, H, D); k, v: (B, S, KV, D) with H = KV·G; mask (B, 1, S, S) bool.
@@ -208,7 +209,7 @@ def stack_init(module: nn.Module, key: Array, num_layers: int, *example: Any) ->
 
 
 def run_layers(
-    block: Callable[[Array, Any, Array], Array],
+    block: Callable[[Array, Any, Array], Any],
     x: Array,
     layers: Any,
     *,

@@ -43,11 +43,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+import lensllm_jax.runner.checks as checks
+import lensllm_jax.runner.store as store
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
 from lensllm_jax.data.spectra import stack_spectra, write_spectra
 from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
-from lensllm_jax.runner import checks, store
 from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
 
 __all__ = ["RunPlan", "plan", "run"]

@@ -125,7 +125,7 @@ def result_path(out_dir: Path, index: int, name: str) -> Path:
 def save_result(path: Path, res: CandidateResult) -> None:
     """Write one candidate's result as an .npz, atomically (whole or absent)."""
     buf = io.BytesIO()
-    np.savez(buf, **res.to_arrays())
+    np.savez(buf, allow_pickle=False, **res.to_arrays())
     write_atomic(path, buf.getvalue())
 
 

@@ -145,6 +145,7 @@ def _fay_herriot(est: np.ndarray, var: np.ndarray, covariates: np.ndarray) -> np
     if n <= p + 1:
         return est
     tau2 = 0.0
+    gamma = np.zeros(p)
     for _ in range(20):
         w = np.sqrt(1 / (var + tau2)) if tau2 > 0 else np.ones(n)
         gamma = np.linalg.lstsq(covariates * w[:, None], est * w, rcond=None)[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -49,9 +49,7 @@ class Selection(NamedTuple):
     pearson_sign: float = 1.0
 
 
-SelectionMethod = Callable[[CurveTable, float, float], Selection]
-
-SelectionMethod = Callable[[CurveTable, float, float], Selection]
+SelectionMethod: TypeAlias = Callable[[CurveTable, float, float], Selection]
 
 
 def visible_curves(table: CurveTable, budget_size: float) -> tuple[np.ndarray, np.ndarray]:

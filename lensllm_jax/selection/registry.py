@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import lensllm_jax.selection.baselines as baselines
+import lensllm_jax.selection.lensllm as lensllm
 from lensllm_jax.data.curves import CurveTable
 from lensllm_jax.errors import LensLLMInputError
-from lensllm_jax.selection import baselines, lensllm
 from lensllm_jax.selection.base import Selection, SelectionMethod
 
 __all__ = ["DEFAULT_METHODS", "METHODS", "Method", "method_names", "resolve_methods"]

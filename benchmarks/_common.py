@@ -1,0 +1,214 @@
+"""What every benchmark script shares: the machine record, timing of compiled calls (median,
+min, max; compile time apart), achieved FLOP/s, peak memory, profiles, and writing JSON so
+that a crash keeps what was measured. Benchmarks import it as a sibling module
+(``python benchmarks/<script>.py`` puts this folder on the path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+
+# Dense bf16 tensor-core peak by device kind (vendor datasheets; KINDS.md measured 769-798
+# TFLOP/s on an 8192^3 bf16 matmul on an H200), for "fraction of peak" in the JSON.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def machine() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", str(dev))
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+    return {
+        "platform": dev.platform,
+        "device": kind,
+        "device_count": jax.device_count(),
+        "peak_bf16_tflops_datasheet": peak,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "host": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", ""),
+        "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
+    }
+
+
+def peak_memory_bytes() -> dict[str, Any]:
+    """Peak device memory so far (`memory_stats()["peak_bytes_in_use"]` on GPU / TPU; the
+    process's max RSS on CPU). Both are high-water marks of the whole process: read it right
+    after the measurement it belongs to."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return {
+            "kind": "device_peak_bytes_in_use",
+            "bytes": int(stats["peak_bytes_in_use"]),
+            "gib": round(int(stats["peak_bytes_in_use"]) / 2**30, 3),
+            "bytes_limit": int(stats.get("bytes_limit", 0)),
+        }
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"kind": "process_max_rss", "bytes": rss, "gib": round(rss / 2**30, 3)}
+
+
+def time_jitted(fn, *args, repeat: int) -> dict[str, Any]:
+    """Compile, then the median wall time of `repeat` calls (block_until_ready)."""
+    jfn = jax.jit(fn)
+    t0 = time.perf_counter()
+    compiled = jfn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    except Exception:  # not every backend / version provides it
+        flops = float("nan")
+    out = jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "median_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeat": repeat,
+        "compile_s": compile_s,
+        "flops_xla": flops,
+        "_out": out,
+    }
+
+
+def add_rates(r: dict[str, Any], floor_flops: float, peak_tflops: float | None) -> None:
+    """Achieved TFLOP/s at the analytic floor (floor / time) and as a fraction of the device's
+    bf16 peak; XLA's own count (it counts a scanned layer body once) when it has one."""
+    r["tflops_at_floor"] = floor_flops / r["median_s"] / 1e12
+    r["fraction_of_bf16_peak"] = r["tflops_at_floor"] / peak_tflops if peak_tflops else None
+    r["tflops_xla_count"] = r["flops_xla"] / r["median_s"] / 1e12
+
+
+def _norm_op(name: str) -> str:
+    return name.replace(".", "_").replace("-", "_")
+
+
+def profile_breakdown(fn, *args, repeat: int = 3, top: int = 15) -> dict[str, Any]:
+    """Where the time of one compiled call goes: `jax.profiler` trace of `repeat` calls (after a
+    warm-up), each traced event matched to the compiled HLO instruction of the same name (or
+    its `hlo_op` argument: XLA GPU's kernels and library calls carry one) and grouped by phase
+    (forward / backward = transpose(jvp) / outside the gradient, e.g. the Gram contraction)
+    and JAX primitive. Per traced process (host CPU, each GPU stream group), ms per call."""
+    import glob
+    import gzip
+    import re
+    import tempfile
+    from collections import Counter
+
+    jfn = jax.jit(fn)
+    hlo = jfn.lower(*args).compile().as_text()
+    meta: dict[str, tuple[str, str]] = {}
+    for line in hlo.splitlines():
+        mm = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+        if mm:
+            on = re.search(r'op_name="([^"]*)"', line)
+            meta[_norm_op(mm.group(1))] = (mm.group(2), on.group(1) if on else "")
+    jax.block_until_ready(jfn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(repeat):
+                jax.block_until_ready(jfn(*args))
+        files = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        trace = json.load(gzip.open(files[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pname = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    out: dict[str, Any] = {}
+    by_proc: dict[str, tuple[Counter, Counter, Counter]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        args_ = e.get("args") or {}
+        key = _norm_op(str(args_.get("hlo_op") or e["name"]))
+        proc = pname.get(e.get("pid"), str(e.get("pid")))
+        cats, ops, unmatched = by_proc.setdefault(proc, (Counter(), Counter(), Counter()))
+        ms = e["dur"] / 1000 / repeat
+        if key not in meta:
+            if not e["name"].startswith(("$", "Thunk", "Slinky")):
+                unmatched[e["name"][:60]] += ms
+            continue
+        shape, op_name = meta[key]
+        phase = (
+            "backward"
+            if "transpose(jvp" in op_name
+            else "forward"
+            if "jvp(" in op_name
+            else "outside-grad"
+        )
+        prim = op_name.rsplit("/", 1)[-1] or "?"
+        cats[f"{phase}:{prim}"] += ms
+        ops[f"{key} {shape} {op_name[-60:]}"] += ms
+    for proc, (cats, ops, unmatched) in by_proc.items():
+        if not cats and not unmatched:
+            continue
+        out[proc] = {
+            "matched_ms_per_call": round(sum(cats.values()), 3),
+            "by_phase_and_primitive_ms": {k: round(v, 3) for k, v in cats.most_common(top)},
+            "top_ops_ms": {k: round(v, 3) for k, v in ops.most_common(top)},
+            "top_unmatched_ms": {k: round(v, 3) for k, v in unmatched.most_common(8)},
+        }
+    return out
+
+
+def torch_time(fn, repeat: int, sync=lambda: None) -> dict[str, Any]:
+    out = fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "_out": out}
+
+
+def torch_device(choice: str) -> str:
+    """ "auto": cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def dump(res: dict[str, Any], out: str | None) -> None:
+    """Write the results so far (a later crash or timeout keeps what was measured)."""
+    if out:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=2, default=str)
+        os.replace(tmp, out)
+
+
+def section(res: dict[str, Any], key: str, out: str | None, fn) -> Any:
+    """Run one measurement; an exception (e.g. out of memory) is recorded, not fatal."""
+    try:
+        val = fn()
+    except Exception as err:
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+        res[key] = {"error": f"{type(err).__name__}: {msg}"}
+        print(f"[{key}] failed: {res[key]['error']}", file=sys.stderr)
+        val = None
+    dump(res, out)
+    return val
