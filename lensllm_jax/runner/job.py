@@ -6,15 +6,20 @@ Data flows one way::
       -> per candidate: fine-tuning curve on nested subsets + NTK spectrum on a probe set
       -> curve table (+ spectra) -> every chosen selection method -> ranking -> report
 
-1. `plan`: check everything first (`checks`: candidates, sizes, counts, methods, the
-   output folder; the data file; each tokenizer against its model): a bad input is one
-   `LensLLMInputError` line before any fine-tuning, and nothing is written.
+1. `plan`: check everything first (`checks`: candidates completely — config, every
+   tensor's header entry, position table, tokenizer, content digest —, sizes, counts,
+   methods, the output folder and an earlier run's manifest; the data file; each tokenizer
+   against its model): a bad input is one `LensLLMInputError` line before any fine-tuning,
+   and nothing is written.
 2. Split the examples once (`data.text.split_examples`): pool / test / probe, the same
    example indices for every candidate. The default target is the pool size.
 3. Per candidate (`measure.measure_candidate`): fine-tune from the pretrained weights on
    each nested subset of the pool, evaluate on the test set in nats per byte, then the NTK
    (and optionally Hessian traces) at the pretrained weights on the probe set. Each
-   result is saved atomically as it completes (`store`), so a rerun resumes.
+   result is saved atomically as it completes (`store`; the folder and manifest appear
+   with the first one), so a rerun resumes; a saved result is reused only for the same
+   files (content digest). A failure after that (a weight that is NaN, a full disk) is one
+   line that says how many results are saved and that rerunning resumes.
 4. Build the `CurveTable` with the candidates' NTK spectra, write ``curves.csv`` and
    ``ntk_features.csv`` (``lensllm select curves.csv --ntk ntk_features.csv`` re-ranks
    them identically), rank with the chosen methods (`selection.ranking.rank`: LensLLM and, with
@@ -33,7 +38,7 @@ Output folder::
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import warnings
@@ -45,10 +50,10 @@ import numpy as np
 
 import lensllm_jax.runner.checks as checks
 import lensllm_jax.runner.store as store
-from lensllm_jax.data._files import write_atomic
+from lensllm_jax.data._files import describe_os_error, write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
 from lensllm_jax.data.spectra import stack_spectra, write_spectra
-from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
+from lensllm_jax.errors import CurveFitWarning, LensLLMError, LensLLMInputError
 from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
 
 __all__ = ["RunPlan", "plan", "run"]
@@ -73,6 +78,7 @@ class RunPlan(NamedTuple):
     ntk_chunk: int | str | None
     hessian_probes: int
     seed: int
+    resuming: bool = False  # the out-dir holds this run's manifest
 
 
 def run(
@@ -113,7 +119,9 @@ def run(
       log: called with one progress line per step (e.g. print to stderr).
 
     Raises `LensLLMInputError` (one line, nothing written) for any bad input, before any
-    fine-tuning. Cost: see `run.measure`.
+    fine-tuning. A failure once results are saved (a candidate's weight that is NaN, a full
+    disk) is one line saying how many are saved in `out_dir` and that rerunning the same
+    call resumes. Cost: see `run.measure`.
     """
     log = log or (lambda _line: None)
     p = plan(
@@ -199,7 +207,7 @@ def plan(
             hint="give --target the number of samples you will fine-tune on",
         )
 
-    candidates = checks.check_candidates(models)
+    candidates = checks.check_candidates(models, max_length=max_length)
     token_data = [_tokenize(text, examples, cand, max_length) for cand in candidates]
     settings = store.settings_of(
         data_path,
@@ -214,6 +222,7 @@ def plan(
         ntk,
         hessian_probes,
     )
+    resuming = store.check_manifest(out, settings)
     return RunPlan(
         candidates,
         token_data,
@@ -229,6 +238,7 @@ def plan(
         ntk_chunk,
         hessian_probes,
         seed,
+        resuming,
     )
 
 
@@ -247,47 +257,79 @@ def _tokenize(text: Any, examples: Any, cand: Candidate, max_length: int) -> Any
 
 
 def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]]:
-    """Every candidate's results, read back when an earlier run saved them, else measured
-    and saved. Writes the manifest first (or checks it against the earlier run's)."""
+    """Every candidate's results, read back when an earlier run saved them for the same
+    files, else measured and saved. The folder and manifest are created with the first
+    saved result (`store.start`); a failure after that says the run can be resumed."""
     from lensllm_jax.runner.measure import measure_candidate
 
-    resuming = store.check_manifest(p.out, p.settings)
-    (p.out / "candidates").mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        text = json.dumps(p.settings, indent=1, sort_keys=True) + "\n"
-        write_atomic(p.out / checks.MANIFEST, text)
     log(
         f"{len(p.candidates)} candidates, {p.settings['data']['examples']} examples: pool "
         f"{len(p.split.pool)}, test {len(p.split.test)}, probe {len(p.split.probe)}; sizes "
-        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if resuming else "")
+        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if p.resuming else "")
     )
     results: list[CandidateResult] = []
     resumed: list[str] = []
-    for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
-        prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
-        path = store.result_path(p.out, i, cand.name)
-        res = store.load_result(path)
-        if res is not None and res.name == cand.name and res.path == cand.location:
-            log(f"{prefix}: done in an earlier run, read back")
-            resumed.append(cand.name)
-        else:
-            res = measure_candidate(
-                cand,
-                td,
-                p.split,
-                p.sizes,
-                p.config,
-                seed=p.seed,
-                ntk=p.ntk,
-                ntk_chunk=p.ntk_chunk,
-                hessian_probes=p.hessian_probes,
-                log=log,
-                prefix=prefix,
-            )
-            store.save_result(path, res)
-            log(f"{prefix}: done in {res.seconds:.1f} s")
-        results.append(res)
+    started = p.resuming
+    try:
+        for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
+            prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
+            path = store.result_path(p.out, i, cand.name)
+            res = store.load_result(path) if p.resuming else None
+            why = store.stale_reason(res, cand, p.sizes)
+            if res is not None and why is None:
+                log(f"{prefix}: done in an earlier run, read back")
+                resumed.append(cand.name)
+            else:
+                if res is not None or (p.resuming and path.exists()):
+                    log(f"{prefix}: {why}; measuring it again")
+                res = measure_candidate(
+                    cand,
+                    td,
+                    p.split,
+                    p.sizes,
+                    p.config,
+                    seed=p.seed,
+                    ntk=p.ntk,
+                    ntk_chunk=p.ntk_chunk,
+                    hessian_probes=p.hessian_probes,
+                    log=log,
+                    prefix=prefix,
+                )
+                res = dataclasses.replace(res, digest=cand.digest)
+                if not started:
+                    store.start(p.out, p.settings, p.resuming)
+                    started = True
+                store.save_result(path, res)
+                log(f"{prefix}: done in {res.seconds:.1f} s")
+            results.append(res)
+    except (LensLLMError, OSError) as err:
+        raise _stopped(err, p, len(results) if started else 0) from None
+    except Exception as err:  # a bug: the traceback stays, with where the results are
+        if started:
+            err.add_note(_resume_note(p, len(results)))
+        raise
     return results, resumed
+
+
+def _resume_note(p: RunPlan, saved: int) -> str:
+    return (
+        f"{saved} of {len(p.candidates)} candidates' results are saved in {p.out}: "
+        "rerun the same command to resume"
+    )
+
+
+def _stopped(err: BaseException, p: RunPlan, saved: int) -> LensLLMInputError:
+    """`err` as one line; once results are saved, with how many and how to resume."""
+    if isinstance(err, OSError):
+        what, file, hint = describe_os_error(err), None, None
+    elif isinstance(err, LensLLMInputError):
+        what, file, hint = err.what, err.file, err.hint
+    else:
+        what, file, hint = checks.first_line(err), None, None
+    if saved or (p.out / checks.MANIFEST).is_file():
+        note = _resume_note(p, saved)
+        hint = f"{hint}; {note}" if hint else f"{note} once this is fixed"
+    return LensLLMInputError(what, file=file, hint=hint)
 
 
 def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[str]) -> RunResult:
@@ -326,15 +368,18 @@ def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[s
         loss_se=np.stack([r.loss_se for r in complete]),
         ntk=stack_spectra(models, spectra) if p.ntk else None,
     )
-    write_curve_table(table, p.out / "curves.csv")
-    if p.ntk:
-        write_spectra(p.out / "ntk_features.csv", spectra)
-    rows = rank(table, p.target, p.methods, failed=incomplete)
-    write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
-    write_atomic(
-        p.out / "report.json",
-        report_json(p.settings, p.data_path, p.target, results, rows, resumed),
-    )
+    try:
+        write_curve_table(table, p.out / "curves.csv")
+        if p.ntk:
+            write_spectra(p.out / "ntk_features.csv", spectra)
+        rows = rank(table, p.target, p.methods, failed=incomplete)
+        write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
+        write_atomic(
+            p.out / "report.json",
+            report_json(p.settings, p.data_path, p.target, results, rows, resumed),
+        )
+    except (LensLLMError, OSError) as err:
+        raise _stopped(err, p, len(results)) from None
     return RunResult(
         table=table,
         features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},
