@@ -151,6 +151,20 @@ def test_markup_in_names_is_printed_as_written():
     assert "oops[/]" in text2 and "[bold]M" in text2
 
 
+def test_a_very_long_name_renders_quickly_and_stays_whole_in_csv():
+    import time
+
+    from lensllm_jax.selection.ranking import RankRow, rows_to_csv
+
+    name = "x" * 50_000 + "[/]"
+    rows = [RankRow("LensLLM", 1, name, 1.0, "ok", 0.6), RankRow("LensLLM", 2, "m", 1.1, "ok", 0.4)]
+    t0 = time.perf_counter()
+    text = render_ranking(rows, 1000.0)
+    assert time.perf_counter() - t0 < 5  # rich alone: minutes (quadratic in a cell's length)
+    assert "…" in text and "[/]" in text
+    assert name in rows_to_csv(rows)
+
+
 def test_select_with_markup_names_end_to_end(tmp_path, capsys):
     table = H.curve_table_text(["oops[/]", "[bold]x", "m2"])
     (tmp_path / "c.csv").write_text(table)

@@ -19,11 +19,17 @@ if TYPE_CHECKING:
 __all__ = ["render_ranking", "render_run", "render_table"]
 
 
-def _esc(text: object) -> str:
-    """`text` as a literal for rich: markup brackets escaped."""
+def _esc(text: object, limit: int = 120) -> str:
+    """`text` as a literal for rich: markup brackets escaped; longer than `limit` characters,
+    its head and tail around an ellipsis (rich lays out a cell in time quadratic in its
+    length: a 100,000-character name would take minutes). CSV and JSON keep it whole."""
     from rich.markup import escape
 
-    return escape(str(text))
+    text = str(text)
+    if len(text) > limit:
+        half = (limit - 1) // 2
+        text = f"{text[:half]}…{text[-half:]}"
+    return escape(text)
 
 
 def render_run(result: Any, *, color: bool = False) -> str:
@@ -120,7 +126,7 @@ def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str
         console.print(table)
         if sure:
             console.print(
-                f"{_esc(credible_set_text(mine))} (calibration: lensllm_jax/confidence.py)"
+                f"{_esc(credible_set_text(mine), 400)} (calibration: lensllm_jax/confidence.py)"
             )
     return buf.getvalue()
 
