@@ -297,7 +297,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--code", type=Path, default=REPO, help="checkout whose lensllm_jax runs")
     p.add_argument("--areas", help="comma-separated areas (default: all)")
-    p.add_argument("--match", help="only cases whose name contains this")
+    p.add_argument("--match", help="only cases whose name contains this (a|b: either)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--mem-gib", type=float, default=4.0)
@@ -312,7 +312,7 @@ def main() -> None:
     if args.areas:
         cases = [c for c in cases if c.area in args.areas.split(",")]
     if args.match:
-        cases = [c for c in cases if args.match in c.name]
+        cases = [c for c in cases if any(m in c.name for m in args.match.split("|"))]
     base = work / f"cases-{int(time.time())}"
     base.mkdir()
     t0 = time.perf_counter()

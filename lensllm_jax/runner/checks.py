@@ -59,12 +59,16 @@ def _inspect(path: str, max_length: int | None) -> tuple[str, str, int, Any, tup
         info = models.inspect(path)
     except (ModelLoadError, OSError, RecursionError) as err:  # a broken config or header
         msg = first_line(err)
-        for prefix in (str(path), str(Path(path).expanduser())):
+        prefixes = (str(path), str(Path(path).expanduser()))
+        inside = msg.startswith(tuple(p.rstrip(os.sep) + os.sep for p in prefixes))
+        for prefix in prefixes:
             if msg.startswith(prefix + ":"):
                 msg = msg[len(prefix) + 1 :].strip()
         missing = not Path(path).expanduser().exists()
         hint = "give a Hugging Face model folder, a .gguf file or a cached repo id"
-        raise LensLLMInputError(msg, file=path, hint=hint if missing else None) from None
+        raise LensLLMInputError(  # a file inside the candidate's folder names it already
+            msg, file=None if inside else path, hint=hint if missing else None
+        ) from None
     cfg = info.config
     if (
         max_length is not None
@@ -170,6 +174,14 @@ def check_candidates(paths: Sequence[str], *, max_length: int | None = None) -> 
     for name, (given, location, model_type, vocab, loader, files) in zip(
         names, inspected, strict=True
     ):
+        try:
+            location.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LensLLMInputError(
+                "its path holds bytes that are not UTF-8, which the tokenizer library cannot open",
+                file=given,
+                hint="rename the file or folder with a UTF-8 name",
+            ) from None
         if loader is None:
             raise LensLLMInputError(
                 "has no tokenizer (tokenizer.json / tokenizer_config.json / vocab.json / "
