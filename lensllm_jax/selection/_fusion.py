@@ -1,5 +1,8 @@
 """LensLLM's extrapolation from curves: the LENSLLM law's tangent and AtS's line, fused by
-their calibrated variances, the slopes pooled across the task (`fused_predict`).
+their calibrated variances, the slopes pooled across the task (`fused_fit`: the prediction
+with each candidate's own variance; `fused_predict`: the prediction alone), and the
+backtests inside the visible curve that `confidence.assess` reads the task's error scale
+from (`fused_backtests`).
 
 Every function is a pure function of the visible data; `lensllm.lensllm` documents the
 method, and `benchmark.ablations` turns its choices on and off.
