@@ -111,11 +111,8 @@ def rank_selection(
 
     scores = np.asarray(sel.scores, np.float64)
     largest = float(table.sizes[-1])
-    rel_se = None
-    if table.loss_se is not None:
-        rel_se = np.asarray(table.loss_se, np.float64)[:, -1] / table.losses[:, -1]
     status = list(sel.status)
-    if not curve_falls(table, largest, rel_se).any():
+    if not curve_falls(table, largest).any():
         status = ["not falling" if s == "ok" else s for s in status]
         warnings.warn(
             f"{method.name}: no candidate's loss falls with the data size (every curve "
