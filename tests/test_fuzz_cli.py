@@ -371,6 +371,18 @@ def test_a_short_position_table_is_refused_before_anything(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_dir_outputs_that_are_not_regular_files_are_refused_first(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "report.json").symlink_to("/etc/hostname")
+    argv = ["run", "--models", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), *RUN]
+    assert cli.main([*argv, "--out-dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "report.json: is a symbolic link; lensllm replaces only regular files" in line
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.json"]
+
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 

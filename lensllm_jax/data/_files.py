@@ -269,7 +269,7 @@ def check_output_target(path: str | PathLike[str], *, flag: str = "--out") -> No
         raise LensLLMInputError(
             f"is {file_kind(st.st_mode)}; lensllm replaces only regular files",
             file=path,
-            hint=f"give {flag} a new file name",
+            hint=f"give {flag} a new {'folder' if flag == '--out-dir' else 'file'} name",
         )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lensllm_jax.data._files import file_kind, open_regular
+from lensllm_jax.data._files import check_output_target, file_kind, open_regular
 from lensllm_jax.errors import LensLLMInputError, ModelLoadError
 from lensllm_jax.runner.result import Candidate
 
@@ -40,6 +40,7 @@ NTK_METHOD = "LensLLM-NTK"
 MANIFEST = "manifest.json"
 MIN_SIZES = 3  # a law with 3-4 parameters needs at least 3 curve points
 LEARNED_POSITIONS = ("gpt2", "opt")  # families with a position table (no RoPE)
+OUTPUTS = ("curves.csv", "ntk_features.csv", "ranking.csv", "report.json")
 
 
 def first_line(err: BaseException) -> str:
@@ -293,6 +294,8 @@ def check_out_dir(out_dir: Path) -> None:
                     file=out_dir,
                     hint="give --out-dir a new folder name",
                 )
+            for name in OUTPUTS:  # what the run will replace: refused now, not at the end
+                check_output_target(out_dir / name, flag="--out-dir")
         elif not all(is_leftover(p) for p in out_dir.iterdir()):
             raise LensLLMInputError(
                 "is not empty and holds no lensllm run (no manifest.json)",
