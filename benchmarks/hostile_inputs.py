@@ -315,6 +315,7 @@ def main() -> None:
         cases = [c for c in cases if any(m in c.name for m in args.match.split("|"))]
     base = work / f"cases-{int(time.time())}"
     base.mkdir()
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_case, c, fx, base, args, i) for i, c in enumerate(cases)]
@@ -348,7 +349,7 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "load_before": os.getloadavg(),
+            "load_before": load_before,
             "load_after": None,
         },
         "limits": {"mem_gib": args.mem_gib, "timeout_s": args.timeout},
