@@ -127,7 +127,8 @@ def test_out_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, mon
     out = tmp_path / "r.csv"
     argv = ["select", str(tmp_path / "c.csv"), "--target", "5000", "--out", str(out)]
     assert cli.main([*argv, "--methods", "ZeroShot"]) == 2
-    assert "No space left on device" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and str(out) in line  # what, and where
     assert not out.exists() and not list(tmp_path.glob(".*.part"))
 
 
