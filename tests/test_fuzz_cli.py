@@ -474,12 +474,14 @@ def test_a_half_created_out_dir_is_recovered_and_names_are_escaped(world, tmp_pa
     out = tmp_path / "out"
     (out / "candidates").mkdir(parents=True)
     (out / ".manifest.json.k1x9.part").write_text("{")
-    m = tmp_path / "oops[/] "  # markup and a trailing space in the folder's name
+    # markup rich would eat ("[bold]") and a trailing space in the folder's name (a folder
+    # name cannot hold "/", so "oops[/]" is tested through curve tables instead)
+    m = tmp_path / "oops[bold]x "
     shutil.copytree(world / "a", m)
     argv = _argv(world, [m], out)
     argv[argv.index("--format") + 1] = "table"
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    assert "oops[/]" in text
+    assert "oops[bold]x" in text  # not eaten as markup
     assert not list(out.glob(".*.part"))
-    assert "oops[/]," in (out / "curves.csv").read_text()
+    assert "oops[bold]x," in (out / "curves.csv").read_text()
