@@ -12,11 +12,21 @@ when one term underflows (D = 1e-10 for the zero-shot point, tiny E, huge D_l):
                                                  computed from NTK features (`lensllm_ntk`)
   lensllm_ntk L(D) = B / (F(t) + D^β) + E,  F(t) = Σ_k e^{−2ηλ_k t} (u_kᵀ r)²
                                                  (the NTK test loss ‖exp(−ηΘt) r‖², fitted t)
+  lensllm_cap L(D) = B / (F + D^β) + E,  F = ‖r‖²·u/(1+u) ∈ (0, ‖r‖²): the cap alone, which is
+                                                 what `lensllm_ntk` reduces to (no spectrum)
+  lensllm_ntk_steps
+              L(D) = B / (F0·φ(D) + D^β) + E,  φ(D) = Σ_k e^{−2ηλ_k τ(D)} ĉ_k²,  ĉ = c/‖c‖,
+                                                 τ(D) the schedule-weighted optimiser steps
+                                                 actually taken at D (`_steps_time`), η the
+                                                 SGD-equivalent rate: F per point, the spectrum
+                                                 sets its decay along the curve; F0 = ‖r‖² held
+                                                 (the paper's mode) or fitted (units-free)
 
 (lae = logaddexp; lower-case letters are the logs of the capitals.) The laws with a
 curvature term accept D = 0 exactly (log D = −inf): there L = B/F + E, the zero-shot loss,
 which is how LENSLLM's law ties the curve to the untuned model. Each evaluation costs
-O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues).
+O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues, `lensllm_ntk_steps`
+likewise).
 """
 
 from __future__ import annotations
@@ -124,6 +134,62 @@ def _lensllm_ntk(raw: Array, log_d: Array, aux: Any) -> Array:
     return jnp.logaddexp(log_e, log_b - log_denominator)
 
 
+def _steps_time(log_d: Array, schedule: Array) -> Array:
+    """τ(D), the optimiser's schedule-weighted time after fine-tuning on D examples:
+
+        N(D) = max(epochs·⌈D/B⌉, min_steps, 1) (capped at max_steps when > 0),
+        τ(D) = slope·N(D) + offset = Σ_s lr_s / lr (exact for warmup + cosine/linear decay),
+
+    and τ(0) = 0 (the zero-shot point: nothing trained). `schedule` = (B, epochs,
+    min_steps, max_steps, slope, offset)."""
+    batch, epochs, min_steps, max_steps, slope, offset = (schedule[i] for i in range(6))
+    finite = jnp.isfinite(log_d)
+    d = jnp.exp(jnp.where(finite, log_d, 0.0))
+    n = jnp.maximum(jnp.maximum(epochs * jnp.ceil(d / batch * (1 - 1e-12)), min_steps), 1.0)
+    n = jnp.where(max_steps > 0, jnp.minimum(n, max_steps), n)
+    return jnp.where(finite, slope * n + offset, 0.0)
+
+
+def _ntk_steps_log_phi(log_d: Array, aux: Any) -> Array:
+    """log φ(D) = log [F(Θ, τ(D)) / F(Θ, 0)] = log Σ_k e^{−2ηλ_k τ(D)} ĉ_k², ĉ = c/‖c‖:
+    the share of the probe residual the linearised dynamics leave after the steps taken at
+    D (a log-sum-exp, no underflow; 0 at D = 0)."""
+    eigenvalues, projected_residual, eta, schedule = aux
+    tau = _steps_time(log_d, schedule)  # (S,)
+    weight = projected_residual**2
+    log_w = jnp.log(weight / jnp.maximum(jnp.sum(weight), 1e-300) + 1e-300)
+    log_terms = -2.0 * eta * eigenvalues[None, :] * tau[:, None] + log_w[None, :]
+    top = jnp.max(log_terms, axis=1, keepdims=True)
+    return (jnp.log(jnp.sum(jnp.exp(log_terms - top), axis=1, keepdims=True)) + top)[:, 0]
+
+
+def _lensllm_ntk_steps(raw: Array, log_d: Array, aux: Any) -> Array:
+    log_b, log_beta, log_e, log_f0 = raw[0], raw[1], raw[2], raw[3]
+    log_f = log_f0 + _ntk_steps_log_phi(log_d, aux)
+    log_denominator = jnp.logaddexp(log_f, _beta_log_d(log_beta, log_d))
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
+def _lensllm_ntk_steps_value_and_jac(raw: Array, log_d: Array, aux: Any):
+    """Closed form: the rectified law's Jacobian with log F = log F0 + log φ(D) (φ has no
+    parameter, so ∂ log F/∂ log F0 = 1)."""
+    log_b, log_beta, log_e, log_f0 = raw[0], raw[1], raw[2], raw[3]
+    u = _beta_log_d(log_beta, log_d)
+    a, q = _lae_and_sigmoid(log_f0 + _ntk_steps_log_phi(log_d, aux), u)
+    y, s_e = _lae_and_sigmoid(log_e, log_b - a)
+    s = 1.0 - s_e
+    du = jnp.where(jnp.isfinite(u), (1.0 - q) * u, 0.0)
+    return y, jnp.stack([s, -s * du, s_e, -s * q], axis=-1)
+
+
+def _lensllm_cap(raw: Array, log_d: Array, aux: Any) -> Array:
+    """F = ‖r‖² · u/(1 + u), u > 0: any F in (0, ‖r‖²), no spectrum (aux = ‖r‖²)."""
+    log_b, log_beta, log_e, log_u = raw[0], raw[1], raw[2], raw[3]
+    log_f = jnp.log(aux) - jnp.logaddexp(0.0, -log_u)
+    log_denominator = jnp.logaddexp(log_f, _beta_log_d(log_beta, log_d))
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
 LAWS: dict[str, Law] = {
     "vanilla": Law("vanilla", ("B", "beta", "E"), _vanilla, None, _vanilla_value_and_jac),
     "rectified": Law(
@@ -131,6 +197,14 @@ LAWS: dict[str, Law] = {
     ),
     "lensllm": Law("lensllm", ("B", "beta", "E", "F"), _rectified, "F", _rectified_value_and_jac),
     "lensllm_ntk": Law("lensllm_ntk", ("B", "beta", "E", "t"), _lensllm_ntk, "t"),
+    "lensllm_cap": Law("lensllm_cap", ("B", "beta", "E", "u"), _lensllm_cap, "u"),
+    "lensllm_ntk_steps": Law(
+        "lensllm_ntk_steps",
+        ("B", "beta", "E", "F0"),
+        _lensllm_ntk_steps,
+        "F0",
+        _lensllm_ntk_steps_value_and_jac,
+    ),
 }
 
 
