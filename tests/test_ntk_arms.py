@@ -119,7 +119,7 @@ def test_steps_arms_change_with_the_spectrum_at_fixed_r2():
     changes (‖r‖², η, schedule and curves identical); the derangement control differs."""
     table = _table(8)
     flat, spike = _with(table, "flat"), _with(table, "spike")
-    for fn in (ntk_arms.ntk_steps, ntk_arms.ntk_steps_f0):
+    for fn in (ntk_arms.ntk_steps, ntk_arms.ntk_steps_f0, ntk_arms.ntk_steps_rate):
         d_flat = _quiet(fn, flat, 1024, 16384).scores
         d_spike = _quiet(fn, spike, 1024, 16384).scores
         assert np.all(np.isfinite(d_flat)) and np.all(np.isfinite(d_spike))
@@ -180,6 +180,27 @@ def test_steps_law_against_expm_and_the_recipe():
     )
     got = laws.predict("lensllm_ntk_steps", params, d, aux=jax.tree.map(lambda x: x[None], aux))
     np.testing.assert_allclose(got, ref, rtol=1e-9)
+
+
+def test_rate_law_at_k_1_is_the_steps_law_with_f0_held():
+    rng = np.random.default_rng(6)
+    lam, c = np.sort(rng.uniform(0, 3, 5)), rng.normal(size=5)
+    aux = (
+        lam[None],
+        c[None],
+        np.array([0.05]),
+        np.array([[SCHEDULE[k] for k in ntk_arms.SCHEDULE_COLUMNS]]),
+    )
+    d = np.array([0.0, 8, 64, 1000])
+    common = {"B": np.array([3.0]), "beta": np.array([0.5]), "E": np.array([0.9])}
+    rate = laws.predict("lensllm_ntk_steps_rate", {**common, "k": np.array([1.0])}, d, aux=aux)
+    held = laws.predict("lensllm_ntk_steps", {**common, "F0": np.array([c @ c])}, d, aux=aux)
+    np.testing.assert_allclose(rate, held, rtol=1e-12)
+    faster = laws.predict("lensllm_ntk_steps_rate", {**common, "k": np.array([3.0])}, d, aux=aux)
+    assert faster[0, 0] == pytest.approx(held[0, 0], rel=1e-12)  # D = 0: nothing trained
+    # F sits where the rectified law's pre-learned data D_l sits: a faster decay of F
+    # (a larger rate) leaves a smaller F, hence a HIGHER predicted loss at every D > 0
+    assert np.all(faster[0, 1:] >= held[0, 1:]) and faster[0, 1] > held[0, 1] * 1.01
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sizes": [8, 16, 32],
         "full": 512,
         "seeds": [0, 1],
-        "recipe": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1, "min_steps": 4},
+        "recipe": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 2, "min_steps": 0},
         "hessian_probes": 2,
         "verdict": {"ratios": [16], "bootstrap": 20},
     },
@@ -59,12 +59,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus_bytes": 8_000_000,
         "pretrain": {"batch": 8, "length": 128, "lr": 2e-3, "warmup": 0.05},
         "task": {"source": "stdlib", "test": 256, "probe": 64, "max_length": 128},
-        "sizes": [16, 32, 64, 128],
+        "sizes": [8, 16, 32, 64, 128],
         "full": 2048,
         "seeds": [0, 1],
         "recipe": {"learning_rate": 5e-4, "batch_size": 8, "epochs": 2, "min_steps": 0},
         "hessian_probes": 8,
-        "verdict": {"ratios": [16, 32], "bootstrap": 200},
+        "verdict": {"ratios": [16, 32, 64], "bootstrap": 200},
     },
     # For an H200 (not run on the CPU): models of 10-150M parameters, each stage resumable
     # inside one 10-minute call (--max-seconds 540), SmolLM2-135M-Instruct beside them.

@@ -21,6 +21,8 @@ when one term underflows (D = 1e-10 for the zero-shot point, tiny E, huge D_l):
                                                  SGD-equivalent rate: F per point, the spectrum
                                                  sets its decay along the curve; F0 = ‖r‖² held
                                                  (the paper's mode) or fitted (units-free)
+  lensllm_ntk_steps_rate
+              the same with F0 = ‖r‖² and η scaled by a fitted k: F(D) = Σ_k e^{−2kηλ_k τ(D)} c_k²
 
 (lae = logaddexp; lower-case letters are the logs of the capitals.) The laws with a
 curvature term accept D = 0 exactly (log D = −inf): there L = B/F + E, the zero-shot loss,
@@ -67,6 +69,9 @@ class Law(NamedTuple):
         in closed form; the fitter falls back to `jax.jacfwd` when it is None. The closed
         forms share one exp per `logaddexp` between value and derivative, which makes a
         fitting step about 5x cheaper than forward-mode AD on CPU.
+      start_curvature: optional `(log_f_start (M, K), log_d (M, S), mask, aux) -> raw (M, K)`,
+        the multi-start value of the curvature parameter given the fitter's default draw
+        log F = β·log D* (a crossover size D*); None keeps that draw (F, D_l, F0).
     """
 
     name: str
@@ -74,6 +79,7 @@ class Law(NamedTuple):
     log_predict: Callable[[Array, Array, Any], Array]
     curvature_name: str | None
     value_and_jac: Callable[[Array, Array, Any], tuple[Array, Array]] | None = None
+    start_curvature: Callable[..., Array] | None = None
 
 
 def _beta_log_d(log_beta: Array, log_d: Array) -> Array:
@@ -182,6 +188,37 @@ def _lensllm_ntk_steps_value_and_jac(raw: Array, log_d: Array, aux: Any):
     return y, jnp.stack([s, -s * du, s_e, -s * q], axis=-1)
 
 
+def _lensllm_ntk_steps_rate(raw: Array, log_d: Array, aux: Any) -> Array:
+    """F(D) = Σ_k e^{−2kηλ_k τ(D)} c_k², F(0) = ‖r‖²: the steps law with the rate scaled by
+    a fitted k (AdamW's effective rate unknown), the per-point shape kept."""
+    log_b, log_beta, log_e, log_k = raw[0], raw[1], raw[2], raw[3]
+    eigenvalues, projected_residual, eta, schedule = aux
+    log_r2 = jnp.log(jnp.sum(projected_residual**2))
+    log_phi = _ntk_steps_log_phi(
+        log_d, (eigenvalues, projected_residual, eta * jnp.exp(log_k), schedule)
+    )
+    log_denominator = jnp.logaddexp(log_r2 + log_phi, _beta_log_d(log_beta, log_d))
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
+def _rate_start(log_f: Array, log_d: Array, mask: Array, aux: Any) -> Array:
+    """log k so that 2kηλ_max·τ(D_top) spans [1e-2, 1e3] across the starts (from the default
+    draw's spread), D_top the largest used size."""
+    eigenvalues, _, eta, schedule = aux
+    top = jnp.max(jnp.where(mask & jnp.isfinite(log_d), log_d, -jnp.inf), axis=1)  # (M,)
+    tau = jax.vmap(lambda x, s: _steps_time(x[None], s)[0])(top, schedule)
+    scale = 2.0 * jnp.max(eigenvalues, axis=1) * eta * jnp.maximum(tau, 1.0)
+    u = jnp.clip(log_f / jnp.log(1e8), 0.0, 1.0)  # the default draw, mapped to [0, 1]
+    return jnp.log(1e-2) + u * jnp.log(1e5) - jnp.log(jnp.maximum(scale, 1e-300))[:, None]
+
+
+def _cap_start(log_f: Array, log_d: Array, mask: Array, aux: Any) -> Array:
+    """log u with F = ‖r‖²·u/(1+u) = min(D*^β, 0.99‖r‖²) (the default draw, capped)."""
+    log_r2 = jnp.log(aux)[:, None]
+    share = jnp.exp(jnp.minimum(log_f - log_r2, jnp.log(0.99)))
+    return jnp.log(share) - jnp.log1p(-share)
+
+
 def _lensllm_cap(raw: Array, log_d: Array, aux: Any) -> Array:
     """F = ‖r‖² · u/(1 + u), u > 0: any F in (0, ‖r‖²), no spectrum (aux = ‖r‖²)."""
     log_b, log_beta, log_e, log_u = raw[0], raw[1], raw[2], raw[3]
@@ -197,7 +234,16 @@ LAWS: dict[str, Law] = {
     ),
     "lensllm": Law("lensllm", ("B", "beta", "E", "F"), _rectified, "F", _rectified_value_and_jac),
     "lensllm_ntk": Law("lensllm_ntk", ("B", "beta", "E", "t"), _lensllm_ntk, "t"),
-    "lensllm_cap": Law("lensllm_cap", ("B", "beta", "E", "u"), _lensllm_cap, "u"),
+    "lensllm_cap": Law(
+        "lensllm_cap", ("B", "beta", "E", "u"), _lensllm_cap, "u", start_curvature=_cap_start
+    ),
+    "lensllm_ntk_steps_rate": Law(
+        "lensllm_ntk_steps_rate",
+        ("B", "beta", "E", "k"),
+        _lensllm_ntk_steps_rate,
+        "k",
+        start_curvature=_rate_start,
+    ),
     "lensllm_ntk_steps": Law(
         "lensllm_ntk_steps",
         ("B", "beta", "E", "F0"),

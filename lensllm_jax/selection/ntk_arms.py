@@ -23,6 +23,10 @@ D  ``LensLLM-NTK-steps``
 E  ``…-shuffled``      D (and D-F0) with each candidate's kernel (λ, ĉ = c/‖c‖, η) taken from
                        another candidate (a seeded derangement), its own ‖r‖² kept: the
                        control that keeps everything but the match of spectrum to model.
+   ``LensLLM-NTK-steps-rate``
+                       D with F(0) = ‖r‖² held and η scaled by a fitted k: the freedom of B's
+                       fitted t, but the recipe's ratios of steps between sizes kept, so the
+                       spectrum's shape enters (not in the issue's list: "anything better").
 F  ``LensLLM-kernel``  LensLLM with the kernel's summaries as covariates of its
                        empirical-Bayes slope trend beside log(model size): s_m ~ N(θ_m, v_m),
                        θ_m ~ N(x_mᵀγ, τ²), x_m = (1, log n_m, log λ_max, log tr Θ/N,
@@ -59,6 +63,8 @@ __all__ = [
     "ntk_steps",
     "ntk_steps_f0",
     "ntk_steps_f0_shuffled",
+    "ntk_steps_rate",
+    "ntk_steps_rate_shuffled",
     "ntk_steps_shuffled",
     "residual_decay",
     "summary_matrix",
@@ -200,6 +206,7 @@ def ntk_steps(
     target: float,
     *,
     fit_f0: bool = False,
+    fit_rate: bool = False,
     permutation: Sequence[int] | np.ndarray | None = None,
     name: str = "LensLLM-NTK-steps",
 ) -> Selection:
@@ -211,7 +218,9 @@ def ntk_steps(
     with N(D) the steps the recipe takes at D (the spectra's schedule columns), η the
     SGD-equivalent rate ``sgd_eta`` (else the spectra's η), F0 = ‖r‖² held (the paper's
     F(Θ, t) = ‖exp(−ηΘt) r‖², per point) or fitted (`fit_f0`: the spectrum then sets only
-    the shape of the decay). `permutation` p gives candidate i the kernel (λ, ĉ, η) of
+    the shape of the decay); or, with `fit_rate`, F0 = ‖r‖² held and η scaled by a fitted
+    k > 0 (``lensllm_ntk_steps_rate``: AdamW's effective rate left to the curve, the ratios
+    τ(D)/τ(D') of the recipe kept). `permutation` p gives candidate i the kernel (λ, ĉ, η) of
     candidate p[i] and keeps its own ‖r‖² (arm E, the control). A candidate without a
     spectrum, or whose fit fails, is "failed" (NaN, ranks last).
     Cost: one batched fit (M x 16 starts, S_b + 1 points, O(N) per point).
@@ -228,17 +237,38 @@ def ntk_steps(
     pred = np.full(table.num_models, np.nan)
     ok = np.zeros(table.num_models, bool)
     if have.any():
+        if permutation is not None:  # the deranged shape, scaled to the candidate's own ‖r‖²
+            proj = proj * np.sqrt(r2 / np.maximum(np.sum(proj**2, axis=1), 1e-300))[:, None]
         aux = (eig[have], proj[have], eta[have], schedule[have])
-        fixed = None if fit_f0 else {"F0": r2[have]}
-        pred[have], ok[have], _ = fit_predict(
-            "lensllm_ntk_steps", d, l_all[have], target, aux=aux, fixed=fixed
-        )
+        if fit_rate:
+            law, fixed = "lensllm_ntk_steps_rate", None
+        else:
+            law, fixed = "lensllm_ntk_steps", (None if fit_f0 else {"F0": r2[have]})
+        pred[have], ok[have], _ = fit_predict(law, d, l_all[have], target, aux=aux, fixed=fixed)
     return from_predictions(pred, ok, sizes, name)
 
 
 def ntk_steps_f0(table: CurveTable, budget_size: float, target: float) -> Selection:
     """Arm D with F0 fitted (`ntk_steps(fit_f0=True)`)."""
     return ntk_steps(table, budget_size, target, fit_f0=True, name="LensLLM-NTK-steps-F0")
+
+
+def ntk_steps_rate(table: CurveTable, budget_size: float, target: float) -> Selection:
+    """Arm D with η's scale fitted (`ntk_steps(fit_rate=True)`)."""
+    return ntk_steps(table, budget_size, target, fit_rate=True, name="LensLLM-NTK-steps-rate")
+
+
+def ntk_steps_rate_shuffled(table: CurveTable, budget_size: float, target: float) -> Selection:
+    """Arm E for D-rate: kernels deranged across candidates (seed 0), own ‖r‖² kept."""
+    p = derangement(table.num_models)
+    return ntk_steps(
+        table,
+        budget_size,
+        target,
+        fit_rate=True,
+        permutation=p,
+        name="LensLLM-NTK-steps-rate-shuffled",
+    )
 
 
 def ntk_steps_shuffled(table: CurveTable, budget_size: float, target: float) -> Selection:

@@ -82,6 +82,12 @@ _ALL = (
         needs_ntk=True,
     ),
     Method(
+        "LensLLM-NTK-steps-rate",
+        ntk_arms.ntk_steps_rate,
+        "as LensLLM-NTK-steps with η's scale fitted: the recipe's step ratios kept",
+        needs_ntk=True,
+    ),
+    Method(
         "LensLLM-NTK-steps-shuffled",
         ntk_arms.ntk_steps_shuffled,
         "control: LensLLM-NTK-steps with the kernels deranged across candidates",
@@ -91,6 +97,12 @@ _ALL = (
         "LensLLM-NTK-steps-F0-shuffled",
         ntk_arms.ntk_steps_f0_shuffled,
         "control: LensLLM-NTK-steps-F0 with the kernels deranged across candidates",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-rate-shuffled",
+        ntk_arms.ntk_steps_rate_shuffled,
+        "control: LensLLM-NTK-steps-rate with the kernels deranged across candidates",
         needs_ntk=True,
     ),
     Method(
