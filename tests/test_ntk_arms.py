@@ -119,7 +119,13 @@ def test_steps_arms_change_with_the_spectrum_at_fixed_r2():
     changes (‖r‖², η, schedule and curves identical); the derangement control differs."""
     table = _table(8)
     flat, spike = _with(table, "flat"), _with(table, "spike")
-    for fn in (ntk_arms.ntk_steps, ntk_arms.ntk_steps_f0, ntk_arms.ntk_steps_rate):
+    arms = (
+        ntk_arms.ntk_steps,
+        ntk_arms.ntk_steps_f0,
+        ntk_arms.ntk_steps_lr,
+        ntk_arms.ntk_steps_rate,
+    )
+    for fn in arms:
         d_flat = _quiet(fn, flat, 1024, 16384).scores
         d_spike = _quiet(fn, spike, 1024, 16384).scores
         assert np.all(np.isfinite(d_flat)) and np.all(np.isfinite(d_spike))

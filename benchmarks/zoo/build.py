@@ -544,10 +544,12 @@ def main(argv: list[str] | None = None) -> int:
                     args.bootstrap or p["verdict"]["bootstrap"],
                     log=log,
                 )
-            info["seconds"][stage] = info["seconds"].get(stage, 0.0) + time.monotonic() - t0
+            # resumable stages add up over calls; assemble and verdict redo their whole work
+            before = info["seconds"].get(stage, 0.0) if stage in ("pretrain", "measure") else 0.0
+            info["seconds"][stage] = before + time.monotonic() - t0
             info["load_end"] = os.getloadavg()
             _write_json(info_path, info)
-            if stage == "assemble":
+            if (out / "curves.csv").exists():
                 _write_json(out / "manifest.json", info)
     except OutOfTime:
         _write_json(info_path, info)

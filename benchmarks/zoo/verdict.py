@@ -55,11 +55,13 @@ ARMS: dict[str, tuple[str, str]] = {
     "LensLLM-cap": ("LensLLM-cap", "C"),
     "LensLLM-NTK-steps": ("LensLLM-NTK-steps", "D"),
     "LensLLM-NTK-steps-F0": ("LensLLM-NTK-steps-F0", "D"),
+    "LensLLM-NTK-steps-lr": ("LensLLM-NTK-steps-lr", "D"),
     "LensLLM-NTK-steps-rate": ("LensLLM-NTK-steps-rate", "D"),
     "LensLLM-kernel": ("LensLLM-kernel", "F"),
     "LensLLM-kernel-nosize": ("", "F"),
     "LensLLM-NTK-steps-shuffled": ("LensLLM-NTK-steps-shuffled", "E"),
     "LensLLM-NTK-steps-F0-shuffled": ("LensLLM-NTK-steps-F0-shuffled", "E"),
+    "LensLLM-NTK-steps-lr-shuffled": ("LensLLM-NTK-steps-lr-shuffled", "E"),
     "LensLLM-NTK-steps-rate-shuffled": ("LensLLM-NTK-steps-rate-shuffled", "E"),
     "LensLLM-kernel-shuffled": ("LensLLM-kernel-shuffled", "E"),
     "LensLLM-kernel-nosize-shuffled": ("", "E"),
@@ -67,6 +69,7 @@ ARMS: dict[str, tuple[str, str]] = {
 CONTROL = {
     "LensLLM-NTK-steps": "LensLLM-NTK-steps-shuffled",
     "LensLLM-NTK-steps-F0": "LensLLM-NTK-steps-F0-shuffled",
+    "LensLLM-NTK-steps-lr": "LensLLM-NTK-steps-lr-shuffled",
     "LensLLM-NTK-steps-rate": "LensLLM-NTK-steps-rate-shuffled",
     "LensLLM-kernel": "LensLLM-kernel-shuffled",
     "LensLLM-kernel-nosize": "LensLLM-kernel-nosize-shuffled",
@@ -100,8 +103,15 @@ def _arm_fn(arm: str, rng: np.random.Generator | None) -> Callable[..., Any]:
             return nosize(table, budget, target, permutation=p)
         fit_f0 = arm == "LensLLM-NTK-steps-F0-shuffled"
         fit_rate = arm == "LensLLM-NTK-steps-rate-shuffled"
+        plain_lr = arm == "LensLLM-NTK-steps-lr-shuffled"
         return ntk_arms.ntk_steps(
-            table, budget, target, fit_f0=fit_f0, fit_rate=fit_rate, permutation=p
+            table,
+            budget,
+            target,
+            fit_f0=fit_f0,
+            fit_rate=fit_rate,
+            plain_lr=plain_lr,
+            permutation=p,
         )
 
     return shuffled

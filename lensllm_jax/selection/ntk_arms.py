@@ -23,6 +23,8 @@ D  ``LensLLM-NTK-steps``
 E  ``…-shuffled``      D (and D-F0) with each candidate's kernel (λ, ĉ = c/‖c‖, η) taken from
                        another candidate (a seeded derangement), its own ‖r‖² kept: the
                        control that keeps everything but the match of spectrum to model.
+   ``LensLLM-NTK-steps-lr``
+                       D with η = the recipe's learning rate (AdamW read as plain SGD).
    ``LensLLM-NTK-steps-rate``
                        D with F(0) = ‖r‖² held and η scaled by a fitted k: the freedom of B's
                        fitted t, but the recipe's ratios of steps between sizes kept, so the
@@ -63,6 +65,8 @@ __all__ = [
     "ntk_steps",
     "ntk_steps_f0",
     "ntk_steps_f0_shuffled",
+    "ntk_steps_lr",
+    "ntk_steps_lr_shuffled",
     "ntk_steps_rate",
     "ntk_steps_rate_shuffled",
     "ntk_steps_shuffled",
@@ -184,16 +188,19 @@ def _steps_aux(spectra: NTKSpectra, method: str, source: str) -> tuple[np.ndarra
     )
 
 
-def residual_decay(table: CurveTable, sizes: Any) -> np.ndarray:
+def residual_decay(table: CurveTable, sizes: Any, *, plain_lr: bool = False) -> np.ndarray:
     """φ(D) = F(Θ, τ(D)) / ‖r‖² per candidate at `sizes` (S,): the share of the probe
     residual the linearised dynamics leave after the recipe's steps at D (arm D's term;
-    1 at D = 0). (M, S) float64. Cost O(M·S·N)."""
+    1 at D = 0), with η = ``sgd_eta`` (or the recipe's lr with `plain_lr`).
+    (M, S) float64. Cost O(M·S·N)."""
     import jax
 
     from lensllm_jax.core import laws
 
     spectra = _spectra(table, "residual_decay")
     aux = _steps_aux(spectra, "residual_decay", table.source or table.name)
+    if plain_lr:
+        aux = (aux[0], aux[1], np.asarray(spectra.eta, np.float64), aux[3])
     with jax.enable_x64(True), np.errstate(divide="ignore"):
         log_d = jax.numpy.log(jax.numpy.asarray(sizes, jax.numpy.float64).reshape(-1))
         one = jax.vmap(laws._ntk_steps_log_phi, in_axes=(None, 0))
@@ -207,6 +214,7 @@ def ntk_steps(
     *,
     fit_f0: bool = False,
     fit_rate: bool = False,
+    plain_lr: bool = False,
     permutation: Sequence[int] | np.ndarray | None = None,
     name: str = "LensLLM-NTK-steps",
 ) -> Selection:
@@ -220,13 +228,18 @@ def ntk_steps(
     F(Θ, t) = ‖exp(−ηΘt) r‖², per point) or fitted (`fit_f0`: the spectrum then sets only
     the shape of the decay); or, with `fit_rate`, F0 = ‖r‖² held and η scaled by a fitted
     k > 0 (``lensllm_ntk_steps_rate``: AdamW's effective rate left to the curve, the ratios
-    τ(D)/τ(D') of the recipe kept). `permutation` p gives candidate i the kernel (λ, ĉ, η) of
+    τ(D)/τ(D') of the recipe kept). `plain_lr` takes η = the spectra's η (the recipe's
+    learning rate, AdamW read as plain SGD) instead of ``sgd_eta``: a rate 60-350x smaller
+    on the zoo, under which F decays over the visible sizes instead of within one step.
+    `permutation` p gives candidate i the kernel (λ, ĉ, η) of
     candidate p[i] and keeps its own ‖r‖² (arm E, the control). A candidate without a
     spectrum, or whose fit fails, is "failed" (NaN, ranks last).
     Cost: one batched fit (M x 16 starts, S_b + 1 points, O(N) per point).
     """
     spectra = _spectra(table, name)
     eig, proj, eta, schedule = _steps_aux(spectra, name, table.source or table.name)
+    if plain_lr:
+        eta = np.asarray(spectra.eta, np.float64)
     have = np.asarray(spectra.available, bool) & np.all(np.isfinite(schedule), axis=1)
     r2 = np.sum(proj**2, axis=1)
     if permutation is not None:
@@ -251,6 +264,24 @@ def ntk_steps(
 def ntk_steps_f0(table: CurveTable, budget_size: float, target: float) -> Selection:
     """Arm D with F0 fitted (`ntk_steps(fit_f0=True)`)."""
     return ntk_steps(table, budget_size, target, fit_f0=True, name="LensLLM-NTK-steps-F0")
+
+
+def ntk_steps_lr(table: CurveTable, budget_size: float, target: float) -> Selection:
+    """Arm D with η = the recipe's learning rate (`ntk_steps(plain_lr=True)`)."""
+    return ntk_steps(table, budget_size, target, plain_lr=True, name="LensLLM-NTK-steps-lr")
+
+
+def ntk_steps_lr_shuffled(table: CurveTable, budget_size: float, target: float) -> Selection:
+    """Arm E for D-lr: kernels deranged across candidates (seed 0), own ‖r‖² kept."""
+    p = derangement(table.num_models)
+    return ntk_steps(
+        table,
+        budget_size,
+        target,
+        plain_lr=True,
+        permutation=p,
+        name="LensLLM-NTK-steps-lr-shuffled",
+    )
 
 
 def ntk_steps_rate(table: CurveTable, budget_size: float, target: float) -> Selection:

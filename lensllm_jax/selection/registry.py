@@ -82,6 +82,18 @@ _ALL = (
         needs_ntk=True,
     ),
     Method(
+        "LensLLM-NTK-steps-lr",
+        ntk_arms.ntk_steps_lr,
+        "as LensLLM-NTK-steps with η = the recipe's learning rate (AdamW read as SGD)",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-lr-shuffled",
+        ntk_arms.ntk_steps_lr_shuffled,
+        "control: LensLLM-NTK-steps-lr with the kernels deranged across candidates",
+        needs_ntk=True,
+    ),
+    Method(
         "LensLLM-NTK-steps-rate",
         ntk_arms.ntk_steps_rate,
         "as LensLLM-NTK-steps with η's scale fitted: the recipe's step ratios kept",
