@@ -361,7 +361,7 @@ def kernel_trend(
         if with_size:
             cols.append(np.log(np.asarray(table.n_params, np.float64)[ok]))
         cols += list(cols_all[ok].T)
-        pooled[ok] = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
+        pooled[ok], _ = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
     with np.errstate(all="ignore"):
         pred = np.exp(level + pooled * (np.log(target) - lines.x_top))
     return from_predictions(pred, ok, sizes, name)
