@@ -170,9 +170,7 @@ def save_hf(m, folder: Path, config: dict) -> None:
 def task_loading(mesh_spec: str, folder: str) -> None:
     """Load a checkpoint into shards; compare with the plain load; peak host memory."""
     mesh = make_mesh(mesh_spec)
-    config = dict(
-        TINY, hidden_size=64, intermediate_size=256, num_hidden_layers=8, vocab_size=512
-    )
+    config = dict(TINY, hidden_size=64, intermediate_size=256, num_hidden_layers=8, vocab_size=512)
     m = models.from_config(config, 0)
     save_hf(m, Path(folder), config)
     total = sum(x.size * 4 for x in jax.tree.leaves(m.params))

@@ -70,20 +70,21 @@ def _argv(models, data, out_dir):
 
 
 def _start(world, out_dir, *extra, devices):
-    cmd = [
-        sys.executable,
-        "-m",
-        "lensllm_jax.cli",
-        *_argv(world["models"], world["data"], out_dir),
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd, env=device_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    """A child `lensllm run`, its output in files beside out_dir (never a pipe that a
+    process blocked on a full buffer would wait on while its peer waits for it)."""
+    cmd = [sys.executable, "-m", "lensllm_jax.cli"]
+    cmd += [*_argv(world["models"], world["data"], out_dir), *extra]
+    logs = [open(f"{out_dir}.{name}", "w") for name in ("out", "err")]
+    proc = subprocess.Popen(cmd, env=device_env(devices), stdout=logs[0], stderr=logs[1])
+    proc.logs = [Path(f.name) for f in logs]  # type: ignore[attr-defined]
+    for f in logs:
+        f.close()
+    return proc
 
 
 def _finish(proc, timeout=2400):
-    out, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    out, err = (path.read_text() for path in proc.logs)
     assert proc.returncode == 0, err[-4000:]
     return out, err
 
@@ -155,7 +156,7 @@ def test_interrupted_two_process_run_resumes(world, tmp_path):
         time.sleep(0.5)
     for p in procs:  # killed mid-run: the second candidate is not finished
         os.kill(p.pid, signal.SIGKILL)
-        p.communicate()
+        p.wait()
     assert not any(first.glob("001_*.npz"))
     procs = _pair(world, out0, out1, _port())
     _finish(procs[1]), _finish(procs[0])
