@@ -351,26 +351,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
-    result = _with_warnings_reported(
-        lambda: job.run(
-            args.models,
-            data,
-            sizes=args.sizes,
-            target=args.target,
-            out_dir=out_dir,
-            config=config,
-            test_size=args.test_size,
-            probe_size=args.probe_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            methods=args.methods,
-            ntk=not args.no_ntk,
-            ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
-            hessian_probes=args.hessian,
-            log=None if args.quiet else log,
-            **many,
+    with scale.native_stdout_to_stderr(many["distributed"] is not False):
+        result = _with_warnings_reported(
+            lambda: job.run(
+                args.models,
+                data,
+                sizes=args.sizes,
+                target=args.target,
+                out_dir=out_dir,
+                config=config,
+                test_size=args.test_size,
+                probe_size=args.probe_size,
+                max_length=args.max_length,
+                seed=args.seed,
+                methods=args.methods,
+                ntk=not args.no_ntk,
+                ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
+                hessian_probes=args.hessian,
+                log=None if args.quiet else log,
+                **many,
+            )
         )
-    )
     from lensllm_jax.runner.distributed import is_writer
 
     if not is_writer():

@@ -9,12 +9,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from lensllm_jax.errors import LensLLMInputError
 
-__all__ = ["add_plan_parser", "add_run_switches", "plan_text", "run_switches"]
+__all__ = [
+    "add_plan_parser",
+    "add_run_switches",
+    "native_stdout_to_stderr",
+    "plan_text",
+    "run_switches",
+]
 
 
 def add_run_switches(run: argparse.ArgumentParser) -> None:
@@ -52,6 +62,25 @@ def run_switches(args: argparse.Namespace) -> dict[str, Any]:
             )
         return {"mesh": args.mesh, "distributed": False}
     return {"mesh": args.mesh, "distributed": Cluster(*values)}
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """Send what native code prints on file descriptor 1 to stderr while the block runs.
+    JAX's CPU collectives (gloo) print a line per connection there, which would mix with
+    the ranking a distributed run writes to stdout."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def add_plan_parser(sub: Any) -> None:
