@@ -55,7 +55,7 @@ def initialize(cluster: Cluster) -> None:
     coordinator cannot be reached."""
     import jax
 
-    if _initialized():
+    if jax.distributed.is_initialized():
         return
     given = [cluster.num_processes is not None, cluster.process_id is not None]
     if any(given) and not all(given):
@@ -86,12 +86,6 @@ def initialize(cluster: Cluster) -> None:
             hint="check --coordinator, --num-processes and --process-id, or the cluster's "
             "environment",
         ) from None
-
-
-def _initialized() -> bool:
-    from jax._src import distributed
-
-    return distributed.global_state.client is not None
 
 
 def process_count() -> int:
