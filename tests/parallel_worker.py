@@ -24,7 +24,7 @@ from lensllm_jax.parallel import fit as pfit
 from lensllm_jax.parallel import hessian as phessian
 from lensllm_jax.parallel import ntk as pntk
 from lensllm_jax.parallel.mesh import make_mesh
-from lensllm_jax.parallel.rules import shard_params
+from lensllm_jax.parallel.rules import param_shardings, shard_params
 from lensllm_jax.runner import finetune
 
 TINY = dict(
@@ -51,6 +51,15 @@ def shard_shapes(prefix: str, tree) -> None:
         shapes = {tuple(s.data.shape) for s in leaf.addressable_shards}
         assert len(shapes) == 1, (path, shapes)
         out[prefix + jax.tree_util.keystr(path)] = np.asarray(next(iter(shapes)))
+
+
+def rule_shardings(prefix: str, tree, mesh) -> None:
+    """1 per leaf whose sharding is the rule's NamedSharding (`rules.param_shardings`), else 0."""
+    want = jax.tree_util.tree_leaves(param_shardings(tree, mesh))
+    for (path, leaf), rule in zip(jax.tree_util.tree_flatten_with_path(tree)[0], want, strict=True):
+        same = isinstance(leaf.sharding, jax.sharding.NamedSharding)
+        same = same and leaf.sharding.is_equivalent_to(rule, leaf.ndim)
+        out[prefix + jax.tree_util.keystr(path)] = np.asarray(int(same))
 
 
 def batch(rng, n: int, t: int, vocab: int = 64) -> dict[str, np.ndarray]:
@@ -191,6 +200,7 @@ def task_loading(mesh_spec: str, folder: str) -> None:
     flat("load_plain", plain.params)
     flat("load_sharded", sharded.params)
     shard_shapes("load_blocks", sharded.params)
+    rule_shardings("load_rule", sharded.params, mesh)
 
 
 def task_gguf(mesh_spec: str, path: str) -> None:
@@ -201,6 +211,7 @@ def task_gguf(mesh_spec: str, path: str) -> None:
     sharded = models.load(path, mesh=mesh)
     flat("gguf_sharded", sharded.params)
     shard_shapes("gguf_blocks", sharded.params)
+    rule_shardings("gguf_rule", sharded.params, mesh)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def test_loading_into_shards_keeps_one_tensor_on_the_host(tmp_path):
     blocks = {k: tuple(int(x) for x in v) for k, v in _leaves(res, "load_blocks").items()}
     assert blocks["['embed']['embedding']"] == (128, 64)  # (512, 64) over fsdp=4
     assert blocks["['layers']['up']['kernel']"] == (8, 64, 64)  # (8, 64, 256)
+    rule = _leaves(res, "load_rule")  # every leaf carries the rule's NamedSharding
+    assert rule.keys() == plain.keys() and all(int(v) == 1 for v in rule.values()), rule
     total, peak_plain, peak_sharded = res["host_peak"]
     largest_tensor = 512 * 64 * 4  # the embedding; one layer's MLP matrix is half of it
     largest_leaf = 8 * 64 * 256 * 4  # a stacked MLP matrix: 8 layers
@@ -118,3 +120,5 @@ def test_gguf_loads_into_shards(tmp_path, smollm2_gguf):
     blocks = {k: tuple(int(x) for x in v) for k, v in _leaves(res, "gguf_blocks").items()}
     assert blocks["['embed']['embedding']"] == (49152 // 8, 576)
     assert blocks["['layers']['gate']['kernel']"] == (30, 576, 1536 // 8)
+    rule = _leaves(res, "gguf_rule")
+    assert rule.keys() == plain.keys() and all(int(v) == 1 for v in rule.values()), rule
