@@ -301,10 +301,8 @@ def _check_fixed(law: Law, fixed: Mapping[str, Any], m: int) -> None:
                 f"fixed {name!r} must be a number or {m} numbers, got {value!r:.60}"
             ) from None
         if not np.all(np.isfinite(v) & (v > 0)):
-            raise LensLLMInputError(
-                f"fixed {name!r} must be finite and > 0 (natural parameters are positive), "
-                f"got {value!r:.60}"
-            )
+            why = "finite and > 0 (natural parameters are positive)"
+            raise LensLLMInputError(f"fixed {name!r} must be {why}, got {value!r:.60}")
 
 
 def fit_law(
@@ -408,10 +406,8 @@ def _fit(
         )
     m, _ = l2.shape
     num_starts, max_steps = _count(num_starts, "num_starts"), _count(max_steps, "max_steps")
-    explore_steps, num_polish = (
-        _count(explore_steps, "explore_steps"),
-        _count(num_polish, "num_polish"),
-    )
+    explore_steps = _count(explore_steps, "explore_steps")
+    num_polish = _count(num_polish, "num_polish")
     # D = 0 is usable where the law has a curvature term (L(0) = B/F + E), not for vanilla.
     d_ok = (d2 >= 0) if law.curvature_name is not None else (d2 > 0)
     usable = np.isfinite(d2) & np.isfinite(l2) & d_ok & (l2 > 0)
