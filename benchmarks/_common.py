@@ -40,6 +40,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def load_average() -> dict[str, Any]:
+    """`uptime`'s load averages (1, 5, 15 min) and the CPU count: how busy the machine was."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return {}
+    return {"1min": one, "5min": five, "15min": fifteen, "cpus": os.cpu_count()}
+
+
 def peak_memory_bytes() -> dict[str, Any]:
     """Peak device memory so far (`memory_stats()["peak_bytes_in_use"]` on GPU / TPU; the
     process's max RSS on CPU). Both are high-water marks of the whole process: read it right
