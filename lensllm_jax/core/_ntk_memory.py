@@ -163,32 +163,39 @@ class NtkPlan(NamedTuple):
         )
 
 
-def _blocks(n1: int, n2: int, symmetric: bool, bpe: int, chunk: int, budget: int) -> NtkPlan:
+def _blocks(
+    n1: int, n2: int, symmetric: bool, bpe: int, act: int, chunk: int, budget: int
+) -> NtkPlan:
     if symmetric:
         nb = -(-n1 // chunk)
         grads = chunk * (1 + nb * (nb - 1) // 2)
-        mem = (1 if nb == 1 else 2) * chunk * bpe
+        mem = (1 if nb == 1 else 2) * chunk * bpe + chunk * act
         base = n1
     else:
         nb1, nb2 = -(-n1 // chunk), -(-n2 // chunk)
         grads = chunk * (nb1 + nb1 * nb2)
-        mem = 2 * chunk * bpe
+        mem = 2 * chunk * bpe + chunk * act
         base = n1 + n2
     passes = grads / base
     return NtkPlan(ROUTES[0], chunk, passes, 0.0, passes, mem, budget, True)
 
 
-def _matrix_free(n1: int, n2: int, symmetric: bool, bpe: int, chunk: int, budget: int) -> NtkPlan:
+def _matrix_free(
+    n1: int, n2: int, symmetric: bool, bpe: int, act: int, chunk: int, budget: int
+) -> NtkPlan:
     base = n1 if symmetric else n1 + n2
     grads = n2 / base
     jvps = n1 * n2 / base
     forwards = n1 * -(-n2 // chunk) / base  # the primal of each batched jvp
     cost = grads + JVP_COST * jvps + FORWARD_COST * forwards
-    return NtkPlan(ROUTES[1], chunk, grads, jvps, cost, chunk * bpe, budget, True)
+    # the k gradients (the tangents), then a jvp of all N1 examples carrying k tangents: forward
+    # mode keeps no residuals, so about half an example's backward activations each
+    mem = chunk * bpe + chunk * act + (chunk + 1) * n1 * act // 2
+    return NtkPlan(ROUTES[1], chunk, grads, jvps, cost, mem, budget, True)
 
 
-def _sketch(n: int, bpe: int, chunk: int, budget: int, sketch_dim: int) -> NtkPlan:
-    mem = SKETCH_MEMORY_FACTOR * chunk * bpe
+def _sketch(n: int, bpe: int, act: int, chunk: int, budget: int, sketch_dim: int) -> NtkPlan:
+    mem = SKETCH_MEMORY_FACTOR * chunk * bpe + chunk * act
     return NtkPlan(ROUTES[2], chunk, 1.0, 0.0, 1.0, mem, budget, False, sketch_dim)
 
 
@@ -210,8 +217,12 @@ def plan_ntk(
     allow_sketch: bool = False,
     max_exact_passes: float = MAX_EXACT_PASSES,
     sketch_dim: int = SKETCH_DIM,
+    activation_bytes: int = 0,
 ) -> NtkPlan:
     """The route and chunk of an NTK within `budget_bytes`: a pure function of sizes.
+
+    `activation_bytes`: memory of one example's forward + backward temporaries (activations,
+    logits), counted per example of a chunk (0: only the parameter-sized buffers count).
 
     Per-example gradient passes and memory (bpe = bytes of one example's Jacobian):
       blocks, chunk c, nb = ⌈N/c⌉ blocks: 1 + nb (nb − 1)/2 chunk Jacobians (symmetric), i.e.
@@ -235,18 +246,18 @@ def plan_ntk(
         )
     if route != "auto" and route not in ROUTES:
         raise NTKError(f"unknown NTK route {route!r}; use 'auto' or one of {list(ROUTES)}")
-    n, bpe, budget = max(n1, n2), bytes_per_example, budget_bytes
+    n, bpe, budget, act = max(n1, n2), bytes_per_example, budget_bytes, max(0, activation_bytes)
     if chunk is not None:
         c_blocks = c_mf = c_sketch = min(chunk, n)
     else:
-        one_block = symmetric and n * bpe <= budget
-        c_blocks = n if one_block else auto_chunk_size(n, bpe, budget)
-        c_mf = _balanced(n2, budget // bpe)
-        c_sketch = _balanced(n, budget // (SKETCH_MEMORY_FACTOR * bpe))
+        one_block = symmetric and n * (bpe + act) <= budget
+        c_blocks = n if one_block else auto_chunk_size(n, bpe + -(-act // 2), budget)
+        c_mf = _balanced(n2, (budget - n1 * act // 2) // (bpe + act + n1 * act // 2))
+        c_sketch = _balanced(n, budget // (SKETCH_MEMORY_FACTOR * bpe + act))
     plans = {
-        ROUTES[0]: _blocks(n1, n2, symmetric, bpe, c_blocks, budget),
-        ROUTES[1]: _matrix_free(n1, n2, symmetric, bpe, c_mf, budget),
-        ROUTES[2]: _sketch(n, bpe, c_sketch, budget, sketch_dim),
+        ROUTES[0]: _blocks(n1, n2, symmetric, bpe, act, c_blocks, budget),
+        ROUTES[1]: _matrix_free(n1, n2, symmetric, bpe, act, c_mf, budget),
+        ROUTES[2]: _sketch(n, bpe, act, c_sketch, budget, sketch_dim),
     }
     if route != "auto":
         return plans[route]

@@ -333,8 +333,10 @@ def empirical_ntk_fn(
         return plan, lay, n1, n2
 
     def run(params, x1, x2=None, *, name=None, with_bound=False, seed=None):
+        """(Θ, stderr bound or None, plan); the bound only for the sketch with with_bound."""
         plan, lay, n1, n2 = resolve(params, x1, x2, name)
         key = jax.random.key(sketch_seed if seed is None else seed)
+        with_bound = with_bound and plan.route == "sketch"
         out = compiled(
             params, x1, x2, key, route=plan.route, lay=lay, n1=n1, n2=n2, chunk_size=plan.chunk,
             with_bound=with_bound,
@@ -343,10 +345,10 @@ def empirical_ntk_fn(
         theta = _finish(theta, lay)
         if _is_concrete(theta):
             _check_finite(theta, "empirical NTK", name)
-        return (theta, _finish(bound, lay), plan) if with_bound else theta
+        return theta, None if bound is None else _finish(bound, lay), plan
 
     def kernel_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None, *, name=None):
-        return run(params, x1, x2, name=name)
+        return run(params, x1, x2, name=name)[0]
 
     def plan_of(params: PyTree, x1: PyTree, x2: PyTree | None = None) -> NtkPlan:
         return resolve(params, x1, x2)[0]
@@ -436,6 +438,7 @@ def sketched_ntk(
         sketch_dim,
     )  # fmt: skip
     theta, bound, plan = kfn._run(params, x1, x2, name=name, with_bound=True, seed=seed)  # type: ignore[attr-defined]
+    assert bound is not None
     return SketchedNTK(theta, bound, plan)
 
 

@@ -39,9 +39,12 @@ from lensllm_jax.runner.result import Candidate, CandidateResult, NTKStep
 from lensllm_jax.runner.store import LOSS_UNIT
 
 __all__ = [
+    "HESSIAN_TOKENS",
     "HOST_MEMORY_FRACTION",
     "MEMORY_ENV",
     "ROUTE_ENV",
+    "activation_bytes",
+    "hessian_chunk",
     "hessian_distance_step",
     "hessian_step",
     "host_available_bytes",
@@ -56,6 +59,7 @@ MEMORY_ENV = "LENSLLM_NTK_MEMORY"  # bytes for the NTK's Jacobian blocks, e.g. "
 ROUTE_ENV = "LENSLLM_NTK_ROUTE"  # auto (default), exact, sketch, jacobian_contraction, ...
 ROUTES = ("auto", "exact", "sketch", "jacobian_contraction", "ntk_vector_products")
 HOST_MEMORY_FRACTION = 0.5  # of the host memory available now; the rest: activations, others
+HESSIAN_TOKENS = 512  # tokens per Hessian-vector-product micro-batch (memory ∝ this, not N·T)
 
 
 def host_available_bytes() -> int | None:
@@ -103,9 +107,20 @@ def ntk_route() -> str:
     return route
 
 
-def ntk_plan(params: Any, n: int, chunk_size: int | str | None = "auto") -> Any:
+def activation_bytes(config: Any, tokens: int) -> int:
+    """Rough f32 bytes of one example's forward + backward temporaries in a causal LM of
+    `config` (a `models.LMConfig`) on `tokens` tokens: per token about 6 logits-sized vectors
+    (logits, log-softmax, their cotangents) and 24 hidden-sized vectors per layer."""
+    per_token = 6 * int(config.vocab_size) + 24 * int(config.num_layers) * int(config.hidden_size)
+    return 4 * int(tokens) * per_token
+
+
+def ntk_plan(
+    params: Any, n: int, chunk_size: int | str | None = "auto", activation: int = 0
+) -> Any:
     """The `core.ntk.NtkPlan` of `ntk_step` on n probe examples: route and chunk from the
-    memory budget (`ntk_memory_budget`) and $LENSLLM_NTK_ROUTE (`ntk_route`)."""
+    memory budget (`ntk_memory_budget`), the activations of one example (`activation` bytes)
+    and $LENSLLM_NTK_ROUTE (`ntk_route`)."""
     from lensllm_jax.core import ntk
 
     route = ntk_route()
@@ -119,6 +134,7 @@ def ntk_plan(params: Any, n: int, chunk_size: int | str | None = "auto") -> Any:
         route="auto" if route == "exact" else route,
         chunk=chunk,
         allow_sketch=route == "auto",
+        activation_bytes=activation,
     )
 
 
@@ -130,11 +146,13 @@ def ntk_step(
     chunk_size: int | str | None = "auto",
     name: str | None = None,
     log: Callable[[str], None] | None = None,
+    activation: int = 0,
 ) -> NTKStep:
     """Θ = J Jᵀ of the per-example probe loss ℓ(X) (`probe_loss_fn`), r = ℓ(X; θ0), and
     F's features (`core.ntk.checked_features`: eigh of Θ, Uᵀr, how much was symmetrised/clipped).
 
-    The route (`ntk_plan`): exact Jacobian blocks when the host's memory allows few passes,
+    The route (`ntk_plan`; `activation`: bytes of one example's activations, see
+    `activation_bytes`): exact Jacobian blocks when the host's memory allows few passes,
     else the matrix-free route, or the count sketch when exact would cost more than
     `core.ntk.MAX_EXACT_PASSES` (a warning and `log` say so, with its error bound).
     Cost: one per-example-gradient pass over the N probe examples when all N gradients fit
@@ -147,7 +165,7 @@ def ntk_step(
 
     loss = probe_loss_fn(apply)
     n = int(np.shape(batch["tokens"])[0])
-    plan = ntk_plan(params, n, chunk_size)
+    plan = ntk_plan(params, n, chunk_size, activation)
     budget = plan.budget_bytes
     if log is not None:
         log(f"NTK route: {plan.describe()}")
@@ -180,6 +198,12 @@ def ntk_step(
     return NTKStep(np.asarray(theta), residual, feats, diag)
 
 
+def hessian_chunk(batch: Mapping[str, np.ndarray]) -> int:
+    """Probe examples per Hessian-vector-product micro-batch: ⌊HESSIAN_TOKENS / T⌋ (at least
+    1) for probes of T tokens (`core.hessian` takes the largest divisor of N not above it)."""
+    return max(1, HESSIAN_TOKENS // int(np.shape(batch["tokens"])[1]))
+
+
 def hessian_step(
     apply: Callable[..., Any],
     params: Any,
@@ -192,7 +216,9 @@ def hessian_step(
     """Hutchinson estimate of tr ∇²_θ (1/N Σ_i ℓ_i(θ)) at the pretrained params, with
     Rademacher probes seeded by `seed`: (mean, standard error of the mean over probes).
     A phase diagnostic (LENSLLM's PAC-Bayes account), not used by the ranking.
-    Cost: num_probes Hessian-vector products (≈ 1 + num_probes gradients, linearized)."""
+    Cost: num_probes Hessian-vector products (≈ 2-3 gradients each), one probe at a time, each
+    over micro-batches of `hessian_chunk` examples: memory of one HVP on ≈ HESSIAN_TOKENS
+    tokens, whatever the probe set's size."""
     import jax
 
     from lensllm_jax.core import hessian
@@ -205,6 +231,7 @@ def hessian_step(
         group_by="top",
         name=name,
         batch=batch,
+        example_chunk=hessian_chunk(batch),
     )
     return float(est.mean), float(est.stderr)
 
@@ -219,7 +246,8 @@ def hessian_distance_step(
 ) -> float:
     """vᵀHv with v = θ_finetuned − θ_pretrained and H the Hessian of the mean probe loss at
     the fine-tuned params (`hessian.hessian_distance`): the curvature term of Hessian-based
-    PAC-Bayes bounds for fine-tuning. Cost: 2 Hessian-vector products."""
+    PAC-Bayes bounds for fine-tuning. Cost: 1 Hessian-vector product, over micro-batches as in
+    `hessian_step`."""
     from lensllm_jax.core import hessian
 
     dist = hessian.hessian_distance(
@@ -229,6 +257,8 @@ def hessian_distance_step(
         group_by="top",
         name=name,
         batch=batch,
+        blocks=False,
+        example_chunk=hessian_chunk(batch),
     )
     return float(dist.total)
 
@@ -365,6 +395,7 @@ def _probe_kernel(
             chunk_size=chunk,
             name=name,
             log=lambda line: log(f"{prefix}: {line}"),
+            activation=activation_bytes(m.config, np.shape(probe["tokens"])[1]),
         )
     except NTKError as err:
         warnings.warn(
