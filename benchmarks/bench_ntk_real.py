@@ -18,7 +18,8 @@ Per route: the plan (`core.ntk.plan_ntk`: chunk, gradient passes, tangent passes
 cost and memory), compile time, median time and time / floor per round, XLA's buffer
 accounting of the compiled program (`memory_analysis`: temporaries + outputs) and the process
 max RSS after it. The budget is what `lensllm run` uses (`runner.measure.ntk_memory_budget`:
-half the host memory available, or $LENSLLM_NTK_MEMORY), unless --budget is given.
+half the host memory available, or $LENSLLM_NTK_MEMORY), unless --budget is given, and the
+plans count each example's activations as lensllm run does (`runner.measure.activation_bytes`).
 
 Usage: nice -n 10 python benchmarks/bench_ntk_real.py --n 8 32 --out ntk_real.json
 """
@@ -41,7 +42,7 @@ from _common import dump, load_average, machine
 from lensllm_jax import models
 from lensllm_jax.core import ntk
 from lensllm_jax.models.lm_probe import probe_loss_fn
-from lensllm_jax.runner.measure import ntk_memory_budget
+from lensllm_jax.runner.measure import activation_bytes, ntk_memory_budget
 
 
 def smollm2_path() -> Path:
@@ -116,7 +117,8 @@ def main() -> None:
     dump(res, out)
     for n in args.n:
         batch = probe(n, args.seq, m.config.vocab_size)
-        row: dict[str, Any] = {}
+        act = activation_bytes(m.config, args.seq)
+        row: dict[str, Any] = {"activation_bytes_per_example_estimate": act}
         res["by_n"][str(n)] = row
         fns: dict[str, Any] = {}
 
@@ -127,7 +129,9 @@ def main() -> None:
         fns["batched_grad"] = compiled
         row["batched_grad"] = {**info, "rss_after_gib": None}
         for route in ntk.ROUTE_NAMES[1:]:
-            plan = ntk.plan_ntk(n, n, bpe, budget, route=route, sketch_dim=args.sketch_dim)
+            plan = ntk.plan_ntk(
+                n, n, bpe, budget, route=route, sketch_dim=args.sketch_dim, activation_bytes=act
+            )
             entry: dict[str, Any] = {"plan": plan.as_dict()}
             row[route] = entry
             if route == "ntk_vector_products" and n > args.matrix_free_max_n:
@@ -152,9 +156,9 @@ def main() -> None:
             except Exception as err:  # e.g. out of memory: recorded, not fatal
                 entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             dump(res, out)
-        auto = ntk.plan_ntk(n, n, bpe, budget, allow_sketch=True)
-        row["auto_choice"] = {"exact_only": ntk.plan_ntk(n, n, bpe, budget).route,
-                              "allow_sketch": auto.route}  # fmt: skip
+        auto = ntk.plan_ntk(n, n, bpe, budget, allow_sketch=True, activation_bytes=act)
+        exact = ntk.plan_ntk(n, n, bpe, budget, activation_bytes=act)
+        row["auto_choice"] = {"exact_only": exact.route, "allow_sketch": auto.route}
         times: dict[str, list[float]] = {k: [] for k in fns}
         outputs: dict[str, Any] = {}
         for _ in range(args.rounds):

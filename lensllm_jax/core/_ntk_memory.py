@@ -64,14 +64,17 @@ def memory_budget(
     device: Any = None,
     fraction: float = DEVICE_MEMORY_FRACTION,
 ) -> int:
-    """Bytes the two live Jacobian blocks of JACOBIAN_CONTRACTION may take (`chunk_size="auto"`).
+    """Bytes an NTK route's buffers may take (the per-example gradients of `plan_ntk`).
 
     The first rule that applies:
-      1. `memory_budget_bytes` when given (`lensllm run` passes $LENSLLM_NTK_MEMORY here);
+      1. `memory_budget_bytes` when given (`lensllm run` passes $LENSLLM_NTK_MEMORY, or on a
+         CPU half the host memory available now, measured outside the core);
       2. `fraction` (default 0.5) of the device's free memory, bytes_limit − bytes_in_use of
          `device.memory_stats()` (GPU / TPU; default device `jax.devices()[0]`): the other half
          is left for the activations of a chunk, the Gram and XLA's temporaries;
-      3. HOST_MEMORY_BUDGET (2 GiB) when the device reports no memory statistics (CPU).
+      3. HOST_MEMORY_BUDGET (2 GiB) when nothing is passed and the device reports no memory
+         statistics (CPU): the core reads no environment, so a caller that knows the host's
+         memory should pass it.
     Cost: one `memory_stats()` query (no device work).
     """
     if memory_budget_bytes is not None:
