@@ -235,21 +235,28 @@ def torch_setup() -> dict[str, Any]:
 def interleaved(fns: dict[str, Any], rounds: int, reference: str) -> dict[str, Any]:
     """Time every `fn()` (already compiled / warmed up; each must block until done) once per
     round, in turn, for `rounds` rounds; per function the median time and, per round, its
-    ratio to `reference`'s time in that round (a busy machine slows both alike)."""
+    ratio to `reference`'s time in that round (a busy machine slows both alike), and the same
+    in process CPU time (CPU seconds used by all threads: steadier than wall time when
+    other jobs share the cores; torch's threads count too, OpenMP waiting passively)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     out: dict[str, Any] = {}
     for name, ts in times.items():
         ratios = [t / r for t, r in zip(ts, times[reference], strict=True)]
+        cpu_ratios = [t / r for t, r in zip(cpu[name], cpu[reference], strict=True)]
         out[name] = {
             "median_s": statistics.median(ts),
             "times_s": [round(t, 4) for t in ts],
             f"over_{reference}_per_round": [round(x, 3) for x in ratios],
             f"over_{reference}_median": round(statistics.median(ratios), 3),
+            "cpu_s": [round(t, 4) for t in cpu[name]],
+            f"cpu_over_{reference}_median": round(statistics.median(cpu_ratios), 3),
         }
     return out
 

@@ -15,7 +15,9 @@ per round, so a busy machine moves numerator and denominator together):
   eigenvalue) and its stated Frobenius bound.
 
 Per route: the plan (`core.ntk.plan_ntk`: chunk, gradient passes, tangent passes, modeled
-cost and memory), compile time, median time and time / floor per round, XLA's buffer
+cost and memory), compile time, median time and time / floor per round, in wall time and in
+process CPU time (the CPU seconds the call used, all threads: on a machine other jobs share,
+wall time swings with their load, CPU time much less), XLA's buffer
 accounting of the compiled program (`memory_analysis`: temporaries + outputs) and the process
 max RSS after it. The budget is what `lensllm run` uses (`runner.measure.ntk_memory_budget`:
 half the host memory available, or $LENSLLM_NTK_MEMORY), unless --budget is given, and the
@@ -166,22 +168,27 @@ def main() -> None:
         exact = ntk.plan_ntk(n, n, bpe, budget, activation_bytes=act)
         row["auto_choice"] = {"exact_only": exact.route, "allow_sketch": auto.route}
         times: dict[str, list[float]] = {k: [] for k in fns}
+        cpu: dict[str, list[float]] = {k: [] for k in fns}
         outputs: dict[str, Any] = {}
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 outputs[name] = jax.block_until_ready(fn(params, batch))
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
                 row[name]["rss_after_gib"] = round(rss_gib(), 3)
             dump(res, out)
         for name, ts in times.items():
             r = row[name]
             r["median_s"] = round(statistics.median(ts), 3)
             r["times_s"] = [round(t, 3) for t in ts]
+            r["cpu_s"] = [round(t, 3) for t in cpu[name]]
             if name != "batched_grad":
-                ratios = [t / g for t, g in zip(ts, times["batched_grad"], strict=True)]
-                r["over_batched_grad_per_round"] = [round(x, 3) for x in ratios]
-                r["over_batched_grad_median"] = round(statistics.median(ratios), 3)
+                for label, series in (("", ts), ("cpu_", cpu[name])):
+                    ref = times["batched_grad"] if not label else cpu["batched_grad"]
+                    ratios = [t / g for t, g in zip(series, ref, strict=True)]
+                    r[f"{label}over_batched_grad_per_round"] = [round(x, 3) for x in ratios]
+                    r[f"{label}over_batched_grad_median"] = round(statistics.median(ratios), 3)
         exact = outputs.get("jacobian_contraction")
         if exact is None:  # blocks not timed at this N: the exact kernel from the sketch's pass
             dump(res, out)
