@@ -6,6 +6,9 @@
                    [--format table|csv|json] [--out FILE]
     lensllm run --models PATH [PATH ...] --data FILE [--sizes N ...] [--target N]
                 [--out-dir DIR] [fine-tuning, NTK and output options]
+                [--mesh data=D,fsdp=F] [--distributed [--coordinator HOST:PORT
+                --num-processes N --process-id I]]
+    lensllm plan MODEL [MODEL ...] [--devices N] [--device-memory BYTES] [--compile]
 
 Exit codes: 0 success; 2 bad input (one ``lensllm: error: ...`` line on stderr, no
 traceback, `--out` untouched); 130 interrupted. Warnings (curves that could not be
@@ -27,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lensllm_jax.cli.scale as scale
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
@@ -110,6 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_method_and_output_args(sel, default="LensLLM; with --ntk also LensLLM-NTK")
     sel.set_defaults(handler=_cmd_select)
     _add_run_parser(sub)
+    scale.add_plan_parser(sub)
     return parser
 
 
@@ -195,6 +200,7 @@ def _add_run_parser(sub: Any) -> None:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     _add_method_and_output_args(run, default="LensLLM, plus LensLLM-NTK")
+    scale.add_run_switches(run)
     run.set_defaults(handler=_cmd_run)
 
 
@@ -339,30 +345,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = finetune.FinetuneConfig(**{k: v for k, v in recipe.items() if v is not None})
     data = Path(args.data)
     out_dir = Path(args.out_dir) if args.out_dir else Path(f"lensllm-run-{data.stem}")
+    many = scale.run_switches(args)
     _enable_jit_cache()
 
     def log(line: str) -> None:
         print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
-    result = _with_warnings_reported(
-        lambda: job.run(
-            args.models,
-            data,
-            sizes=args.sizes,
-            target=args.target,
-            out_dir=out_dir,
-            config=config,
-            test_size=args.test_size,
-            probe_size=args.probe_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            methods=args.methods,
-            ntk=not args.no_ntk,
-            ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
-            hessian_probes=args.hessian,
-            log=None if args.quiet else log,
+    with scale.native_stdout_to_stderr(many["distributed"] is not False):
+        result = _with_warnings_reported(
+            lambda: job.run(
+                args.models,
+                data,
+                sizes=args.sizes,
+                target=args.target,
+                out_dir=out_dir,
+                config=config,
+                test_size=args.test_size,
+                probe_size=args.probe_size,
+                max_length=args.max_length,
+                seed=args.seed,
+                methods=args.methods,
+                ntk=not args.no_ntk,
+                ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
+                hessian_probes=args.hessian,
+                log=None if args.quiet else log,
+                **many,
+            )
         )
-    )
+    from lensllm_jax.runner.distributed import is_writer
+
+    if not is_writer():
+        return 0  # process 0 alone prints and writes
     if args.format == "csv":
         return _emit(rank.rows_to_csv(result.rows), out)
     if args.format == "json":

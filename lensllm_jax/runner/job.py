@@ -29,10 +29,19 @@ Output folder::
     ntk_features.csv          each candidate's NTK spectrum (`data.spectra`)
     ranking.csv               method,rank,model,score,status,p_best
     report.json               settings, per-candidate curve and diagnostics, the ranking
+
+Many devices (`lensllm_jax.parallel`): with `mesh=` (or more than one device), every
+candidate is loaded straight into its shards and fine-tuned, evaluated and measured by the
+sharded programs on a ("data", "fsdp") mesh. With `distributed=`, several processes (hosts)
+run this same job on JAX's distributed runtime (`runner.distributed`): all compute, process
+0 alone writes the output folder and logs; which candidates an earlier run finished is
+process 0's reading of the folder, broadcast to the others, so a resume works across
+processes whether or not they share a filesystem.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -44,6 +53,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import lensllm_jax.runner.checks as checks
+import lensllm_jax.runner.distributed as dist
 import lensllm_jax.runner.store as store
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
@@ -92,6 +102,8 @@ def run(
     ntk_chunk: int | str | None = "auto",
     hessian_probes: int = 0,
     log: Log | None = None,
+    mesh: Any = None,
+    distributed: bool | dist.Cluster = False,
 ) -> RunResult:
     """Fine-tune every candidate on nested subsets, measure its NTK features, rank them.
 
@@ -110,30 +122,63 @@ def run(
         False.
       ntk_chunk: probe examples per Jacobian chunk ("auto": fit a memory budget, see
         `core.ntk.auto_chunk_size`). hessian_probes: 0 = no Hessian trace.
-      log: called with one progress line per step (e.g. print to stderr).
+      log: called with one progress line per step (e.g. print to stderr); in process 0 only.
+      mesh: the device layout, "data=2,fsdp=4" (`parallel.make_mesh`) or a Mesh; None: one
+        device when there is one, else the smallest fsdp size whose per-device memory fits
+        (`parallel.plan.auto_layout`). Results equal the one-device run to f32 round-off.
+      distributed: True to start JAX's distributed runtime with the cluster JAX detects,
+        or a `runner.distributed.Cluster` (coordinator, number of processes, process id);
+        every process calls `run` alike, and only process 0 writes `out_dir`.
 
     Raises `LensLLMInputError` (one line, nothing written) for any bad input, before any
     fine-tuning. Cost: see `run.measure`.
     """
-    log = log or (lambda _line: None)
-    p = plan(
-        models,
-        data,
-        sizes=sizes,
-        target=target,
-        out_dir=out_dir,
-        config=config,
-        test_size=test_size,
-        probe_size=probe_size,
-        max_length=max_length,
-        seed=seed,
-        methods=methods,
-        ntk=ntk,
-        ntk_chunk=ntk_chunk,
-        hessian_probes=hessian_probes,
+    if distributed is not False:
+        dist.initialize(distributed if isinstance(distributed, dist.Cluster) else dist.Cluster())
+    writer = dist.is_writer()
+    log = (log if writer else None) or (lambda _line: None)
+    p = dist.agree(
+        lambda: plan(
+            models,
+            data,
+            sizes=sizes,
+            target=target,
+            out_dir=out_dir,
+            config=config,
+            test_size=test_size,
+            probe_size=probe_size,
+            max_length=max_length,
+            seed=seed,
+            methods=methods,
+            ntk=ntk,
+            ntk_chunk=ntk_chunk,
+            hessian_probes=hessian_probes,
+            check_out=writer,
+        )
     )
-    results, resumed = _measure_all(p, log)
-    return _rank_and_report(p, results, resumed)
+    layout = dist.agree(lambda: _layout(p, mesh))
+    results, resumed = _measure_all(p, log, layout)
+    return _rank_and_report(p, results, resumed, write=writer)
+
+
+def _layout(p: RunPlan, mesh: Any) -> Any:
+    """The Mesh the candidates run on, or None for the one-device programs."""
+    import jax
+
+    if mesh is None and jax.device_count() == 1:
+        return None
+    from lensllm_jax import parallel
+
+    if mesh is None:
+        mesh = parallel.plan.auto_layout(
+            [c.location for c in p.candidates],
+            jax.device_count(),
+            batch_size=int(p.config.batch_size),
+            max_length=int(p.settings["max_length"]),
+            probe_size=len(p.split.probe) if p.ntk else 0,
+            hessian_probes=p.hessian_probes,
+        )
+    return parallel.make_mesh(mesh)
 
 
 def plan(
@@ -152,8 +197,10 @@ def plan(
     ntk: bool,
     ntk_chunk: int | str | None,
     hessian_probes: int,
+    check_out: bool = True,
 ) -> RunPlan:
     """Check every input of `run` (arguments as there) and prepare the work; writes nothing.
+    `check_out=False` skips the output folder's checks (a process that will not write).
 
     Raises `LensLLMInputError` (one line) for the first problem found. Cost: reading the
     data file, one config and one tokenizer per candidate, tokenizing the examples.
@@ -179,7 +226,8 @@ def plan(
     config = finetune.FinetuneConfig() if config is None else config
     finetune.check_config(config)  # a bad recipe fails now, not after the first load
     out = Path(out_dir)
-    checks.check_out_dir(out)
+    if check_out:
+        checks.check_out_dir(out)
 
     data_path = Path(data)
     examples = text.read_examples(data_path)
@@ -246,14 +294,39 @@ def _tokenize(text: Any, examples: Any, cand: Candidate, max_length: int) -> Any
     return td
 
 
-def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]]:
+def _saved(p: RunPlan, writer: bool) -> list[CandidateResult | None]:
+    """What an earlier run saved of each candidate (read by the writer, shared with every
+    process), None where it must be measured."""
+    saved: list[CandidateResult | None] = []
+    for i, cand in enumerate(p.candidates):
+        res = store.load_result(store.result_path(p.out, i, cand.name)) if writer else None
+        ok = res is not None and res.name == cand.name and res.path == cand.location
+        saved.append(res if ok else None)
+    if dist.process_count() == 1:
+        return saved
+    done = dist.broadcast_flags(np.asarray([r is not None for r in saved]))
+    shared: list[CandidateResult | None] = []
+    for res, is_done in zip(saved, done, strict=True):
+        if not is_done:
+            shared.append(None)
+            continue
+        data = dist.broadcast_bytes(dist.npz_bytes(res.to_arrays()) if res is not None else None)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            shared.append(CandidateResult.from_arrays({k: z[k] for k in z.files}))
+    return shared
+
+
+def _measure_all(p: RunPlan, log: Log, mesh: Any = None) -> tuple[list[CandidateResult], list[str]]:
     """Every candidate's results, read back when an earlier run saved them, else measured
-    and saved. Writes the manifest first (or checks it against the earlier run's)."""
+    and saved. Writes the manifest first (or checks it against the earlier run's). Only
+    the writer (process 0) touches the folder; the other processes get its reading."""
     from lensllm_jax.runner.measure import measure_candidate
 
-    resuming = store.check_manifest(p.out, p.settings)
-    (p.out / "candidates").mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    writer = dist.is_writer()
+    resuming = dist.agree(lambda: writer and store.check_manifest(p.out, p.settings))
+    if writer:
+        (p.out / "candidates").mkdir(parents=True, exist_ok=True)
+    if writer and not resuming:
         text = json.dumps(p.settings, indent=1, sort_keys=True) + "\n"
         write_atomic(p.out / checks.MANIFEST, text)
     log(
@@ -263,11 +336,12 @@ def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]
     )
     results: list[CandidateResult] = []
     resumed: list[str] = []
+    saved = _saved(p, writer)
     for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
         prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
         path = store.result_path(p.out, i, cand.name)
-        res = store.load_result(path)
-        if res is not None and res.name == cand.name and res.path == cand.location:
+        res = saved[i]
+        if res is not None:
             log(f"{prefix}: done in an earlier run, read back")
             resumed.append(cand.name)
         else:
@@ -283,16 +357,20 @@ def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]
                 hessian_probes=p.hessian_probes,
                 log=log,
                 prefix=prefix,
+                mesh=mesh,
             )
-            store.save_result(path, res)
+            if writer:
+                store.save_result(path, res)
             log(f"{prefix}: done in {res.seconds:.1f} s")
         results.append(res)
     return results, resumed
 
 
-def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[str]) -> RunResult:
+def _rank_and_report(
+    p: RunPlan, results: list[CandidateResult], resumed: list[str], *, write: bool = True
+) -> RunResult:
     """The curve table of the complete candidates (with their spectra), every method's
-    ranking (diverged candidates last), and the files of the output folder."""
+    ranking (diverged candidates last), and the files of the output folder (`write`)."""
     from lensllm_jax.core.ntk import NTKFeatures
     from lensllm_jax.runner.report import report_json
     from lensllm_jax.selection.ranking import rank, rows_to_csv
@@ -326,15 +404,17 @@ def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[s
         loss_se=np.stack([r.loss_se for r in complete]),
         ntk=stack_spectra(models, spectra) if p.ntk else None,
     )
-    write_curve_table(table, p.out / "curves.csv")
-    if p.ntk:
-        write_spectra(p.out / "ntk_features.csv", spectra)
+    if write:
+        write_curve_table(table, p.out / "curves.csv")
+        if p.ntk:
+            write_spectra(p.out / "ntk_features.csv", spectra)
     rows = rank(table, p.target, p.methods, failed=incomplete)
-    write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
-    write_atomic(
-        p.out / "report.json",
-        report_json(p.settings, p.data_path, p.target, results, rows, resumed),
-    )
+    if write:
+        write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
+        write_atomic(
+            p.out / "report.json",
+            report_json(p.settings, p.data_path, p.target, results, rows, resumed),
+        )
     return RunResult(
         table=table,
         features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},
