@@ -6,7 +6,6 @@ run resumes. Each run is a child process, so XLA_FLAGS never reaches this one.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -158,10 +157,13 @@ def test_interrupted_two_process_run_resumes(world, tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     assert not any(first.glob("001_*.npz"))
+    (done,) = first.glob("000_*.npz")
+    before = (done.stat().st_ino, done.stat().st_mtime_ns)
     procs = _pair(world, out0, out1, _port())
     _finish(procs[1]), _finish(procs[0])
     _same_results(world["ref"], out0)
-    report = json.loads((out0 / "report.json").read_text())
-    resumed = {c["name"]: c["resumed"] for c in report["candidates"]}
-    assert resumed == {"gpt2-char": True, "llama-word": False}
+    # report.json has no 'resumed' field (issue 12: a rerun rewrites it byte for byte): the
+    # first candidate was read back (its file untouched), the second measured and saved
+    assert (done.stat().st_ino, done.stat().st_mtime_ns) == before
+    assert len(list(first.glob("001_*.npz"))) == 1
     assert not out1.exists()

@@ -586,7 +586,9 @@ def test_missing_tokenizer_library_is_one_line(monkeypatch, tmp_path):
     def loader():
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
 
-    monkeypatch.setattr(checks, "_inspect", lambda p: (str(tmp_path), "gpt2", 10, loader))
+    monkeypatch.setattr(
+        checks, "_inspect", lambda p, max_length: (str(tmp_path), "gpt2", 10, loader, ())
+    )
     from lensllm_jax.errors import LensLLMInputError
 
     with pytest.raises(LensLLMInputError) as info:

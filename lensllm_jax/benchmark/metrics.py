@@ -11,7 +11,8 @@ losses at the target size, and returns a percentage:
                                     fine-tuning FLOPs ≈ 6 · params · tokens, tokens ∝ samples
 
 Failed models (NaN score) are dropped from PearCorr and KendallTau and can never be
-selected for RelAcc: they "rank last". Each metric is O(M) except Kendall's O(M²).
+selected for RelAcc: they "rank last". Each metric is O(M) except Kendall's O(M log² M)
+(O(M) memory).
 """
 
 from __future__ import annotations
@@ -88,21 +89,69 @@ def kendall_tau_percent(scores: np.ndarray, true_loss: np.ndarray) -> float:
 
     τ_b = (P − Q) / sqrt((P + Q + T_s)(P + Q + T_t)) with P/Q the concordant/discordant pairs
     and T_s/T_t the pairs tied only in s/only in t (scipy.stats.kendalltau's default).
-    NaN when fewer than 2 finite scores or either side is constant. Cost O(M²).
+    NaN when fewer than 2 finite scores or either side is constant.
+
+    Knight's algorithm: sort by (t, s); Q is the number of inversions of s in that order
+    (`_inversions`); the ties come from group sizes. Cost O(M log² M) time, O(M) memory
+    (20,000 models: milliseconds and kilobytes, where the pairwise form needs gigabytes).
     """
     s, t = _finite_pairs(scores, true_loss)
-    if s.size < 2:
+    n = s.size
+    if n < 2:
         return float("nan")
-    ds = np.sign(s[:, None] - s[None, :])
-    dt = np.sign(t[:, None] - t[None, :])
-    upper = np.triu(np.ones_like(ds, dtype=bool), k=1)
-    ds, dt = ds[upper], dt[upper]
-    concord_minus_discord = float(np.sum(ds * dt))
-    n_s = float(np.sum(ds != 0))  # pairs not tied in s
-    n_t = float(np.sum(dt != 0))
-    if n_s == 0.0 or n_t == 0.0:
+    order = np.lexsort((s, t))
+    s, t = s[order], t[order]
+    pairs = n * (n - 1) // 2
+    tied_t = _tied_pairs(t)
+    tied_both = _tied_pairs_2(t, s)
+    tied_s = _tied_pairs(np.sort(s))
+    n_s, n_t = pairs - tied_s, pairs - tied_t
+    if n_s == 0 or n_t == 0:
         return float("nan")
-    return float(100.0 * concord_minus_discord / np.sqrt(n_s * n_t))
+    discordant = _inversions(s)
+    # Pairs untied in both: P + Q = pairs - T_s - T_t + T_both; P - Q = that - 2Q.
+    concord_minus_discord = pairs - tied_s - tied_t + tied_both - 2 * discordant
+    return float(100.0 * concord_minus_discord / np.sqrt(float(n_s) * float(n_t)))
+
+
+def _tied_pairs(sorted_values: np.ndarray) -> int:
+    """Σ_g c_g(c_g − 1)/2 over groups of equal values in a sorted array."""
+    if sorted_values.size == 0:
+        return 0
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1], True])
+    c = np.diff(starts).astype(np.int64)
+    return int(np.sum(c * (c - 1) // 2))
+
+
+def _tied_pairs_2(t: np.ndarray, s: np.ndarray) -> int:
+    """Pairs tied in both t and s, for arrays sorted by (t, s)."""
+    change = np.r_[True, (t[1:] != t[:-1]) | (s[1:] != s[:-1]), True]
+    c = np.diff(np.flatnonzero(change)).astype(np.int64)
+    return int(np.sum(c * (c - 1) // 2))
+
+
+def _inversions(x: np.ndarray) -> int:
+    """Pairs i < j with x[i] > x[j] (strictly), by a vectorised bottom-up merge sort: at
+    width w, each element of a right run counts the left-run elements above it with one
+    `searchsorted` over all runs at once. O(M log² M) time, O(M) memory."""
+    n = x.size
+    r = np.unique(x, return_inverse=True)[1].astype(np.int64).reshape(-1)  # dense ranks
+    total, w = 0, 1
+    idx = np.arange(n)
+    while w < n:
+        block = idx // (2 * w)  # the merge this element takes part in
+        left = (idx % (2 * w)) < w
+        key = block * n + r  # runs are sorted, so keys are sorted within each run
+        lk = key[left]  # every left run, in order: globally sorted
+        right_key = key[~left]
+        # left elements of the same block <= x: position in lk minus the earlier blocks'.
+        le = np.searchsorted(lk, right_key, side="right")
+        before = np.searchsorted(lk, block[~left] * n, side="left")
+        size_left = np.searchsorted(lk, block[~left] * n + n, side="left") - before
+        total += int(np.sum(size_left - (le - before)))
+        r = np.sort(key) - block * n  # merge: each block of 2w sorted
+        w *= 2
+    return total
 
 
 def cost_percent(table: CurveTable, selection, target: float) -> float:

@@ -10,9 +10,12 @@
                 --num-processes N --process-id I]]
     lensllm plan MODEL [MODEL ...] [--devices N] [--device-memory BYTES] [--compile]
 
-Exit codes: 0 success; 2 bad input (one ``lensllm: error: ...`` line on stderr, no
-traceback, `--out` untouched); 130 interrupted. Warnings (curves that could not be
-fitted) are ``lensllm: warning: ...`` lines on stderr.
+Exit codes: 0 success; 2 bad input or an expected failure (one ``lensllm: error: ...``
+line on stderr, no traceback, `--out` untouched: a full disk, an unreadable file, input
+nested too deeply, a file that is not valid text); 130 interrupted; 1 a bug (its
+traceback, then a line asking for a report). Warnings (curves that could not be fitted)
+are ``lensllm: warning: ...`` lines on stderr. `--out` replaces only a regular file (never
+a symbolic link, FIFO or device).
 
 Startup is kept light: argument parsing and reading the CSVs need only the standard
 library and numpy; jax is imported when the methods run, with JAX's persistent
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,12 +36,13 @@ from typing import Any, NoReturn
 
 import lensllm_jax.cli.scale as scale
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
-from lensllm_jax.data._files import write_atomic
+from lensllm_jax.data._files import check_output_target, describe_os_error, write_atomic
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
 
 __all__ = ["main"]
 
 PROG = "lensllm"
+ISSUES = "https://github.com/lensllm-jax/lensllm-jax/issues"
 FORMATS = ("table", "csv", "json")
 NTK_FILE = "ntk_features.csv"  # what `lensllm run` writes and `select --ntk DIR` reads
 
@@ -218,26 +223,55 @@ def _add_method_and_output_args(cmd: argparse.ArgumentParser, default: str) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lensllm``; returns the exit code."""
+    """Entry point of ``lensllm``; returns the exit code.
+
+    The one error boundary: every expected failure becomes one ``lensllm: error:`` line and
+    exit code 2 (`LensLLMError`; an `OSError` such as a full disk; a `RecursionError` or
+    `MemoryError` from input too deep or too large; a Unicode error from text that is not
+    valid); an interrupt is exit 130; anything else is a bug: its traceback, a line asking
+    for a report, exit 1."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except LensLLMError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        return _fail(describe_os_error(err))
+    except RecursionError:
+        return _fail("the input is nested too deeply to read")
+    except MemoryError:
+        return _fail("out of memory; give smaller inputs")
+    except UnicodeError as err:
+        return _fail(f"text that is not valid Unicode ({type(err).__name__}: {err})")
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"{PROG}: internal error: this is a bug in lensllm, not in your input; please "
+            f"report it with the command and the traceback above at {ISSUES}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _fail(message: str) -> int:
+    line = " ".join(message.split())  # one line, whatever the message held
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return 2
 
 
 def _check_out(out: str | None) -> Path | None:
-    """Fail before any work if --out cannot be written."""
+    """Fail before any work if --out cannot be written, or is not a regular file (a
+    symbolic link, FIFO, device or folder is never replaced)."""
     if out is None:
         return None
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         raise LensLLMInputError("is a folder", file=path, hint="give --out a file name")
+    check_output_target(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise LensLLMInputError(
@@ -311,7 +345,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
     out = _check_out(args.out)
     path = Path(args.table)
-    if not path.is_file():
+    if not path.exists():
         raise LensLLMInputError("no such file", file=path, hint="give the curve table's path")
     table = read_curve_table(path)
     methods = args.methods

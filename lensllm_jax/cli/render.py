@@ -1,5 +1,9 @@
 """What the ``lensllm`` command prints: rich tables of rankings, benchmark results and a
 run's candidates (plain text when not on a terminal). Pure functions of results -> text.
+
+Every name that comes from the user (models, datasets, methods, paths) is escaped before
+rich sees it (`_esc`), so ``oops[/]`` or ``[bold]x`` is printed as written, never read as
+markup.
 """
 
 from __future__ import annotations
@@ -13,6 +17,19 @@ if TYPE_CHECKING:
     from rich.console import JustifyMethod
 
 __all__ = ["render_ranking", "render_run", "render_table"]
+
+
+def _esc(text: object, limit: int = 120) -> str:
+    """`text` as a literal for rich: markup brackets escaped; longer than `limit` characters,
+    its head and tail around an ellipsis (rich lays out a cell in time quadratic in its
+    length: a 100,000-character name would take minutes). CSV and JSON keep it whole."""
+    from rich.markup import escape
+
+    text = str(text)
+    if len(text) > limit:
+        half = (limit - 1) // 2
+        text = f"{text[:half]}…{text[-half:]}"
+    return escape(text)
 
 
 def render_run(result: Any, *, color: bool = False) -> str:
@@ -43,7 +60,7 @@ def render_run(result: Any, *, color: bool = False) -> str:
             else "-"
         )
         table.add_row(
-            r.name,
+            _esc(r.name),
             f"{r.n_params:,}",
             num(r.zero_shot, ".4f"),
             f"{int(r.sizes[-1])}",
@@ -66,7 +83,7 @@ def render_run(result: Any, *, color: bool = False) -> str:
             for j, e in enumerate(hessian_by_size(r) or []):
                 phase = {True: "power", False: "pre-power", None: "-"}[e["power_phase"]]
                 phases.add_row(
-                    r.name if j == 0 else "",
+                    _esc(r.name) if j == 0 else "",
                     str(e["size"]),
                     num(float(r.losses[j]), ".4f"),
                     "-" if e["trace"] is None else f"{e['trace']:.4g} ± {e['stderr']:.2g}",
@@ -74,7 +91,7 @@ def render_run(result: Any, *, color: bool = False) -> str:
                     phase,
                 )
         console.print(phases)
-    console.print(f"results in {result.out_dir}")
+    console.print(f"results in {_esc(result.out_dir)}")
     return text + buf.getvalue()
 
 
@@ -91,7 +108,9 @@ def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str
     for method in dict.fromkeys(r.method for r in rows):
         mine = [r for r in rows if r.method == method]
         sure = any(math.isfinite(r.p_best) for r in mine)
-        table = Table(title=f"{method} · predicted loss at D = {target:g}", title_justify="left")
+        table = Table(
+            title=f"{_esc(method)} · predicted loss at D = {target:g}", title_justify="left"
+        )
         cols: list[tuple[str, JustifyMethod]] = [
             ("rank", "right"),
             ("model", "left"),
@@ -103,10 +122,12 @@ def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str
         for r in mine:
             score = "nan" if math.isnan(r.score) else f"{r.score:.4f}"
             p_best = ("-" if math.isnan(r.p_best) else f"{r.p_best:.2f}",) if sure else ()
-            table.add_row(str(r.rank), r.model, score, *p_best, r.status)
+            table.add_row(str(r.rank), _esc(r.model), score, *p_best, _esc(r.status))
         console.print(table)
         if sure:
-            console.print(f"{credible_set_text(mine)} (calibration: lensllm_jax/confidence.py)")
+            console.print(
+                f"{_esc(credible_set_text(mine), 400)} (calibration: lensllm_jax/confidence.py)"
+            )
     return buf.getvalue()
 
 
@@ -140,7 +161,7 @@ def render_table(rows: Sequence, *, color: bool = False, width: int = 100) -> st
                 col = [grid[m][j] for m in methods if not math.isnan(grid[m][j])]
                 best.append((max(col) if higher else min(col)) if col else None)
             table = Table(
-                title=f"{ds} · {metric} (%, {'higher' if higher else 'lower'} is better)",
+                title=f"{_esc(ds)} · {metric} (%, {'higher' if higher else 'lower'} is better)",
                 title_justify="left",
             )
             table.add_column("method")
@@ -153,7 +174,7 @@ def render_table(rows: Sequence, *, color: bool = False, width: int = 100) -> st
                     if best[j] is not None and v == best[j]:
                         text = f"[bold green]{text}[/]" if color else f"*{text}"
                     cells.append(text)
-                table.add_row(m, *cells)
+                table.add_row(_esc(m), *cells)
             console.print(table)
     if not color:
         console.print("* best in its column")

@@ -270,12 +270,39 @@ def initial_starts(
 
 
 def _as_2d(name: str, a: Any) -> np.ndarray:
-    arr = np.asarray(a, dtype=np.float64)
+    try:
+        arr = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise LensLLMInputError(f"{name} must be numbers, got {type(a).__name__}") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise LensLLMInputError(f"{name} must have shape (M, S) or (S,), got {arr.shape}")
     return arr
+
+
+def _count(value: Any, name: str, minimum: int = 1) -> int:
+    """A whole-number argument (int or numpy integer, not bool) >= `minimum`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise LensLLMInputError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise LensLLMInputError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def _check_fixed(law: Law, fixed: Mapping[str, Any], m: int) -> None:
+    for name, value in fixed.items():
+        if name not in law.param_names:
+            raise LensLLMInputError(f"cannot fix {name!r}: law {law.name!r} has {law.param_names}")
+        try:
+            v = np.broadcast_to(np.asarray(value, np.float64), (m,))
+        except (TypeError, ValueError):
+            raise LensLLMInputError(
+                f"fixed {name!r} must be a number or {m} numbers, got {value!r:.60}"
+            ) from None
+        if not np.all(np.isfinite(v) & (v > 0)):
+            why = "finite and > 0 (natural parameters are positive)"
+            raise LensLLMInputError(f"fixed {name!r} must be {why}, got {value!r:.60}")
 
 
 def fit_law(
@@ -310,7 +337,14 @@ def fit_law(
       max_steps: LM iterations for the polished start.
 
     Returns:
-      `FitResult`. Never raises for a curve that cannot be fitted: its status says so.
+      `FitResult`. Never raises for a curve that cannot be fitted: its status says so
+      (a fit whose parameters overflow is NONFINITE).
+
+    Raises:
+      LensLLMInputError: one line for a bad argument: data that is not numbers, a mask of
+        another shape, a fixed value that is not finite and > 0 or does not broadcast to
+        (M,), num_starts or max_steps not a whole number >= 1, an unknown law or parameter.
+        (A point that is not finite or out of range is unused, as documented for `mask`.)
 
     Cost: M x num_starts LM problems of S points, each step O(S·P²) (see the module).
     """
@@ -371,18 +405,22 @@ def _fit(
             f"d and loss_values must have the same shape, got {d2.shape}, {l2.shape}"
         )
     m, _ = l2.shape
+    num_starts, max_steps = _count(num_starts, "num_starts"), _count(max_steps, "max_steps")
+    explore_steps = _count(explore_steps, "explore_steps")
+    num_polish = _count(num_polish, "num_polish")
     # D = 0 is usable where the law has a curvature term (L(0) = B/F + E), not for vanilla.
     d_ok = (d2 >= 0) if law.curvature_name is not None else (d2 > 0)
     usable = np.isfinite(d2) & np.isfinite(l2) & d_ok & (l2 > 0)
-    mk = usable if mask is None else (np.broadcast_to(np.asarray(mask, bool), l2.shape) & usable)
+    try:
+        mk = usable & np.broadcast_to(np.asarray(True if mask is None else mask, bool), l2.shape)
+    except ValueError:
+        raise LensLLMInputError(f"mask does not match the data's shape {l2.shape}") from None
     if loss not in ("mse", "huber"):
         raise LensLLMInputError(f"loss must be 'mse' or 'huber', got {loss!r}")
     if shared and solve_rows is None:
         raise LensLLMInputError(f"shared parameters {list(shared)} need a solve_rows strategy")
     fixed = dict(fixed or {})
-    for name in fixed:
-        if name not in law.param_names:
-            raise LensLLMInputError(f"cannot fix {name!r}: law {law.name!r} has {law.param_names}")
+    _check_fixed(law, fixed, m)
     both = set(shared) & set(fixed)
     if both:
         raise LensLLMInputError(f"{sorted(both)} cannot be both shared and fixed")
@@ -458,9 +496,12 @@ def _fit(
     status = np.where(conv, FitStatus.SUCCESS, FitStatus.MAX_STEPS)
     status = np.where(finite, status, FitStatus.NONFINITE)
     status = np.where(num_points < free.sum(), FitStatus.TOO_FEW_POINTS, status).astype(np.int64)
+    with np.errstate(over="ignore"):  # a parameter that overflows is a failed fit
+        overflow = ~np.isfinite(np.exp(x)).all(axis=1)
+    status = np.where((status <= FitStatus.MAX_STEPS) & overflow, FitStatus.NONFINITE, status)
     failed = status > FitStatus.MAX_STEPS
     x = np.where(failed[:, None], np.nan, x)
-    with np.errstate(over="ignore"):  # a parameter that ran off to infinity stays inf
+    with np.errstate(over="ignore"):
         params = {name: np.exp(x[:, i]) for i, name in enumerate(law.param_names)}
     rmse = np.sqrt(np.sum(resid**2, axis=1) / n)
     return FitResult(

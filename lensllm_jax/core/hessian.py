@@ -176,6 +176,15 @@ def _check_loss_and_params(loss_fn: LossFn, params: PyTree, name: str | None) ->
         )
 
 
+def _whole(value: Any, what: str, minimum: int, why: str) -> int:
+    """A count argument: an int or numpy integer (not a bool) >= `minimum`, as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise HessianError(f"{what} must be an int >= {minimum} ({why}), got {value!r}")
+    if value < minimum:
+        raise HessianError(f"{what} must be an int >= {minimum} ({why}), got {int(value)}")
+    return int(value)
+
+
 def _check_finite(x: Any, what: str, name: str | None) -> None:
     leaves = jax.tree.leaves(x)
     if any(isinstance(leaf, Tracer) for leaf in leaves):
@@ -385,10 +394,7 @@ def hutchinson_trace(
     it), memory of one micro-batch. Variance for Rademacher probes: 2 Σ_{i≠j} H_ij², so the
     stderr (from the sample spread) shrinks as 1/√m.
     """
-    if not isinstance(num_probes, int) or num_probes < 2:
-        raise HessianError(
-            f"num_probes must be an int >= 2 (for a standard error), got {num_probes!r}"
-        )
+    num_probes = _whole(num_probes, "num_probes", 2, "for a standard error")
     _check_loss_and_params(_bound(loss_fn, batch), params, name)
     draw = _sampler(sampler, name)
     grouping = _grouping(params, group_by, stacked)
@@ -454,10 +460,7 @@ def hutchpp_trace(
     Hutchinson term; per-group traces are not returned. `linearize`, `example_chunk`: as in
     `hutchinson_trace`.
     """
-    if not isinstance(num_matvecs, int) or num_matvecs < 6:
-        raise HessianError(
-            f"num_matvecs must be an int >= 6 (three blocks of >= 2), got {num_matvecs!r}"
-        )
+    num_matvecs = _whole(num_matvecs, "num_matvecs", 6, "three blocks of >= 2")
     _check_loss_and_params(_bound(loss_fn, batch), params, name)
     draw = _sampler(sampler, name)
     chunk = _example_chunk(example_chunk, batch, name)
@@ -489,6 +492,7 @@ def top_eigenvalue(
     `residual` (‖Hv − λv‖ for the unit vector returned). The sign of λ is kept (a saddle's
     largest |λ| may be negative). `linearize`, `example_chunk`: as in `hutchinson_trace`.
     """
+    num_iters = _whole(num_iters, "num_iters", 1, "power iterations")
     _check_loss_and_params(_bound(loss_fn, batch), params, name)
     v0 = gaussian(key, params)
     chunk = _example_chunk(example_chunk, batch, name)

@@ -287,13 +287,17 @@ def predict(law: str | Law, params: Mapping[str, Any], d: Any, aux: Any = None) 
       d: sizes: a scalar (-> (M,)), a 1-D array shared by all candidates (-> (M, S)), or
         (M, S) per candidate (-> (M, S)).
       aux: per-candidate side data with a leading M axis (`lensllm_ntk` only).
+
+    A NaN parameter (a failed fit) gives NaN. Raises `LensLLMInputError` for a missing
+    parameter, a negative or infinite one, sizes that are not numbers >= 0, or shapes that
+    do not go together.
     """
     law = get_law(law)
+    values, d_in = _checked(law, params, d)
     with np.errstate(divide="ignore"):  # log 0 = −inf: the zero-shot point
-        raw = np.stack([np.log(np.asarray(params[n], np.float64)) for n in law.param_names], -1)
+        raw = np.stack([np.log(v) for v in values], -1)
         single = raw.ndim == 1
         raw = np.atleast_2d(raw)
-        d_in = np.asarray(d, dtype=np.float64)
         if d_in.ndim == 2:
             d_2d = d_in
         else:
@@ -304,6 +308,31 @@ def predict(law: str | Law, params: Mapping[str, Any], d: Any, aux: Any = None) 
     if d_in.ndim == 0:
         out = out[:, 0]
     return out[0] if single else out
+
+
+def _checked(law: Law, params: Mapping[str, Any], d: Any) -> tuple[list[np.ndarray], np.ndarray]:
+    """`predict`'s arguments as float64 arrays, or one `LensLLMInputError` line."""
+    missing = [n for n in law.param_names if n not in params]
+    if missing:
+        raise LensLLMInputError(
+            f"law {law.name!r} needs parameter {missing[0]!r} (has {law.param_names})"
+        )
+    try:
+        values = [np.asarray(params[n], np.float64) for n in law.param_names]
+        d_in = np.asarray(d, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise LensLLMInputError("parameters and sizes must be numbers") from None
+    for n, v in zip(law.param_names, values, strict=True):
+        if np.any(v < 0) or np.any(np.isinf(v)):
+            raise LensLLMInputError(f"parameter {n!r} must be finite and >= 0 (NaN: a failed fit)")
+    if not np.all(d_in >= 0):
+        raise LensLLMInputError(f"sizes d must be numbers >= 0, got {d_in.ravel()[:4]}")
+    if len({v.shape for v in values}) > 1:
+        raise LensLLMInputError(f"parameters have different shapes {[v.shape for v in values]}")
+    m = values[0].size if values[0].ndim else 1
+    if d_in.ndim == 2 and d_in.shape[0] != m:
+        raise LensLLMInputError(f"d has {d_in.shape[0]} rows for {m} candidates")
+    return values, d_in
 
 
 # The batched helpers below are tiny programs run a few times per selection: compiling them

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax.core._ntk_checks import _check_finite, _where
+from lensllm_jax.core._ntk_checks import _check_finite, _is_concrete, _where
 from lensllm_jax.errors import NTKError
 
 __all__ = [
@@ -87,8 +87,36 @@ def ntk_test_loss(theta: jax.Array, residual: jax.Array, t: Any, eta: Any) -> ja
     """F(Θ, t) = ‖expm(−η Θ t) r‖², by `eigh` (= `ntk_test_loss_from_features(features(Θ, r))`).
 
     O(N³) for the eigendecomposition; vmappable over candidates; differentiable in t and η.
+    Called with concrete values (not under jit/vmap/grad), the arguments are checked first:
+    `NTKError` (one line) for a kernel that is not (..., N, N), not finite or not symmetric
+    (relative asymmetry above 1e-4 in float32, 1e-8 in float64: a Gram matrix is
+    symmetric up to round-off), a residual of another shape or not finite, t < 0 or η < 0.
     """
+    if _is_concrete((theta, residual, t, eta)):
+        _check_loss_args(theta, residual, t, eta)
     return ntk_test_loss_from_features(features(theta, residual), t, eta)
+
+
+def _check_loss_args(theta: Any, residual: Any, t: Any, eta: Any) -> None:
+    th, r = np.asarray(theta), np.asarray(residual)
+    if th.ndim < 2 or th.shape[-1] != th.shape[-2]:
+        raise NTKError(f"kernel must be (..., N, N), got shape {th.shape}")
+    if r.shape != th.shape[:-1]:
+        raise NTKError(f"residual has shape {r.shape}, expected {th.shape[:-1]} (one per row)")
+    _check_finite(th, "kernel", None)
+    _check_finite(r, "residual", None)
+    scale = max(float(np.max(np.abs(th), initial=0.0)), np.finfo(np.float64).tiny)
+    asym = float(np.max(np.abs(th - np.swapaxes(th, -1, -2)), initial=0.0)) / scale
+    rtol = 1e-8 if th.dtype == np.float64 else 1e-4
+    if asym > rtol:
+        raise NTKError(
+            f"kernel is not symmetric (relative asymmetry {asym:.2e} > {rtol:.0e}); pass a "
+            "Gram matrix J Jᵀ, not a cross kernel"
+        )
+    for what, v in (("t", t), ("eta", eta)):
+        a = np.asarray(v, np.float64)
+        if not np.all(np.isfinite(a) & (a >= 0)):
+            raise NTKError(f"{what} must be finite and >= 0, got {v!r:.40}")
 
 
 def kernel_diagnostics(theta: jax.Array) -> KernelDiagnostics:

@@ -46,6 +46,7 @@ MODEL_COLUMN = "config name"
 PARAMS_COLUMN = "size"
 FAMILY_COLUMN = "family"
 MIN_POINTS = 3  # a 3-parameter law needs at least 3 points under the budget
+MAX_TABLE_BYTES = 1 << 30  # a curve table (or spectra file) larger than this is refused
 
 # A header cell that is a plain non-negative-looking number names a size column.
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -158,6 +159,7 @@ def _open_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         kind="CSV file",
         missing_hint="check the path given to --data",
         folder_hint="pass the CSV files inside it",
+        limit=MAX_TABLE_BYTES,
     )
     if not raw.strip():
         raise LensLLMInputError(

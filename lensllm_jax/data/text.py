@@ -13,7 +13,6 @@ tokenizers comparable in nats per byte. No JAX here: numpy and the standard libr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lensllm_jax.data._files import read_input
+from lensllm_jax.data._files import load_json, read_input
 from lensllm_jax.errors import LensLLMInputError
 
 __all__ = [
@@ -38,6 +37,7 @@ _FORMATS_HINT = (
     'write one JSON object per line: {"text": ...} or {"prompt": ..., "completion": ...} '
     '(or {"input": ..., "output": ...})'
 )
+_MAX_DEPTH = 16  # an example is a flat object; other keys may nest a little
 # (prompt key, target key) pairs accepted in a JSONL object, in the order they are tried.
 _PAIRS = (("prompt", "completion"), ("input", "output"))
 
@@ -163,8 +163,10 @@ def read_examples(path: str | PathLike[str]) -> list[Example]:
 
     Raises:
       LensLLMInputError: one line naming file and line for an unknown extension, a missing or
-        empty file, bad JSON, a line that is not an object, missing/ambiguous keys, a value that
-        is not a string, or an empty target.
+        empty file, a file that is not a regular file (a FIFO, a device: never read), bad
+        JSON (also: nested deeper than 16, an integer of more than 64 digits, a lone
+        surrogate in a string), a line that is not an object, missing/ambiguous keys, a
+        value that is not a string, or an empty target.
 
     Cost: O(file size).
     """
@@ -188,12 +190,10 @@ def read_examples(path: str | PathLike[str]) -> list[Example]:
     out = []
     for n, line in lines:
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
+            obj = load_json(line, where=path, max_depth=_MAX_DEPTH)
+        except LensLLMInputError as err:  # bad syntax, too deep, a lone surrogate, ...
             raise LensLLMInputError(
-                f"line {n}: bad JSON ({err.msg} at column {err.colno})",
-                file=path,
-                hint=_FORMATS_HINT,
+                f"line {n}: {err.what}", file=path, hint=_FORMATS_HINT
             ) from None
         try:
             out.append(_example_from_json(obj, f"line {n}"))

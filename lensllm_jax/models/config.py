@@ -6,17 +6,26 @@ config.json comes in two dialects and both are read:
 - transformers 5.x: `rope_parameters` = {"rope_theta", "rope_type", "partial_rotary_factor", ...}.
 `save_pretrained` omits every value equal to the class default, so missing keys fall back to the
 transformers defaults of that `model_type` (tables below).
+
+Every value is read strictly (a dimension is a whole number >= 1, a bool is a bool, an
+epsilon or a rope base a finite number > 0) and the result is checked as a whole
+(`check_config`: divisibility of heads, a rotary part that fits the head, known activation
+and rope type, sane upper limits on every dimension), so a config that describes no
+runnable model is one `ModelConfigError` line naming the file and the field, before any
+weight is read or allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from lensllm_jax.errors import ModelConfigError
 
-__all__ = ["FAMILY_OF_MODEL_TYPE", "LMConfig", "config_from_hf"]
+__all__ = ["FAMILY_OF_MODEL_TYPE", "KNOWN_ACTIVATIONS", "LIMITS", "LMConfig", "check_config",
+           "config_from_hf"]  # fmt: skip
 
 # model_type -> family module name (one file per family).
 FAMILY_OF_MODEL_TYPE: dict[str, str] = {
@@ -29,6 +38,22 @@ FAMILY_OF_MODEL_TYPE: dict[str, str] = {
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The activation names `layers.ACTIVATIONS` implements (kept equal by a test).
+KNOWN_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
+# Upper limits of a config's dimensions: far above any released model, far below what
+# would exhaust memory while checking it (a 1 KB config claiming 10^9 layers).
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 17,
+    "num_layers": 1 << 12,
+    "num_heads": 1 << 12,
+    "num_kv_heads": 1 << 12,
+    "head_dim": 1 << 12,
+    "intermediate_size": 1 << 20,
+    "max_position_embeddings": 1 << 27,
+    "word_embed_proj_dim": 1 << 17,
+    "sliding_window": 1 << 27,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,29 +198,83 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _rope(d: Mapping[str, Any], defaults: Mapping[str, Any], where: str):
+class _Reader:
+    """Typed, strict access to a config's values; every failure names `where` and the key."""
+
+    def __init__(self, g: Mapping[str, Any], where: str):
+        self.g, self.where = g, where
+
+    def fail(self, key: str, value: Any, want: str) -> ModelConfigError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return ModelConfigError(f"{self.where}: field {key!r} is {shown}; it must be {want}")
+
+    def whole(self, key: str, value: Any = None, *, minimum: int = 1) -> int:
+        v = self.g.get(key) if value is None else value
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.fail(key, v, f"a whole number >= {minimum}")
+        return v
+
+    def opt_int(self, key: str) -> int | None:
+        v = self.g.get(key)
+        return None if v is None else self.whole(key, v)
+
+    def number(self, key: str, value: Any = None, *, positive: bool = True) -> float:
+        v = self.g.get(key) if value is None else value
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise self.fail(key, v, "a finite number" + (" > 0" if positive else ""))
+        if positive and v <= 0:
+            raise self.fail(key, v, "a finite number > 0")
+        return float(v)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        v = self.g.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+            return bool(v)
+        raise self.fail(key, v, "true or false")
+
+    def text(self, key: str) -> str:
+        v = self.g.get(key)
+        if not isinstance(v, str):
+            raise self.fail(key, v, "a string")
+        return v
+
+
+def _rope(r: _Reader, defaults: Mapping[str, Any]):
     """(theta, partial_rotary_factor, scaling items) from either config.json dialect."""
+    d, where = r.g, r.where
     params = d.get("rope_parameters") or {}
-    if not isinstance(params, Mapping) or (
+    if not isinstance(params, Mapping):
+        raise r.fail("rope_parameters", params, "an object")
+    if (
         params
         and "rope_theta" not in params
         and all(isinstance(v, Mapping) for v in params.values())
     ):
         raise ModelConfigError(f"{where}: per-layer-type rope_parameters are not supported")
     theta = params.get("rope_theta", d.get("rope_theta", d.get("rotary_emb_base")))
-    theta = float(defaults.get("rope_theta", 10000.0) if theta is None else theta)
+    theta = r.number("rope_theta", defaults.get("rope_theta", 10000.0) if theta is None else theta)
     partial = params.get(
         "partial_rotary_factor",
         d.get("partial_rotary_factor", d.get("rotary_pct", defaults.get("partial_rotary_factor"))),
     )
-    partial = 1.0 if partial is None else float(partial)
-    scaling = dict(d.get("rope_scaling") or {})
+    partial = 1.0 if partial is None else r.number("partial_rotary_factor", partial)
+    if partial > 1.0:
+        raise r.fail("partial_rotary_factor", partial, "a fraction in (0, 1]")
+    raw = d.get("rope_scaling") or {}
+    if not isinstance(raw, Mapping):
+        raise r.fail("rope_scaling", raw, "an object")
+    scaling = dict(raw)
     if not scaling and params:
         scaling = {
             k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")
         }
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelConfigError(
             f"{where}: rope type {rope_type!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)})"
@@ -204,141 +283,210 @@ def _rope(d: Mapping[str, Any], defaults: Mapping[str, Any], where: str):
     if rope_type != "default":
         scaling.pop("rope_theta", None)
         scaling.pop("partial_rotary_factor", None)
+        scaling = _rope_scaling(_Reader(scaling, f"{where}: rope scaling"), rope_type)
         items = tuple(sorted({**scaling, "rope_type": rope_type}.items()))
     return theta, partial, items
 
 
-def config_from_hf(d: Mapping[str, Any], where: str = "config.json") -> LMConfig:
-    """Parse a config.json dict (either dialect) into an `LMConfig`.
+def _rope_scaling(r: _Reader, rope_type: str) -> dict[str, Any]:
+    """The scaling parameters a rope type needs, checked (factor > 0; llama3's band)."""
+    out: dict[str, Any] = {k: v for k, v in r.g.items() if isinstance(v, (str, int, float))}
+    out["factor"] = r.number("factor")
+    if rope_type == "llama3":
+        lo, hi = r.number("low_freq_factor"), r.number("high_freq_factor")
+        if hi <= lo:
+            raise r.fail("high_freq_factor", hi, f"larger than low_freq_factor ({lo:g})")
+        out.update(low_freq_factor=lo, high_freq_factor=hi)
+        out["original_max_position_embeddings"] = r.whole("original_max_position_embeddings")
+    return out
 
-    Raises `ModelConfigError` naming `where` for an unknown or unsupported `model_type`.
+
+def config_from_hf(d: Mapping[str, Any], where: str = "config.json") -> LMConfig:
+    """Parse a config.json dict (either dialect) into an `LMConfig`, checked (`check_config`).
+
+    Raises `ModelConfigError` naming `where` for an unknown or unsupported `model_type`, a
+    value of the wrong type or out of range, or a combination no model has.
     """
     model_type = d.get("model_type")
-    if model_type not in FAMILY_OF_MODEL_TYPE:
+    if not isinstance(model_type, str) or model_type not in FAMILY_OF_MODEL_TYPE:
+        shown = model_type if isinstance(model_type, str) else f"{type(model_type).__name__}"
         raise ModelConfigError(
-            f"{where}: model_type {model_type!r} is not supported "
+            f"{where}: model_type {shown!r} is not supported "
             f"(supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))})"
         )
     defaults = _DEFAULTS[model_type]
     g = {**defaults, **{k: v for k, v in d.items() if v is not None or k not in defaults}}
     family = FAMILY_OF_MODEL_TYPE[model_type]
-    try:
-        return _PARSERS[family](g, defaults, model_type, where)
-    except (KeyError, TypeError, ZeroDivisionError) as e:
-        raise ModelConfigError(f"{where}: malformed {model_type} config ({e!r})") from e
+    cfg = _PARSERS[family](_Reader(g, where), defaults, model_type)
+    return check_config(cfg, where)
 
 
-def _gpt2(g, defaults, model_type, where) -> LMConfig:
-    h, nh = int(g["n_embd"]), int(g["n_head"])
+def check_config(cfg: LMConfig, where: str) -> LMConfig:
+    """`cfg` if it describes a model the zoo can run, else one `ModelConfigError` line:
+    every dimension within (0, `LIMITS`], heads dividing the width (when the head size is
+    derived) and key/value heads dividing the heads, an even rotary part no wider than a
+    head (RoPE families), a known activation and rope type, finite eps and rope base > 0.
+    Cost O(1) (O(rotary_dim) for GGUF frequency factors)."""
+
+    def bad(what: str) -> ModelConfigError:
+        return ModelConfigError(f"{where}: {what}")
+
+    if cfg.family != "llama" and cfg.hidden_size != cfg.num_heads * cfg.head_dim:
+        raise bad(f"{cfg.num_heads} attention heads do not divide the width {cfg.hidden_size}")
+    for name, top in LIMITS.items():
+        v = getattr(cfg, name)
+        if v is None or (name == "word_embed_proj_dim" and v == 0):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise bad(f"{name} = {v!r} is out of range (a whole number in 1..{top})")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise bad(
+            f"{cfg.num_kv_heads} key/value heads do not divide {cfg.num_heads} attention heads"
+        )
+    if cfg.activation not in KNOWN_ACTIVATIONS:
+        raise bad(
+            f"activation {cfg.activation!r} is not supported "
+            f"(supported: {', '.join(KNOWN_ACTIVATIONS)})"
+        )
+    if cfg.family in ("llama", "gpt_neox"):
+        if not (2 <= cfg.rotary_dim <= cfg.head_dim and cfg.rotary_dim % 2 == 0):
+            raise bad(
+                f"rotary dimension {cfg.rotary_dim} must be even and in 2..{cfg.head_dim} "
+                "(the head size)"
+            )
+        if not (math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
+            raise bad(f"rope base {cfg.rope_theta!r} must be a finite number > 0")
+        factors = dict(cfg.rope_scaling).get("factors")
+        if factors is not None and (
+            len(factors) != cfg.rotary_dim // 2
+            or not all(math.isfinite(f) and f > 0 for f in factors)
+        ):
+            raise bad(
+                f"rope frequency factors must be {cfg.rotary_dim // 2} finite numbers > 0 "
+                f"(got {len(factors)})"
+            )
+    if cfg.rope_type not in (*SUPPORTED_ROPE_TYPES, "freq_factors"):
+        raise bad(f"rope type {cfg.rope_type!r} is not supported")
+    if not (math.isfinite(cfg.norm_eps) and cfg.norm_eps > 0):
+        raise bad(f"norm epsilon {cfg.norm_eps!r} must be a finite number > 0")
+    return cfg
+
+
+def _gpt2(r: _Reader, defaults, model_type) -> LMConfig:
+    h, nh = r.whole("n_embd"), r.whole("n_head")
     return LMConfig(
         family="gpt2",
         model_type=model_type,
-        vocab_size=int(g["vocab_size"]),
+        vocab_size=r.whole("vocab_size"),
         hidden_size=h,
-        num_layers=int(g["n_layer"]),
+        num_layers=r.whole("n_layer"),
         num_heads=nh,
         num_kv_heads=nh,
         head_dim=h // nh,
-        intermediate_size=int(g["n_inner"] or 4 * h),
-        max_position_embeddings=int(g["n_positions"]),
-        norm_eps=float(g["layer_norm_epsilon"]),
-        activation=str(g["activation_function"]),
-        tie_word_embeddings=bool(g["tie_word_embeddings"]),
+        intermediate_size=r.opt_int("n_inner") or 4 * h,
+        max_position_embeddings=r.whole("n_positions"),
+        norm_eps=r.number("layer_norm_epsilon"),
+        activation=r.text("activation_function"),
+        tie_word_embeddings=r.flag("tie_word_embeddings"),
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
-        scale_attn_weights=bool(g["scale_attn_weights"]),
-        scale_attn_by_inverse_layer_idx=bool(g["scale_attn_by_inverse_layer_idx"]),
+        scale_attn_weights=r.flag("scale_attn_weights"),
+        scale_attn_by_inverse_layer_idx=r.flag("scale_attn_by_inverse_layer_idx"),
     )
 
 
-def _llama(g, defaults, model_type, where) -> LMConfig:
-    h, nh = int(g["hidden_size"]), int(g["num_attention_heads"])
-    head_dim = int(g.get("head_dim") or h // nh)
-    theta, partial, scaling = _rope(g, defaults, where)
-    qkv_bias = bool(g.get("attention_bias", False)) or model_type == "qwen2"
+def _llama(r: _Reader, defaults, model_type) -> LMConfig:
+    g, where = r.g, r.where
+    h, nh = r.whole("hidden_size"), r.whole("num_attention_heads")
+    head_dim = r.opt_int("head_dim") if g.get("head_dim") != 0 else None
+    head_dim = head_dim or h // nh
+    if g.get("head_dim") in (None, 0) and h % nh:
+        raise ModelConfigError(f"{where}: {nh} attention heads do not divide the width {h}")
+    theta, partial, scaling = _rope(r, defaults)
+    qkv_bias = r.flag("attention_bias")
     window = None
     if model_type == "mistral":
-        window = g.get("sliding_window")
+        window = r.opt_int("sliding_window")
     elif model_type == "qwen2" and g.get("use_sliding_window"):
         raise ModelConfigError(f"{where}: Qwen2 use_sliding_window=true is not supported")
     return LMConfig(
         family="llama",
         model_type=model_type,
-        vocab_size=int(g["vocab_size"]),
+        vocab_size=r.whole("vocab_size"),
         hidden_size=h,
-        num_layers=int(g["num_hidden_layers"]),
+        num_layers=r.whole("num_hidden_layers"),
         num_heads=nh,
-        num_kv_heads=int(g.get("num_key_value_heads") or nh),
+        num_kv_heads=r.opt_int("num_key_value_heads") or nh,
         head_dim=head_dim,
-        intermediate_size=int(g["intermediate_size"]),
-        max_position_embeddings=int(g["max_position_embeddings"]),
-        norm_eps=float(g["rms_norm_eps"]),
-        activation=str(g["hidden_act"]),
-        tie_word_embeddings=bool(g["tie_word_embeddings"]),
-        qkv_bias=qkv_bias,
-        o_bias=bool(g.get("attention_bias", False)),
-        mlp_bias=bool(g.get("mlp_bias", False)),
+        intermediate_size=r.whole("intermediate_size"),
+        max_position_embeddings=r.whole("max_position_embeddings"),
+        norm_eps=r.number("rms_norm_eps"),
+        activation=r.text("hidden_act"),
+        tie_word_embeddings=r.flag("tie_word_embeddings"),
+        qkv_bias=qkv_bias or model_type == "qwen2",
+        o_bias=qkv_bias,
+        mlp_bias=r.flag("mlp_bias"),
         rope_theta=theta,
         rotary_dim=int(head_dim * partial),
         rope_scaling=scaling,
-        sliding_window=None if window is None else int(window),
+        sliding_window=window,
     )
 
 
-def _opt(g, defaults, model_type, where) -> LMConfig:
-    h, nh = int(g["hidden_size"]), int(g["num_attention_heads"])
-    bias = bool(g["enable_bias"])
-    pre = bool(g["do_layer_norm_before"])
+def _opt(r: _Reader, defaults, model_type) -> LMConfig:
+    h, nh = r.whole("hidden_size"), r.whole("num_attention_heads")
+    bias = r.flag("enable_bias")
+    pre = r.flag("do_layer_norm_before")
     return LMConfig(
         family="opt",
         model_type=model_type,
-        vocab_size=int(g["vocab_size"]),
+        vocab_size=r.whole("vocab_size"),
         hidden_size=h,
-        num_layers=int(g["num_hidden_layers"]),
+        num_layers=r.whole("num_hidden_layers"),
         num_heads=nh,
         num_kv_heads=nh,
         head_dim=h // nh,
-        intermediate_size=int(g["ffn_dim"]),
-        max_position_embeddings=int(g["max_position_embeddings"]),
+        intermediate_size=r.whole("ffn_dim"),
+        max_position_embeddings=r.whole("max_position_embeddings"),
         norm_eps=1e-5,
-        activation=str(g["activation_function"]),
-        tie_word_embeddings=bool(g["tie_word_embeddings"]),
+        activation=r.text("activation_function"),
+        tie_word_embeddings=r.flag("tie_word_embeddings"),
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=bias,
         do_layer_norm_before=pre,
-        final_layer_norm=pre and not bool(g["_remove_final_layer_norm"]),
-        word_embed_proj_dim=int(g["word_embed_proj_dim"] or h),
-        layer_norm_affine=bool(g["layer_norm_elementwise_affine"]),
+        final_layer_norm=pre and not r.flag("_remove_final_layer_norm"),
+        word_embed_proj_dim=r.opt_int("word_embed_proj_dim") or h,
+        layer_norm_affine=r.flag("layer_norm_elementwise_affine"),
     )
 
 
-def _gpt_neox(g, defaults, model_type, where) -> LMConfig:
-    h, nh = int(g["hidden_size"]), int(g["num_attention_heads"])
-    theta, partial, scaling = _rope(g, defaults, where)
-    bias = bool(g["attention_bias"])
+def _gpt_neox(r: _Reader, defaults, model_type) -> LMConfig:
+    h, nh = r.whole("hidden_size"), r.whole("num_attention_heads")
+    theta, partial, scaling = _rope(r, defaults)
+    bias = r.flag("attention_bias")
     return LMConfig(
         family="gpt_neox",
         model_type=model_type,
-        vocab_size=int(g["vocab_size"]),
+        vocab_size=r.whole("vocab_size"),
         hidden_size=h,
-        num_layers=int(g["num_hidden_layers"]),
+        num_layers=r.whole("num_hidden_layers"),
         num_heads=nh,
         num_kv_heads=nh,
         head_dim=h // nh,
-        intermediate_size=int(g["intermediate_size"]),
-        max_position_embeddings=int(g["max_position_embeddings"]),
-        norm_eps=float(g["layer_norm_eps"]),
-        activation=str(g["hidden_act"]),
-        tie_word_embeddings=bool(g["tie_word_embeddings"]),
+        intermediate_size=r.whole("intermediate_size"),
+        max_position_embeddings=r.whole("max_position_embeddings"),
+        norm_eps=r.number("layer_norm_eps"),
+        activation=r.text("hidden_act"),
+        tie_word_embeddings=r.flag("tie_word_embeddings"),
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=True,
         rope_theta=theta,
         rotary_dim=int((h // nh) * partial),
         rope_scaling=scaling,
-        parallel_residual=bool(g["use_parallel_residual"]),
+        parallel_residual=r.flag("use_parallel_residual"),
     )
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lensllm_jax.data._files import file_kind, load_json, read_regular
 from lensllm_jax.errors import ModelLoadError
 
 from .config import LMConfig, config_from_hf
 from .losses import count_params, per_example_loss, token_logprobs
-from .weights import TensorRef, build_params, read_safetensors_index, safetensors_refs
+from .weights import (
+    TensorRef,
+    build_params,
+    check_refs,
+    read_safetensors_index,
+    safetensors_refs,
+)
 
 __all__ = [
     "CausalLM",
@@ -111,23 +118,45 @@ class ModelInfo:
     location: Path  # the resolved HF folder (a cache snapshot for a repo id) or .gguf file
     config: LMConfig
     tokenizer_loader: Callable[[], Any] | None  # None: the checkpoint carries no tokenizer
+    files: tuple[Path, ...] = ()  # every file the model is read from (config, weights, tokenizer)
+
+
+MAX_CONFIG = 16 << 20  # bytes of a config.json
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "merges.txt",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def inspect(
     path: str | os.PathLike, *, allow_pickle: bool = False, revision: str | None = None
 ) -> ModelInfo:
-    """Resolve `path` as `load` does and check it can be loaded, reading only the config,
-    the weight files' headers and the tokenizer's presence (no tensor data).
+    """Resolve `path` as `load` does and check it completely without reading tensor data:
+    the config (`config.check_config`), every tensor's name, dtype, shape and byte range
+    against the headers and the config (`weights.check_refs`), and that the tokenizer files
+    are regular files.
 
-    Raises `ModelLoadError` (one line) for a missing path, a folder without config.json or
-    weights, a config the zoo cannot run, an unreadable GGUF file. Cost: O(header bytes).
+    Raises `ModelLoadError` (one line naming the file and field) for a missing path, a
+    folder without config.json or weights, a config the zoo cannot run, a weight file whose
+    header or tensors do not match it, a FIFO or device where a file belongs.
+    Cost: O(header bytes) plus one `jax.eval_shape` of the family's init.
     """
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        from .gguf_file import gguf_config, open_gguf
+    if p.suffix == ".gguf" and (p.exists() or p.is_symlink()) and not p.is_dir():
+        from . import llama
+        from .gguf_file import gguf_config, gguf_name, gguf_refs, open_gguf
 
         reader = open_gguf(p)
-        return ModelInfo(p, gguf_config(reader, p), _gguf_tokenizer(p, reader))
+        cfg = gguf_config(reader, p)
+        refs, _ = gguf_refs(reader, p, cfg)
+        check_refs(cfg, llama, refs, where=str(p), display=gguf_name)
+        return ModelInfo(p, cfg, _gguf_tokenizer(p, reader), (p,))
     if not p.is_dir():
         if p.exists():
             raise ModelLoadError(f"{p}: not a model directory or .gguf file")
@@ -135,8 +164,13 @@ def inspect(
             raise ModelLoadError(f"{p}: no such file or folder")
         p = resolve_cached_repo(str(path), revision)
     cfg = _hf_config(p)
-    _hf_refs(p, allow_pickle)  # weights present and their headers readable
-    return ModelInfo(p, cfg, _tokenizer_from_dir(p))
+    refs = _hf_refs(p, allow_pickle)
+    check_refs(cfg, family_module(cfg), refs, where=str(p))
+    tokenizer_files = _checked_tokenizer_files(p)
+    weight_files = sorted({Path(r.file) for r in refs.values()})
+    index = p / "model.safetensors.index.json"
+    files = (p / "config.json", *([index] if index.is_file() else []), *weight_files)
+    return ModelInfo(p, cfg, _tokenizer_from_dir(p), (*files, *tokenizer_files))
 
 
 def load(
@@ -189,14 +223,20 @@ def resolve_cached_repo(repo_id: str, revision: str | None = None) -> Path:
     """Snapshot directory of `repo_id` in the local HF cache (offline; no download ever)."""
     cache = hf_cache_dir()
     repo = cache / ("models--" + repo_id.replace("/", "--"))
-    if not repo.is_dir():
+    if not repo.is_dir() or ".." in repo_id.split("/"):
         raise ModelLoadError(
             f"{repo_id}: not a local path and not in the Hugging Face cache {cache}; download it "
             f"first (e.g. `hf download {repo_id}`) — lensllm never downloads"
         )
     rev = revision or "main"
     ref = repo / "refs" / rev
-    commit = ref.read_text().strip() if ref.is_file() else rev
+    if ref.exists():
+        raw = read_regular(ref, limit=4096, what="cache reference", error=ModelLoadError)
+        commit = raw.decode("utf-8", "replace").strip()
+    else:
+        commit = rev
+    if not commit or Path(commit).name != commit or commit in (".", ".."):
+        raise ModelLoadError(f"{ref}: names no snapshot ({commit[:60]!r})")
     snap = repo / "snapshots" / commit
     if not snap.is_dir():
         raise ModelLoadError(f"{repo}: revision {rev!r} has no snapshot in the local cache")
@@ -216,17 +256,35 @@ def _tokenizer_from_dir(d: Path) -> Callable[[], Any] | None:
     return load_tok
 
 
+def _checked_tokenizer_files(d: Path) -> tuple[Path, ...]:
+    """The tokenizer files present in `d`; each must be a regular file (a FIFO or a device
+    would block or stream forever inside transformers)."""
+    out = []
+    for name in TOKENIZER_FILES:
+        f = d / name
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            if f.is_symlink():
+                raise ModelLoadError(f"{f}: a symbolic link to nothing") from None
+            continue
+        except OSError as e:
+            raise ModelLoadError(f"{f}: unreadable ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"{f}: is {file_kind(st.st_mode)}, not a regular file")
+        out.append(f)
+    return tuple(out)
+
+
 def _hf_config(d: Path) -> LMConfig:
     cfg_path = d / "config.json"
-    if not cfg_path.is_file():
+    if not (cfg_path.exists() or cfg_path.is_symlink()):
         raise ModelLoadError(f"{d}: no config.json; not a Hugging Face model directory")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path}: unreadable JSON ({e})") from e
-    if not isinstance(raw, dict):
+    raw = read_regular(cfg_path, limit=MAX_CONFIG, what="config.json", error=ModelLoadError)
+    conf = load_json(raw, where=cfg_path, error=ModelLoadError, what="config.json")
+    if not isinstance(conf, dict):
         raise ModelLoadError(f"{cfg_path}: not a JSON object")
-    return config_from_hf(raw, where=str(cfg_path))
+    return config_from_hf(conf, where=str(cfg_path))
 
 
 def _load_hf_dir(info: ModelInfo, dtype, scan_layers, remat, allow_pickle, place) -> CausalLM:
@@ -239,10 +297,12 @@ def _load_hf_dir(info: ModelInfo, dtype, scan_layers, remat, allow_pickle, place
 
 
 def _hf_refs(d: Path, allow_pickle: bool) -> dict[str, TensorRef]:
-    if (d / "model.safetensors.index.json").is_file():
-        return read_safetensors_index(d / "model.safetensors.index.json")
-    if (d / "model.safetensors").is_file():
-        return safetensors_refs(d / "model.safetensors")
+    for name, reader in (
+        ("model.safetensors.index.json", read_safetensors_index),
+        ("model.safetensors", safetensors_refs),
+    ):
+        if (d / name).exists() or (d / name).is_symlink():
+            return reader(d / name)  # checks it is a regular file
     bins = sorted(d.glob("pytorch_model*.bin"))
     if bins:
         if not allow_pickle:

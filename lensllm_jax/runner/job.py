@@ -6,15 +6,20 @@ Data flows one way::
       -> per candidate: fine-tuning curve on nested subsets + NTK spectrum on a probe set
       -> curve table (+ spectra) -> every chosen selection method -> ranking -> report
 
-1. `plan`: check everything first (`checks`: candidates, sizes, counts, methods, the
-   output folder; the data file; each tokenizer against its model): a bad input is one
-   `LensLLMInputError` line before any fine-tuning, and nothing is written.
+1. `plan`: check everything first (`checks`: candidates completely — config, every
+   tensor's header entry, position table, tokenizer, content digest —, sizes, counts,
+   methods, the output folder and an earlier run's manifest; the data file; each tokenizer
+   against its model): a bad input is one `LensLLMInputError` line before any fine-tuning,
+   and nothing is written.
 2. Split the examples once (`data.text.split_examples`): pool / test / probe, the same
    example indices for every candidate. The default target is the pool size.
 3. Per candidate (`measure.measure_candidate`): fine-tune from the pretrained weights on
    each nested subset of the pool, evaluate on the test set in nats per byte, then the NTK
    (and optionally Hessian traces) at the pretrained weights on the probe set. Each
-   result is saved atomically as it completes (`store`), so a rerun resumes.
+   result is saved atomically as it completes (`store`; the folder and manifest appear
+   with the first one), so a rerun resumes; a saved result is reused only for the same
+   files (content digest). A failure after that (a weight that is NaN, a full disk) is one
+   line that says how many results are saved and that rerunning resumes.
 4. Build the `CurveTable` with the candidates' NTK spectra, write ``curves.csv`` and
    ``ntk_features.csv`` (``lensllm select curves.csv --ntk ntk_features.csv`` re-ranks
    them identically), rank with the chosen methods (`selection.ranking.rank`: LensLLM and, with
@@ -41,8 +46,8 @@ processes whether or not they share a filesystem.
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
 import math
 import os
 import warnings
@@ -55,10 +60,10 @@ import numpy as np
 import lensllm_jax.runner.checks as checks
 import lensllm_jax.runner.distributed as dist
 import lensllm_jax.runner.store as store
-from lensllm_jax.data._files import write_atomic
+from lensllm_jax.data._files import describe_os_error, write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
 from lensllm_jax.data.spectra import stack_spectra, write_spectra
-from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
+from lensllm_jax.errors import CurveFitWarning, LensLLMError, LensLLMInputError
 from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
 
 __all__ = ["RunPlan", "plan", "run"]
@@ -83,6 +88,7 @@ class RunPlan(NamedTuple):
     ntk_chunk: int | str | None
     hessian_probes: int
     seed: int
+    resuming: bool = False  # the out-dir holds this run's manifest
 
 
 def run(
@@ -131,7 +137,9 @@ def run(
         every process calls `run` alike, and only process 0 writes `out_dir`.
 
     Raises `LensLLMInputError` (one line, nothing written) for any bad input, before any
-    fine-tuning. Cost: see `run.measure`.
+    fine-tuning. A failure once results are saved (a candidate's weight that is NaN, a full
+    disk) is one line saying how many are saved in `out_dir` and that rerunning the same
+    call resumes. Cost: see `run.measure`.
     """
     if distributed is not False:
         dist.initialize(distributed if isinstance(distributed, dist.Cluster) else dist.Cluster())
@@ -247,7 +255,7 @@ def plan(
             hint="give --target the number of samples you will fine-tune on",
         )
 
-    candidates = checks.check_candidates(models)
+    candidates = checks.check_candidates(models, max_length=max_length)
     token_data = [_tokenize(text, examples, cand, max_length) for cand in candidates]
     settings = store.settings_of(
         data_path,
@@ -262,6 +270,7 @@ def plan(
         ntk,
         hessian_probes,
     )
+    resuming = store.check_manifest(out, settings) if check_out else False
     return RunPlan(
         candidates,
         token_data,
@@ -277,6 +286,7 @@ def plan(
         ntk_chunk,
         hessian_probes,
         seed,
+        resuming,
     )
 
 
@@ -294,16 +304,22 @@ def _tokenize(text: Any, examples: Any, cand: Candidate, max_length: int) -> Any
     return td
 
 
-def _saved(p: RunPlan, writer: bool) -> list[CandidateResult | None]:
-    """What an earlier run saved of each candidate (read by the writer, shared with every
-    process), None where it must be measured."""
+def _saved(p: RunPlan, writer: bool) -> tuple[list[CandidateResult | None], list[str | None]]:
+    """What an earlier run saved of each candidate for the same files (read by the writer,
+    shared with every process), None where it must be measured; and why a saved result is
+    not reused (writer only, for the log)."""
     saved: list[CandidateResult | None] = []
+    stale: list[str | None] = []
     for i, cand in enumerate(p.candidates):
-        res = store.load_result(store.result_path(p.out, i, cand.name)) if writer else None
-        ok = res is not None and res.name == cand.name and res.path == cand.location
+        path = store.result_path(p.out, i, cand.name)
+        res = store.load_result(path) if writer and p.resuming else None
+        why = store.stale_reason(res, cand, p.sizes)
+        ok = res is not None and why is None
         saved.append(res if ok else None)
+        there = res is not None or (p.resuming and path.exists())
+        stale.append(why if not ok and there else None)
     if dist.process_count() == 1:
-        return saved
+        return saved, stale
     done = dist.broadcast_flags(np.asarray([r is not None for r in saved]))
     shared: list[CandidateResult | None] = []
     for res, is_done in zip(saved, done, strict=True):
@@ -313,57 +329,87 @@ def _saved(p: RunPlan, writer: bool) -> list[CandidateResult | None]:
         data = dist.broadcast_bytes(dist.npz_bytes(res.to_arrays()) if res is not None else None)
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             shared.append(CandidateResult.from_arrays({k: z[k] for k in z.files}))
-    return shared
+    return shared, stale
 
 
 def _measure_all(p: RunPlan, log: Log, mesh: Any = None) -> tuple[list[CandidateResult], list[str]]:
-    """Every candidate's results, read back when an earlier run saved them, else measured
-    and saved. Writes the manifest first (or checks it against the earlier run's). Only
+    """Every candidate's results, read back when an earlier run saved them for the same
+    files, else measured and saved. The folder and manifest are created with the first
+    saved result (`store.start`); a failure after that says the run can be resumed. Only
     the writer (process 0) touches the folder; the other processes get its reading."""
     from lensllm_jax.runner.measure import measure_candidate
 
     writer = dist.is_writer()
-    resuming = dist.agree(lambda: writer and store.check_manifest(p.out, p.settings))
-    if writer:
-        (p.out / "candidates").mkdir(parents=True, exist_ok=True)
-    if writer and not resuming:
-        text = json.dumps(p.settings, indent=1, sort_keys=True) + "\n"
-        write_atomic(p.out / checks.MANIFEST, text)
     log(
         f"{len(p.candidates)} candidates, {p.settings['data']['examples']} examples: pool "
         f"{len(p.split.pool)}, test {len(p.split.test)}, probe {len(p.split.probe)}; sizes "
-        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if resuming else "")
+        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if p.resuming else "")
     )
     results: list[CandidateResult] = []
     resumed: list[str] = []
-    saved = _saved(p, writer)
-    for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
-        prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
-        path = store.result_path(p.out, i, cand.name)
-        res = saved[i]
-        if res is not None:
-            log(f"{prefix}: done in an earlier run, read back")
-            resumed.append(cand.name)
-        else:
-            res = measure_candidate(
-                cand,
-                td,
-                p.split,
-                p.sizes,
-                p.config,
-                seed=p.seed,
-                ntk=p.ntk,
-                ntk_chunk=p.ntk_chunk,
-                hessian_probes=p.hessian_probes,
-                log=log,
-                prefix=prefix,
-                mesh=mesh,
-            )
-            if writer:
-                store.save_result(path, res)
-            log(f"{prefix}: done in {res.seconds:.1f} s")
-        results.append(res)
+    saved, stale = _saved(p, writer)
+    started = p.resuming
+    try:
+        for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
+            prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
+            path = store.result_path(p.out, i, cand.name)
+            res = saved[i]
+            if res is not None:
+                log(f"{prefix}: done in an earlier run, read back")
+                resumed.append(cand.name)
+            else:
+                if stale[i] is not None:
+                    log(f"{prefix}: {stale[i]}; measuring it again")
+                res = measure_candidate(
+                    cand,
+                    td,
+                    p.split,
+                    p.sizes,
+                    p.config,
+                    seed=p.seed,
+                    ntk=p.ntk,
+                    ntk_chunk=p.ntk_chunk,
+                    hessian_probes=p.hessian_probes,
+                    log=log,
+                    prefix=prefix,
+                    mesh=mesh,
+                )
+                res = dataclasses.replace(res, digest=cand.digest)
+                if writer:
+                    if not started:
+                        store.start(p.out, p.settings, p.resuming)
+                        started = True
+                    store.save_result(path, res)
+                log(f"{prefix}: done in {res.seconds:.1f} s")
+            results.append(res)
+    except (LensLLMError, OSError) as err:
+        raise _stopped(err, p, len(results) if started else 0) from None
+    except Exception as err:  # a bug: the traceback stays, with where the results are
+        if started:
+            err.add_note(_resume_note(p, len(results)))
+        raise
     return results, resumed
+
+
+def _resume_note(p: RunPlan, saved: int) -> str:
+    return (
+        f"{saved} of {len(p.candidates)} candidates' results are saved in {p.out}: "
+        "rerun the same command to resume"
+    )
+
+
+def _stopped(err: BaseException, p: RunPlan, saved: int) -> LensLLMInputError:
+    """`err` as one line; once results are saved, with how many and how to resume."""
+    if isinstance(err, OSError):
+        what, file, hint = describe_os_error(err), None, None
+    elif isinstance(err, LensLLMInputError):
+        what, file, hint = err.what, err.file, err.hint
+    else:
+        what, file, hint = checks.first_line(err), None, None
+    if saved or (p.out / checks.MANIFEST).is_file():
+        note = _resume_note(p, saved)
+        hint = f"{hint}; {note}" if hint else f"{note} once this is fixed"
+    return LensLLMInputError(what, file=file, hint=hint)
 
 
 def _rank_and_report(
@@ -404,17 +450,20 @@ def _rank_and_report(
         loss_se=np.stack([r.loss_se for r in complete]),
         ntk=stack_spectra(models, spectra) if p.ntk else None,
     )
-    if write:
-        write_curve_table(table, p.out / "curves.csv")
-        if p.ntk:
-            write_spectra(p.out / "ntk_features.csv", spectra)
-    rows = rank(table, p.target, p.methods, failed=incomplete)
-    if write:
-        write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
-        write_atomic(
-            p.out / "report.json",
-            report_json(p.settings, p.data_path, p.target, results, rows, resumed),
-        )
+    try:
+        if write:
+            write_curve_table(table, p.out / "curves.csv")
+            if p.ntk:
+                write_spectra(p.out / "ntk_features.csv", spectra)
+        rows = rank(table, p.target, p.methods, failed=incomplete)
+        if write:
+            write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
+            write_atomic(
+                p.out / "report.json",
+                report_json(p.settings, p.data_path, p.target, results, rows, resumed),
+            )
+    except (LensLLMError, OSError) as err:
+        raise _stopped(err, p, len(results)) from None
     return RunResult(
         table=table,
         features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},

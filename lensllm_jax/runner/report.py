@@ -60,7 +60,9 @@ def report_json(
     rows: Sequence[Any],
     resumed: Sequence[str],
 ) -> str:
-    """report.json: settings, target, per-candidate curve and diagnostics, the ranking."""
+    """report.json: settings, target, per-candidate curve, diagnostics and content digest,
+    the ranking. The same results give the same bytes (whether measured or read back:
+    `resumed` is accepted for the API but not written), so a plain rerun leaves it as is."""
     cands = []
     for r in results:
         cands.append(
@@ -91,7 +93,7 @@ def report_json(
                 if not math.isfinite(r.hessian_trace)
                 else {"mean": r.hessian_trace, "stderr": _finite_or_none(r.hessian_stderr)},
                 "hessian_by_size": hessian_by_size(r),
-                "resumed": r.name in resumed,
+                "digest": r.digest or None,
             }
         )
     ranking = [

@@ -38,6 +38,8 @@ class Candidate(NamedTuple):
     path: as the user gave it. location: the resolved file or folder that is loaded.
     model_type: from its config. vocab_size: rows of its embedding.
     tokenizer: its own tokenizer (transformers), loaded during the check.
+    digest: SHA-256 of the files it is read from (names, sizes and contents: config,
+      weights, tokenizer), so a resume recomputes a candidate whose files changed.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Candidate(NamedTuple):
     model_type: str
     vocab_size: int
     tokenizer: Any
+    digest: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class CandidateResult:
     ft_hessian_distance (S,): at the params fine-tuned on each size, the trace and the
     Hessian-weighted distance vᵀHv, v = θ_D − θ_0 (the quantities of the Hessian PAC-Bayes
     account of the two phases); NaN when not measured. seconds: wall time.
+    digest: `Candidate.digest` of the files measured ("" in results saved before digests).
     """
 
     name: str
@@ -89,6 +93,7 @@ class CandidateResult:
     ft_hessian_trace: np.ndarray = dataclasses.field(default_factory=_empty)
     ft_hessian_stderr: np.ndarray = dataclasses.field(default_factory=_empty)
     ft_hessian_distance: np.ndarray = dataclasses.field(default_factory=_empty)
+    digest: str = ""
 
     @property
     def complete(self) -> bool:

@@ -3,6 +3,12 @@ match, and one .npz per finished candidate, each written atomically as it comple
 
     manifest.json              the settings; a resume with other settings is refused
     candidates/NNN_<name>.npz  one per finished candidate (`result.CandidateResult`)
+
+Nothing is written until the first candidate's results are: then the folder, the manifest
+and ``candidates/`` are created (`start`), in that order, so a run stopped before has
+written nothing, and one stopped between leaves what `checks.is_leftover` recovers. A saved
+result is reused only when it is whole, of this candidate (name, location, sizes) and of
+the same files (`Candidate.digest`); otherwise it is measured again (`stale_reason`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from lensllm_jax.data._files import write_atomic
+from lensllm_jax.data._files import load_json, open_regular, read_regular, write_atomic
 from lensllm_jax.errors import LensLLMInputError
-from lensllm_jax.runner.checks import MANIFEST, first_line
+from lensllm_jax.runner.checks import MANIFEST, is_leftover
 from lensllm_jax.runner.result import Candidate, CandidateResult
 
 __all__ = [
@@ -32,6 +39,8 @@ __all__ = [
     "result_path",
     "save_result",
     "settings_of",
+    "stale_reason",
+    "start",
 ]
 
 MANIFEST_VERSION = 1
@@ -51,27 +60,32 @@ def json_default(obj: Any) -> Any:
     return str(obj)
 
 
+MAX_MANIFEST = 16 << 20
+MAX_RESULT = 4 << 30
+
+
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    fd, _ = open_regular(path, what="data file")
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    finally:
+        os.close(fd)
 
 
 def check_manifest(out_dir: Path, settings: Mapping[str, Any]) -> bool:
     """True when `out_dir` holds a run with exactly these settings (resume); False when it
-    holds none. A different run is a one-line `LensLLMInputError`."""
+    holds none. A different run, or a manifest that is not a bounded JSON file, is a
+    one-line `LensLLMInputError`."""
     path = out_dir / MANIFEST
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return False
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raw = read_regular(path, limit=MAX_MANIFEST, what="manifest")
+        old = load_json(raw, where=path, what="manifest")
+    except LensLLMInputError as err:
         raise LensLLMInputError(
-            f"unreadable manifest ({first_line(err)})",
-            file=path,
-            hint="use a new --out-dir",
+            f"unreadable manifest ({err.what})", file=path, hint="use a new --out-dir"
         ) from None
     new = canonical(settings)
     if old == new:
@@ -85,6 +99,22 @@ def check_manifest(out_dir: Path, settings: Mapping[str, Any]) -> bool:
         file=out_dir,
         hint="use a new --out-dir, or rerun with that run's settings to resume it",
     )
+
+
+def start(out_dir: Path, settings: Mapping[str, Any], resuming: bool) -> None:
+    """Make `out_dir` a run's folder: create it, write the manifest (unless resuming),
+    create ``candidates/``; and remove what a killed run left (`checks.is_leftover` temp
+    files). Called right before the first result is saved."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "candidates"):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.is_file() and not p.is_symlink() and is_leftover(p):
+                    p.unlink(missing_ok=True)
+    if not resuming:
+        text = json.dumps(canonical(settings), indent=1, sort_keys=True) + "\n"
+        write_atomic(out_dir / MANIFEST, text)
+    (out_dir / "candidates").mkdir(exist_ok=True)
 
 
 _ABSENT = object()
@@ -130,14 +160,37 @@ def save_result(path: Path, res: CandidateResult) -> None:
 
 
 def load_result(path: Path) -> CandidateResult | None:
-    """The saved result, or None when the file is missing or unreadable (recompute)."""
-    if not path.is_file():
+    """The saved result, or None when the file is missing, not a regular file, or not a
+    whole result (recompute). Reads at most its real size (bounded)."""
+    if not (path.exists() or path.is_symlink()):
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        raw = read_regular(path, limit=MAX_RESULT, what="result")
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             return CandidateResult.from_arrays({k: z[k] for k in z.files})
-    except (OSError, KeyError, ValueError, TypeError):
+    except Exception:  # any undecodable file (zip, npy, field types) means: measure again
         return None
+
+
+def stale_reason(res: CandidateResult | None, cand: Candidate, sizes: Sequence[int]) -> str | None:
+    """Why a saved result cannot stand for `cand` now (None: reuse it)."""
+    if res is None:
+        return "no saved result"
+    if res.name != cand.name or res.path != cand.location:
+        return "the saved result is another candidate's"
+    n = len(sizes)
+    shapes_ok = (
+        list(np.asarray(res.sizes).ravel()) == [float(s) for s in sizes]
+        and all(np.shape(a) == (n,) for a in (res.losses, res.loss_se, res.num_steps))
+        and len(res.status) == n
+    )
+    if not shapes_ok:
+        return "the saved result is damaged"
+    if not res.digest:
+        return "the saved result predates content digests"
+    if res.digest != cand.digest:
+        return "its files changed since the earlier run (content digest differs)"
+    return None
 
 
 def settings_of(
