@@ -32,6 +32,7 @@ class _Lines(NamedTuple):
     ats_cov: np.ndarray  # (M, 2, 2) OLS covariance of (level at x_top, slope)
     x_top: float
     ok: np.ndarray  # (M,) the law fit is usable
+    law_raw: np.ndarray | None = None  # (M, 4) the law's raw (log) parameters, for reports
 
 
 def _shrunk_variance(sse: np.ndarray, dof: np.ndarray, nu0: float = 0.5) -> np.ndarray:
@@ -99,7 +100,7 @@ def _compute_lines(
             a_sse[i], a_dof[i] = float(r @ r), xa.size - 2.0
             a_geo[i] = [[1 / xa.size + dx**2 / sxx, dx / sxx], [dx / sxx, 1 / sxx]]
     ats_cov = _shrunk_variance(a_sse, a_dof, nu0)[:, None, None] * a_geo
-    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok)
+    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok, raw)
 
 
 def _line_variance(cov: np.ndarray, dx: float) -> np.ndarray:
@@ -164,12 +165,16 @@ def fused_predict(
     centre: bool = True,
     calibrate: bool = True,
     trend: str = "size",
+    details: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`lensllm.lensllm`'s log-space prediction with its choices exposed for the ablations in
     `benchmarks/lensllm_vs_ats.py`: `nu0` (pooling of residual variances), `centre` and
     `calibrate` (backtest calibration), `trend` ("size": pool slopes toward a trend in
     log(model size); "mean": toward the task mean; "none": no pooling).
-    Returns (predicted L(target) (M,), ok (M,), visible sizes)."""
+    Returns (predicted L(target) (M,), ok (M,), visible sizes). A `details` dict, if given,
+    receives (M,) arrays that redraw the prediction: the law's B, beta, E, F; d_top; the
+    fused level (log L at d_top), slope and slope_var; pooled_slope, so that
+    log L̂(D) = level + pooled_slope · (log D − log d_top)."""
     sizes, _ = visible_curves(table, budget_size)
     lines = _lines(table, budget_size, nu0=nu0)
     k_law, k_ats = _calibration(table, budget_size, nu0, centre) if calibrate else (1.0, 1.0)
@@ -190,4 +195,14 @@ def fused_predict(
         pooled[ok] = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
     with np.errstate(all="ignore"):
         pred = np.exp(level + pooled * (np.log(target) - lines.x_top))
+    if details is not None and lines.law_raw is not None:
+        law = np.where(ok[:, None], np.exp(lines.law_raw), np.nan)
+        details.update(zip(("B", "beta", "E", "F"), law.T, strict=True))
+        details.update(
+            d_top=np.full(ok.size, float(sizes[-1])),
+            level=level,
+            slope=slope,
+            slope_var=v_slope,
+            pooled_slope=pooled,
+        )
     return pred, ok, sizes
