@@ -29,6 +29,12 @@ Output folder::
     ntk_features.csv          each candidate's NTK spectrum (`data.spectra`)
     ranking.csv               method,rank,model,score,status,p_best
     report.json               settings, per-candidate curve and diagnostics, the ranking
+                              with each method's fitted parameters per candidate
+    plots/                    curves.png, ranking.png, ntk.png, hessian.png (`plots`)
+
+A rerun with another --target re-ranks without fine-tuning and never overwrites the first
+target's ranking: its files are ranking_target-<N>.csv, report_target-<N>.json and
+plots_target-<N>/ (`output_names`).
 """
 
 from __future__ import annotations
@@ -49,11 +55,21 @@ from lensllm_jax.data._files import write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
 from lensllm_jax.data.spectra import stack_spectra, write_spectra
 from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
+from lensllm_jax.runner.progress import LineProgress, Progress
 from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
 
-__all__ = ["RunPlan", "plan", "run"]
+__all__ = ["OutputNames", "RunPlan", "output_names", "plan", "run"]
 
 Log = Callable[[str], None]
+
+
+class OutputNames(NamedTuple):
+    """Where one target's ranking goes in the run folder (`output_names`)."""
+
+    ranking: str  # ranking.csv, or ranking_target-<N>.csv
+    report: str  # report.json, or report_target-<N>.json
+    plots: str  # plots, or plots_target-<N>
+    previous_target: float | None  # the target of report.json when it is another one
 
 
 class RunPlan(NamedTuple):
@@ -92,6 +108,8 @@ def run(
     ntk_chunk: int | str | None = "auto",
     hessian_probes: int = 0,
     log: Log | None = None,
+    progress: Progress | None = None,
+    plots: bool = True,
 ) -> RunResult:
     """Fine-tune every candidate on nested subsets, measure its NTK features, rank them.
 
@@ -110,12 +128,18 @@ def run(
         False.
       ntk_chunk: probe examples per Jacobian chunk ("auto": fit a memory budget, see
         `core.ntk.auto_chunk_size`). hessian_probes: 0 = no Hessian trace.
-      log: called with one progress line per step (e.g. print to stderr).
+      log: called with one progress line per step (e.g. print to stderr); the lines carry
+        the share of fine-tuning steps done and the time left once steps are timed.
+      progress: a `runner.progress.Progress` instead of `log` (e.g. `RichProgress`, a
+        terminal bar); before any work it is given an estimate of the cost.
+      plots: write the pictures into the folder's plots/ (`plots.write_run_plots`) when
+        matplotlib is installed (without it: a warning, no plots).
 
     Raises `LensLLMInputError` (one line, nothing written) for any bad input, before any
     fine-tuning. Cost: see `run.measure`.
     """
-    log = log or (lambda _line: None)
+    if progress is None:
+        progress = Progress() if log is None else LineProgress(log)
     p = plan(
         models,
         data,
@@ -132,8 +156,11 @@ def run(
         ntk_chunk=ntk_chunk,
         hessian_probes=hessian_probes,
     )
-    results, resumed = _measure_all(p, log)
-    return _rank_and_report(p, results, resumed)
+    try:
+        results, resumed = _measure_all(p, progress)
+    finally:
+        progress.close()
+    return _rank_and_report(p, results, resumed, progress.log, plots)
 
 
 def plan(
@@ -246,9 +273,15 @@ def _tokenize(text: Any, examples: Any, cand: Candidate, max_length: int) -> Any
     return td
 
 
-def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]]:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _measure_all(p: RunPlan, progress: Progress) -> tuple[list[CandidateResult], list[str]]:
     """Every candidate's results, read back when an earlier run saved them, else measured
-    and saved. Writes the manifest first (or checks it against the earlier run's)."""
+    and saved. Writes the manifest first (or checks it against the earlier run's); prices
+    the work still to do (`progress.estimate`) before starting it."""
+    from lensllm_jax.runner.finetune import num_train_steps
     from lensllm_jax.runner.measure import measure_candidate
 
     resuming = store.check_manifest(p.out, p.settings)
@@ -256,21 +289,39 @@ def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]
     if not resuming:
         text = json.dumps(p.settings, indent=1, sort_keys=True) + "\n"
         write_atomic(p.out / checks.MANIFEST, text)
+    log = progress.log
     log(
-        f"{len(p.candidates)} candidates, {p.settings['data']['examples']} examples: pool "
-        f"{len(p.split.pool)}, test {len(p.split.test)}, probe {len(p.split.probe)}; sizes "
-        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if resuming else "")
+        f"{_plural(len(p.candidates), 'candidate')}, {p.settings['data']['examples']} "
+        f"examples: pool {len(p.split.pool)}, test {len(p.split.test)}, probe "
+        f"{len(p.split.probe)}; sizes {list(p.sizes)}; target {p.target:g}"
+        + ("; resuming" if resuming else "")
     )
+    saved = []
+    for i, cand in enumerate(p.candidates):
+        res = store.load_result(store.result_path(p.out, i, cand.name))
+        fresh = res is not None and res.name == cand.name and res.path == cand.location
+        saved.append(res if fresh else None)
+    todo = [i for i, res in enumerate(saved) if res is None]
+    per_candidate = sum(num_train_steps(d, p.config) for d in p.sizes)
+    if todo and not progress.quiet:
+        _log_estimate(p, todo, log)
+    progress.start(per_candidate * len(todo))
     results: list[CandidateResult] = []
     resumed: list[str] = []
     for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
         prefix = f"[{i + 1}/{len(p.candidates)}] {cand.name}"
         path = store.result_path(p.out, i, cand.name)
-        res = store.load_result(path)
-        if res is not None and res.name == cand.name and res.path == cand.location:
+        res = saved[i]
+        if res is not None:
             log(f"{prefix}: done in an earlier run, read back")
             resumed.append(cand.name)
         else:
+            done = [0]
+
+            def on_step(n: int, done: list[int] = done) -> None:
+                done[0] += n
+                progress.advance(n)
+
             res = measure_candidate(
                 cand,
                 td,
@@ -283,16 +334,68 @@ def _measure_all(p: RunPlan, log: Log) -> tuple[list[CandidateResult], list[str]
                 hessian_probes=p.hessian_probes,
                 log=log,
                 prefix=prefix,
+                on_step=on_step,
             )
+            progress.advance(max(per_candidate - done[0], 0))  # steps a divergence skipped
             store.save_result(path, res)
             log(f"{prefix}: done in {res.seconds:.1f} s")
         results.append(res)
     return results, resumed
 
 
-def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[str]) -> RunResult:
+def _log_estimate(p: RunPlan, todo: Sequence[int], log: Log) -> None:
+    """One line pricing the candidates still to measure (`progress.estimate`)."""
+    from lensllm_jax.runner.progress import estimate, param_count
+
+    try:
+        counts = [param_count(p.candidates[i].location) for i in todo]
+    except Exception as err:  # an estimate is advice: never fail the run over it
+        log(f"no estimate ({type(err).__name__}: {checks.first_line(err)})")
+        return
+    est = estimate(
+        counts,
+        [int(p.token_data[i].tokens.shape[1]) for i in todo],
+        p.sizes,
+        p.config,
+        test_size=len(p.split.test),
+        probe_size=len(p.split.probe),
+        ntk=p.ntk,
+        hessian_probes=p.hessian_probes,
+    )
+    log(est.line(len(todo), p.sizes))
+    if est.seconds > 3600:
+        log(
+            "that is long: fewer or smaller --sizes, fewer --epochs or --min-steps, a shorter "
+            "--max-length, or an accelerator (pip install 'lensllm-jax[cuda12]') cut it"
+        )
+
+
+def _target_text(target: float) -> str:
+    return str(int(target)) if float(target).is_integer() else f"{target:g}"
+
+
+def output_names(out: Path, target: float) -> OutputNames:
+    """The files of the ranking for `target`: ranking.csv, report.json and plots/ when the
+    folder holds no ranking yet or one for the same target; else (report.json is for
+    another target) ranking_target-<N>.csv, report_target-<N>.json, plots_target-<N>/, so
+    a rerun with another --target never overwrites an earlier ranking."""
+    previous = None
+    try:
+        previous = float(json.loads((out / "report.json").read_text(encoding="utf-8"))["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no (readable) earlier ranking: the plain names are free
+    if previous is None or previous == float(target):
+        return OutputNames("ranking.csv", "report.json", "plots", None)
+    tag = f"target-{_target_text(target)}"
+    return OutputNames(f"ranking_{tag}.csv", f"report_{tag}.json", f"plots_{tag}", previous)
+
+
+def _rank_and_report(
+    p: RunPlan, results: list[CandidateResult], resumed: list[str], log: Log, plots: bool
+) -> RunResult:
     """The curve table of the complete candidates (with their spectra), every method's
-    ranking (diverged candidates last), and the files of the output folder."""
+    ranking (diverged candidates last), and the files of the output folder (named by
+    `output_names`)."""
     from lensllm_jax.core.ntk import NTKFeatures
     from lensllm_jax.runner.report import report_json
     from lensllm_jax.selection.ranking import rank, rows_to_csv
@@ -330,12 +433,19 @@ def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[s
     if p.ntk:
         write_spectra(p.out / "ntk_features.csv", spectra)
     rows = rank(table, p.target, p.methods, failed=incomplete)
-    write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
+    names = output_names(p.out, p.target)
+    if names.previous_target is not None:
+        log(
+            f"report.json holds the ranking for target {names.previous_target:g}; this one "
+            f"(target {p.target:g}) goes to {names.ranking} and {names.report}"
+        )
+    write_atomic(p.out / names.ranking, rows_to_csv(rows))
     write_atomic(
-        p.out / "report.json",
+        p.out / names.report,
         report_json(p.settings, p.data_path, p.target, results, rows, resumed),
     )
-    return RunResult(
+    files = [p.out / names.ranking, p.out / names.report]
+    result = RunResult(
         table=table,
         features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},
         rows=rows,
@@ -344,3 +454,20 @@ def _rank_and_report(p: RunPlan, results: list[CandidateResult], resumed: list[s
         out_dir=p.out,
         resumed=tuple(resumed),
     )
+    if plots:
+        files += _write_plots(result, p.out / names.plots, log)
+    return result._replace(files=tuple(files))
+
+
+def _write_plots(result: RunResult, folder: Path, log: Log) -> list[Path]:
+    """The run's pictures (`plots.write_run_plots`); without matplotlib a warning instead."""
+    from lensllm_jax.plots import require_matplotlib, write_run_plots
+
+    try:
+        require_matplotlib()
+    except LensLLMInputError as err:
+        warnings.warn(f"no plots: {err}", stacklevel=3)
+        return []
+    written = write_run_plots(result, folder)
+    log(f"plots: {', '.join(str(w) for w in written)}")
+    return written
