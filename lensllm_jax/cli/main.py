@@ -6,6 +6,10 @@
                    [--format table|csv|json] [--out FILE]
     lensllm run --models PATH [PATH ...] --data FILE [--sizes N ...] [--target N]
                 [--out-dir DIR] [fine-tuning, NTK and output options]
+    lensllm env
+
+``select --plot FILE``, ``env``, the progress display of ``run`` and the --help epilogs
+(examples, exit codes, environment variables) live in `cli.extras`.
 
 Exit codes: 0 success; 2 bad input (one ``lensllm: error: ...`` line on stderr, no
 traceback, `--out` untouched); 130 interrupted. Warnings (curves that could not be
@@ -27,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lensllm_jax.cli import extras
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
@@ -55,6 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Pick the pretrained LLM to fine-tune, and know how sure to be.",
+        epilog=extras.EPILOGS["main"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from lensllm_jax import __version__
 
@@ -70,6 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "benchmark of Lin et al., from $LENSLLM_DATA or the cache, downloaded once) "
             "at budgets 1/8 ... 1/512 and score each ranking against the full-size losses."
         ),
+        epilog=extras.EPILOGS["reproduce"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rep.add_argument(
         "--data",
@@ -90,6 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "'family') by the loss each method predicts at --target samples. Rank 1 is "
             "the model to fine-tune."
         ),
+        epilog=extras.EPILOGS["select"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sel.add_argument("table", metavar="CSV", help="the curve table")
     sel.add_argument(
@@ -106,8 +117,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "holding it): adds LensLLM-NTK to the default methods",
     )
     _add_method_and_output_args(sel, default="LensLLM; with --ntk also LensLLM-NTK")
+    extras.add_plot_argument(sel)
     sel.set_defaults(handler=_cmd_select)
     _add_run_parser(sub)
+    extras.add_env_parser(sub)
     return parser
 
 
@@ -123,6 +136,8 @@ def _add_run_parser(sub: Any) -> None:
             "candidates by the loss predicted at --target samples. Results are saved in "
             "--out-dir as each candidate finishes; rerunning the same command resumes."
         ),
+        epilog=extras.EPILOGS["run"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
         "--models", nargs="+", action="extend", required=True, metavar="PATH", help="candidates"
@@ -191,7 +206,12 @@ def _add_run_parser(sub: Any) -> None:
         help="also measure the probe loss's Hessian (Hutchinson trace, 8 probes, and vᵀHv) "
         "at the pretrained weights and after each fine-tune",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="no estimate, progress bar or progress lines"
+    )
+    run.add_argument(
+        "--no-plots", action="store_true", help="do not draw the pictures in <out-dir>/plots"
+    )
     _add_method_and_output_args(run, default="LensLLM, plus LensLLM-NTK")
     run.set_defaults(handler=_cmd_run)
 
@@ -285,7 +305,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lensllm_jax.data.curves import read_curve_tables
 
     out = _check_out(args.out)
-    paths = resolve_data(args.data)
+    paths = resolve_data(args.data, fetcher=extras.announcing_fetcher())
     tables = read_curve_tables(paths)
     _enable_jit_cache()
     rows = _with_warnings_reported(lambda: protocol.run(tables, args.methods))
@@ -302,6 +322,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from lensllm_jax.selection import ranking as rank
 
     out = _check_out(args.out)
+    plot = extras.check_plot_argument(args.plot)
     path = Path(args.table)
     if not path.is_file():
         raise LensLLMInputError("no such file", file=path, hint="give the curve table's path")
@@ -315,6 +336,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
         methods = methods or ["LensLLM", "LensLLM-NTK"]
     _enable_jit_cache()
     rows = _with_warnings_reported(lambda: rank.rank(table, args.target, methods))
+    if plot is not None:
+        extras.write_selection_plot(plot, table, rows, args.target)
     if args.format == "csv":
         return _emit(rank.rows_to_csv(rows), out)
     if args.format == "json":
@@ -338,10 +361,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     out_dir = Path(args.out_dir) if args.out_dir else Path(f"lensllm-run-{data.stem}")
     _enable_jit_cache()
-
-    def log(line: str) -> None:
-        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
-
     result = _with_warnings_reported(
         lambda: job.run(
             args.models,
@@ -358,7 +377,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             ntk=not args.no_ntk,
             ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
             hessian_probes=args.hessian,
-            log=None if args.quiet else log,
+            progress=extras.progress_for(args.quiet),
+            plots=not args.no_plots,
         )
     )
     if args.format == "csv":
