@@ -169,16 +169,15 @@ def progress_for(quiet: bool, stream: Any = None) -> Any:
 
 
 def announcing_fetcher(stream: Any = None) -> Callable[[str], bytes]:
-    """The benchmark's downloader, saying on stderr what it fetches (the files are a few
-    kB: one line before and one after, no bar)."""
+    """The benchmark's downloader, saying on stderr what it fetched (one line once the file
+    is in: the files are a few kB, so no bar; a failed download is the error line alone)."""
     from lensllm_jax.benchmark.download import fetch_url
 
     stream = sys.stderr if stream is None else stream
 
     def fetch(url: str) -> bytes:
-        print(f"{PROG}: downloading {url}", file=stream, flush=True)
         data = fetch_url(url)
-        print(f"{PROG}: downloaded {len(data):,} bytes", file=stream, flush=True)
+        print(f"{PROG}: downloaded {len(data):,} bytes from {url}", file=stream, flush=True)
         return data
 
     return fetch

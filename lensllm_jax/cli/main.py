@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lensllm_jax.cli import extras
+import lensllm_jax.cli.extras as extras
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
