@@ -405,7 +405,11 @@ def test_interrupted_run_resumes_to_identical_bytes(world, done, tmp_path, monke
     capsys.readouterr()
     assert cli.main(_argv(world, out_dir, "--format", "csv")) == 0
     assert calls == {"load": 2, "curve": 2}
-    assert "gpt2-char: done in an earlier run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gpt2-char: done in an earlier run" in err
+    # not on a terminal: an estimate for the 2 candidates left, then lines with the time left
+    assert "lensllm: estimate: 2 candidates (up to " in err and " fine-tuning steps" in err
+    assert "% of steps · ≈ " in err and " left" in err
     for name in ("ranking.csv", "curves.csv"):
         assert (out_dir / name).read_bytes() == (done["out_dir"] / name).read_bytes()
 

@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "ENVIRONMENT",
     "EPILOGS",
+    "HelpFormatter",
     "add_env_parser",
     "add_plot_argument",
     "announcing_fetcher",
@@ -123,6 +124,23 @@ EPILOGS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilogs' layout (examples, tables) and wraps any longer line, such as a
+    one-line description, to the terminal's width."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out = []
+        for line in text.splitlines():
+            if len(indent + line) > width and not line.startswith(" "):
+                out.append(textwrap.fill(line, width, initial_indent=indent,
+                                         subsequent_indent=indent))  # fmt: skip
+            else:
+                out.append(indent + line)
+        return "\n".join(out)
+
+
 def add_plot_argument(cmd: argparse.ArgumentParser) -> None:
     """``--plot FILE``: the ranking and every candidate's curve as a picture."""
     cmd.add_argument(
@@ -192,7 +210,7 @@ def add_env_parser(sub: Any) -> None:
         "devices JAX sees (so you know a GPU is used), then the optional packages and the "
         "lensllm environment variables with their values.",
         epilog=EPILOGS["env"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     env.set_defaults(handler=cmd_env)
 

@@ -61,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Pick the pretrained LLM to fine-tune, and know how sure to be.",
         epilog=extras.EPILOGS["main"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=extras.HelpFormatter,
     )
     from lensllm_jax import __version__
 
@@ -78,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "at budgets 1/8 ... 1/512 and score each ranking against the full-size losses."
         ),
         epilog=extras.EPILOGS["reproduce"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=extras.HelpFormatter,
     )
     rep.add_argument(
         "--data",
@@ -100,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "the model to fine-tune."
         ),
         epilog=extras.EPILOGS["select"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=extras.HelpFormatter,
     )
     sel.add_argument("table", metavar="CSV", help="the curve table")
     sel.add_argument(
@@ -137,7 +137,7 @@ def _add_run_parser(sub: Any) -> None:
             "--out-dir as each candidate finishes; rerunning the same command resumes."
         ),
         epilog=extras.EPILOGS["run"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=extras.HelpFormatter,
     )
     run.add_argument(
         "--models", nargs="+", action="extend", required=True, metavar="PATH", help="candidates"

@@ -146,16 +146,21 @@ def curves_figure(
     methods: Sequence[str] | None = None,
     max_panels: int = 30,
     ncols: int | None = None,
+    truth: CurveTable | None = None,
 ) -> Figure:
     """One panel per candidate, in the order of the first calibrated method's ranking (at
     most `max_panels`): measured points ± s.e., the zero-shot loss, each method's curve to
     the target, LensLLM's 90 % band, the target. `rows`: `selection.ranking.rank`'s rows
-    (with details). Cost: see the module docstring."""
+    (with details). `truth`: a table of the same candidates with larger sizes (a backtest:
+    `table` is `truth.up_to(budget)`); its points beyond `table`'s are drawn hollow, "held
+    out". Cost: see the module docstring."""
     n = min(table.num_models, max_panels)
     cols = ncols or min(n, 5)
     nrows = -(-n // cols)
     fig = new_figure(2.9 * cols + 0.3, 2.4 * nrows + 0.7)
-    draw_curves(fig, table, rows, target, methods=methods, max_panels=max_panels, ncols=cols)
+    draw_curves(
+        fig, table, rows, target, methods=methods, max_panels=max_panels, ncols=cols, truth=truth
+    )
     return fig
 
 
@@ -168,6 +173,7 @@ def draw_curves(
     methods: Sequence[str] | None = None,
     max_panels: int = 30,
     ncols: int = 5,
+    truth: CurveTable | None = None,
 ) -> None:
     """`curves_figure`'s panels, drawn into `fig` (a figure or a subfigure)."""
     by = _by_method(rows)
@@ -188,6 +194,8 @@ def draw_curves(
                 axes.flat[k - ncols].set_xlabel("fine-tuning samples D", fontsize=8)
     for ax, model in zip(axes.flat, shown, strict=False):
         _panel(ax, table, index[model], by, chosen, target, sigmas)
+        if truth is not None and model in truth.models:
+            _held_out(ax, truth, truth.models.index(model), float(table.sizes[-1]))
         row = by.get(primary, {}).get(model)
         title = short_name(model)
         if row is not None:
@@ -285,6 +293,18 @@ def _panel(
     vline = ax.axvline(target, color="0.4", lw=0.8, ls=":", label="target")
     vline.set_gid("target")
     _zero_shot(ax, float(table.zero_shot[i]), float(sizes[0]) / 2, lo, hi)
+
+
+def _held_out(ax: Any, truth: CurveTable, j: int, d_top: float) -> None:
+    """The points of a backtest's full curve beyond the sizes the methods saw: hollow."""
+    beyond = truth.sizes > d_top * (1 + 1e-12)
+    if beyond.any():
+        (pts,) = ax.plot(truth.sizes[beyond], truth.losses[j, beyond], "o", ms=3.5, mfc="none",
+                         color="k", lw=0, label="held out")  # fmt: skip
+        pts.set_gid("held-out")
+        lo, hi = ax.get_ylim()
+        vals = truth.losses[j, beyond]
+        ax.set_ylim(min(lo, float(vals.min()) - 0.03 * (hi - lo)), max(hi, float(vals.max())))
 
 
 def _per_doubling() -> float:
