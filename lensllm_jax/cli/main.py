@@ -73,9 +73,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "reproduce",
         help="run every selection method on the fine-tuning scaling benchmark",
         description=(
-            "Run the selection methods on curve tables (default: the fine-tuning scaling "
-            "benchmark of Lin et al., from $LENSLLM_DATA or the cache, downloaded once) "
-            "at budgets 1/8 ... 1/512 and score each ranking against the full-size losses."
+            "Run the selection methods on curve tables (default: the FLAN and Gigaword "
+            "tables of Lin et al.'s fine-tuning scaling benchmark, shipped with the "
+            "package, or the folder in $LENSLLM_DATA) at budgets 1/8 ... 1/512 and score "
+            "each ranking against the full-size losses."
         ),
         epilog=extras.EPILOGS["reproduce"],
         formatter_class=extras.HelpFormatter,
@@ -84,8 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         action="extend",
-        metavar="PATH",
-        help="curve-table CSVs or folders of them (default: $LENSLLM_DATA, else the cache)",
+        metavar="PATH|NAME",
+        help="curve-table CSVs, folders of them, or benchmark datasets by name: flan, "
+        "gigaword (shipped), wmt19 (downloaded once into $LENSLLM_CACHE and checked)",
     )
     _add_method_and_output_args(rep, default="all")
     rep.set_defaults(handler=_cmd_reproduce)
