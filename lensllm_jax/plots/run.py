@@ -179,7 +179,6 @@ def linearised_figure(
     dl.set_gid("F:discrete")
     (ms,) = ax.plot(steps, measured, "o", ms=4, color="k", label="measured ‖ℓ(θ_t)‖²")
     ms.set_gid("measured")
-    ax.set_yscale("log")
     ax.set_xlabel("gradient-descent steps t (step size η)", fontsize=8)
     ax.set_ylabel("‖ℓ(X; θ_t)‖² on the probe set", fontsize=8)
     ax.tick_params(labelsize=7)
