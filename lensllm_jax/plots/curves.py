@@ -157,7 +157,7 @@ def curves_figure(
     n = min(table.num_models, max_panels)
     cols = ncols or min(n, 5)
     nrows = -(-n // cols)
-    fig = new_figure(2.9 * cols + 0.3, 2.4 * nrows + 0.7)
+    fig = new_figure(max(2.9 * cols + 0.3, 7.0), 2.4 * nrows + 0.9)
     draw_curves(
         fig, table, rows, target, methods=methods, max_panels=max_panels, ncols=cols, truth=truth
     )

@@ -124,7 +124,7 @@ def hessian_figure(results: Sequence[CandidateResult]) -> Figure:
     measured = [r for r in results if np.isfinite(r.ft_hessian_trace).any()]
     if not measured:
         raise ValueError("no candidate has Hessian traces after fine-tuning (run --hessian)")
-    fig = new_figure(3.3 * len(measured) + 0.4, 5.0)
+    fig = new_figure(max(3.3 * len(measured) + 0.4, 6.5), 5.2)
     axes = fig.subplots(2, len(measured), squeeze=False, sharex="col")
     for j, r in enumerate(measured):
         top, bottom = axes[0, j], axes[1, j]
@@ -141,6 +141,9 @@ def hessian_figure(results: Sequence[CandidateResult]) -> Figure:
         first, tested = ats_phase(r)
         for ax in (top, bottom):
             ax.set_xscale("log")
+            if d.size <= 8:  # few sizes: label each one, not log decades
+                ax.set_xticks(d, [f"{x:,.0f}" for x in d])
+                ax.minorticks_off()
             ax.tick_params(labelsize=7)
             ax.grid(lw=0.3, alpha=0.5)
             if first is not None and tested and first > 0:
