@@ -95,6 +95,7 @@ def ntk_figure(
                               color=color)  # fmt: skip
             pt.set_gid(f"t_fit:{name}")
     ax_l.set_yscale("log")
+    ax_l.xaxis.get_major_locator().set_params(integer=True)
     ax_l.set_xlabel("k (eigenvalues, largest first)", fontsize=8)
     ax_l.set_ylabel("λ_k of the probe-set NTK Θ", fontsize=8)
     ax_l.set_title("NTK spectrum", fontsize=9)
@@ -105,7 +106,7 @@ def ntk_figure(
     ax_f.set_xlabel("steps t", fontsize=8)
     ax_f.set_ylabel("F(Θ, t) = ‖exp(−ηΘt) r‖²", fontsize=8)
     title = "linearised test loss F(Θ, t)"
-    mark = " · ◆ LensLLM-NTK's fitted t (◀: below the axis)" if fitted_t else ""
+    mark = "\n◆ t fitted by LensLLM-NTK (◀: t below the axis, F = ‖r‖²)" if fitted_t else ""
     ax_f.set_title(title + mark, fontsize=9)
     for ax in (ax_l, ax_f):
         ax.tick_params(labelsize=7)
