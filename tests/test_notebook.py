@@ -67,10 +67,11 @@ def test_notebooks_are_committed_without_outputs_and_open_with_their_question(pa
     assert first.cell_type == "markdown" and "**The question.**" in first.source, path.name
 
 
-def test_the_four_notebooks_are_there():
+def test_the_notebooks_are_there():
     assert {p.name for p in NOTEBOOKS} == {
         "choose_candidates.ipynb",
         "ntk_linearised.ipynb",
+        "reliability.ipynb",  # executed by tests/test_notebook_reliability.py
         "reproduce_fts.ipynb",
         "two_phases.ipynb",
     }

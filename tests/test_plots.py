@@ -21,10 +21,10 @@ from PIL import Image  # matplotlib's own dependency
 from lensllm_jax import plots
 from lensllm_jax.data.curves import CurveTable
 from lensllm_jax.errors import LensLLMInputError
-from lensllm_jax.plots.curves import curve_from_details
+from lensllm_jax.plots.curves import band_sigma, curve_from_details
 from lensllm_jax.runner.result import CandidateResult, RunResult
 from lensllm_jax.selection.baselines import ats_first_point
-from lensllm_jax.selection.confidence import ERROR_PER_DOUBLING
+from lensllm_jax.selection.confidence import assess
 from lensllm_jax.selection.ranking import RankRow
 
 SIZES = np.array([200.0, 400.0, 800.0, 1600.0, 3200.0])
@@ -61,7 +61,8 @@ def _rows(table: CurveTable) -> list[RankRow]:
     for place, i in enumerate(order, start=1):
         details = {k: v[i] for k, v in LAW.items()} | {"F": F[i], "d_top": SIZES[-1]}
         details |= {"level": level[i], "slope": slope[i], "slope_var": 1e-4}
-        details["pooled_slope"] = slope[i]
+        details |= {"pooled_slope": slope[i], "per_doubling": 0.02, "sigma": 0.1 + 0.01 * i}
+        details |= {"var_level": 1e-4, "cov_level_slope": -2e-5, "var_pooled_slope": 3e-5}
         rows.append(RankRow("LensLLM", place, NAMES[i], score[i], "ok", p_best[i], details))
     vanilla = {"B": 9.0, "beta": 0.3, "E": 0.9}
     v_score = 9.0 / TARGET**0.3 + 0.9
@@ -123,15 +124,30 @@ def test_curves_draw_the_measured_points_laws_band_and_target(tmp_path):
         np.testing.assert_allclose(law.get_ydata(), b / (F[i] + law.get_xdata() ** beta) + e)
         (score,) = _of(ax, "LensLLM:score")
         assert score.get_xdata()[0] == TARGET and score.get_ydata()[0] == row.score
-        sigma = math.hypot(ERROR_PER_DOUBLING * math.log2(TARGET / SIZES[-1]), 0.01)
+        (cont,) = [c for c in ax.containers if c.lines[0] is score]  # the P(best) interval
+        seg = cont.lines[2][0].get_segments()[0]
+        np.testing.assert_allclose(
+            [seg[0][1], seg[1][1]],
+            row.score * np.exp(np.array([-Z90, Z90]) * row.details["sigma"]),
+            rtol=1e-12,
+        )
+        # the band: σ² = (c·k)² + var_level + 2·dx·cov + dx²·var_slope + (se/L)² on log L
         (band,) = _of(ax, "LensLLM:band")
         verts = band.get_paths()[0].vertices
-        at_target = verts[np.isclose(verts[:, 0], TARGET), 1]
-        np.testing.assert_allclose(
-            sorted(at_target)[:: len(at_target) - 1],
-            [row.score * math.exp(-Z90 * sigma), row.score * math.exp(Z90 * sigma)],
-            rtol=1e-9,
-        )
+        for d in (SIZES[-1] * 4, TARGET):
+            dx = math.log(d / SIZES[-1])
+            sigma = math.sqrt((0.02 * dx / math.log(2)) ** 2 + 1e-4 - 4e-5 * dx
+                              + 3e-5 * dx**2 + 0.01**2)  # fmt: skip
+            centre = row.score * math.exp(-row.details["pooled_slope"] * math.log(TARGET / d))
+            at = verts[np.isclose(verts[:, 0], d, rtol=1e-12), 1]
+            if at.size:  # the grid holds D_top·4 only by chance; the target always
+                np.testing.assert_allclose(
+                    [at.min(), at.max()],
+                    [centre * math.exp(-Z90 * sigma), centre * math.exp(Z90 * sigma)],
+                    rtol=1e-9,
+                )
+            else:
+                assert d != TARGET
         (vf,) = _of(ax, "VanillaFit:curve")
         np.testing.assert_allclose(vf.get_ydata(), 9.0 / vf.get_xdata() ** 0.3 + 0.9)
 
@@ -139,6 +155,11 @@ def test_curves_draw_the_measured_points_laws_band_and_target(tmp_path):
     lens = [r for r in rows if r.method == "LensLLM"]
     (interval,) = _by_gid(fig, "interval")
     np.testing.assert_array_equal(interval.get_xdata(), [r.score for r in lens])
+    errorbars = [c for a in fig.get_axes() for c in a.containers if hasattr(c, "lines")]
+    (cont,) = [c for c in errorbars if c.lines[0] is interval]
+    segs = np.array(cont.lines[2][0].get_segments())
+    sig = np.array([r.details["sigma"] for r in lens])
+    np.testing.assert_allclose(segs[:, 0, 0], [r.score for r in lens] * np.exp(-Z90 * sig))
     bars = _by_gid(fig, "p_best")
     np.testing.assert_allclose([b.get_width() for b in bars], [r.p_best for r in lens])
     # the credible set (0.75 + 0.2 >= 0.9) is filled, the rest is not
@@ -148,14 +169,14 @@ def test_curves_draw_the_measured_points_laws_band_and_target(tmp_path):
 
 def test_formats_sizes_and_bad_names(tmp_path):
     table = _table()
-    fig = plots.ranking_figure(_rows(table), TARGET, table)
+    fig = plots.ranking_figure(_rows(table), TARGET)
     fig.set_dpi(72)
     svg = plots.save(fig, tmp_path / "r.svg").read_bytes()
     pdf = plots.save(fig, tmp_path / "r.pdf").read_bytes()
     assert b"<svg" in svg[:500] and len(svg) > 10_000
     assert pdf.startswith(b"%PDF-") and len(pdf) > 5_000
     # byte-stable: no dates or versions in the file, so the same figure gives the same bytes
-    figs = [plots.ranking_figure(_rows(table), TARGET, table) for _ in range(2)]
+    figs = [plots.ranking_figure(_rows(table), TARGET) for _ in range(2)]
     for f in figs:
         f.set_dpi(72)
     png = plots.save(figs[0], tmp_path / "r.png")
@@ -297,6 +318,16 @@ def test_every_methods_details_redraw_its_score():
     assert min(checked.values()) >= 25, checked
     # LensLLM's law is not its score: the fused, pooled extrapolation is (README explains)
     lens = [r for r in rows if r.method == "LensLLM"]
+    # the σ behind P(best) is confidence.assess's, and the band reaches it at the target
+    order = [table.models.index(r.model) for r in lens]
+    scores = np.full(table.num_models, np.nan)
+    scores[order] = [r.score for r in lens]
+    sigmas = assess(table, 1_638_400, scores).sigmas[order]
+    np.testing.assert_allclose([r.details["sigma"] for r in lens], sigmas, rtol=1e-12)
+    rel = table.loss_se[order, -1] / table.losses[order, -1] if table.loss_se is not None else 0
+    band = [band_sigma(r.details, [1_638_400.0], float(np.broadcast_to(rel, len(lens))[k]))[0]
+            for k, r in enumerate(lens)]  # fmt: skip
+    np.testing.assert_allclose(band, sigmas, rtol=1e-9)
     law = [curve_from_details("LensLLM", r.details, [1_638_400.0], part="law")[0] for r in lens]
     assert max(abs(a / r.score - 1) for a, r in zip(law, lens, strict=True)) > 0.01
 

@@ -12,7 +12,7 @@ import pytest
 from lensllm_jax import cli
 from lensllm_jax.data.curves import read_curve_table
 from lensllm_jax.errors import LensLLMInputError
-from lensllm_jax.selection import ranking, registry
+from lensllm_jax.selection import confidence, ranking, registry
 
 KEEP = ("config name", "0", "200", "400", "800", "1600", "3200", "6400", "size", "family")
 
@@ -92,3 +92,49 @@ def test_missing_file_and_too_few_sizes(tmp_path, capsys):
     two.write_text("config name,0,200,400,size,family\nm,4,3,2.9,100,f\nn,5,3.5,3.2,50,f\n")
     with pytest.raises(LensLLMInputError, match="need at least 3"):
         ranking.rank(read_curve_table(two), 1e6)
+
+
+def _table_from(losses, zero_shot, tmp_path, name="flat"):
+    sizes = (200, 400, 800, 1600)
+    path = tmp_path / f"{name}.csv"
+    lines = ["config name,0," + ",".join(map(str, sizes)) + ",size,family"]
+    for i, (row, z) in enumerate(zip(losses, zero_shot, strict=True)):
+        lines.append(f"m{i},{z}," + ",".join(f"{v:.6f}" for v in row) + f",{10**8 * (i + 1)},f")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("shape", ["rising", "flat"])
+def test_curves_that_do_not_fall_are_marked_not_ranked_with_p_best(tmp_path, capsys, shape):
+    # Issue 12, item 6: every curve rising (or flat) -> no scaling law applies.
+    rng = np.random.default_rng(0)
+    d = np.array([200.0, 400.0, 800.0, 1600.0])
+    if shape == "rising":
+        losses = [2.0 + 0.1 * i + 0.05 * np.log2(d / 200) for i in range(4)]
+    else:
+        losses = [2.0 + 0.1 * i + 1e-5 * rng.standard_normal(4) for i in range(4)]
+    path = _table_from(losses, [3.0, 3.1, 3.2, 3.3], tmp_path, shape)
+    table = read_curve_table(path)
+    with pytest.warns(UserWarning, match="no candidate's loss falls"):
+        rows = ranking.rank(table, 1e5, ["LensLLM", "AtS"])
+    usable = [r for r in rows if r.status != "failed"]
+    assert usable and all(r.status == "not falling" for r in usable)
+    assert all(np.isnan(r.p_best) for r in rows)
+    assert ranking.credible_set_text([r for r in rows if r.method == "LensLLM"]) == ""
+    code, out, err = _run(
+        ["select", str(path), "--target", "1e5", "--methods", "AtS", "LensLLM"], capsys
+    )
+    assert code == 0 and "P(best)" not in out and "not falling" in out
+    assert err.count("\n") >= 1 and "lensllm: warning:" in err and "falls" in err
+
+
+def test_one_falling_curve_keeps_the_ranking_and_its_p_best(tmp_path):
+    d = np.array([200.0, 400.0, 800.0, 1600.0])
+    losses = [2.0 - 0.1 * np.log2(d / 200), 2.1 + 0.0 * d, 2.2 + 0.01 * np.log2(d / 200)]
+    table = read_curve_table(_table_from(losses, [3.0, 3.1, 3.2], tmp_path, "mixed"))
+    falls = confidence.curve_falls(table, 1600.0)
+    np.testing.assert_array_equal(falls, [True, False, False])
+    rows = ranking.rank(table, 1e5)
+    assert rows[0].model == "m0" and rows[0].status == "ok" and rows[0].p_best > 0.5
+    assert "not falling" not in {r.status for r in rows}
+    np.testing.assert_allclose(np.nansum([r.p_best for r in rows]), 1.0, rtol=1e-9)

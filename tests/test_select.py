@@ -174,14 +174,60 @@ def test_fay_herriot_shrinks_toward_the_trend_and_lowers_error():
     var = rng.uniform(0.005, 0.05, n)
     var[0] = 1e-12
     est = theta + rng.normal(size=n) * np.sqrt(var)
-    post = _fusion._fay_herriot(est, var, np.column_stack([np.ones(n), x]))
+    post, _ = _fusion._fay_herriot(est, var, np.column_stack([np.ones(n), x]))
     assert np.mean((post - theta) ** 2) < 0.6 * np.mean((est - theta) ** 2)
     # Oracle posterior (τ² = 0.01 and the trend known): the EB estimate is close to it.
     oracle = (est / var + (1 + 2 * x) / 0.01) / (1 / var + 1 / 0.01)
     assert np.mean((post - oracle) ** 2) < 0.05 * np.mean((est - theta) ** 2)
     assert post[0] == pytest.approx(est[0], abs=1e-8)
     # Too few candidates to estimate a trend and τ²: unchanged.
-    np.testing.assert_array_equal(_fusion._fay_herriot(est[:3], var[:3], np.ones((3, 2))), est[:3])
+    np.testing.assert_array_equal(
+        _fusion._fay_herriot(est[:3], var[:3], np.ones((3, 2)))[0], est[:3]
+    )
+
+
+def test_fay_herriot_posterior_variance_matches_the_normal_normal_formula():
+    # With the trend known exactly (τ² and γ recovered from 4000 draws), the posterior
+    # variance is var·τ²/(var + τ²); check it against the draws' actual squared error.
+    rng = np.random.default_rng(1)
+    n = 4000
+    x = rng.normal(size=n)
+    theta = 1 + 2 * x + rng.normal(0, 0.1, n)
+    var = rng.uniform(0.005, 0.05, n)
+    est = theta + rng.normal(size=n) * np.sqrt(var)
+    post, post_var = _fusion._fay_herriot(est, var, np.column_stack([np.ones(n), x]))
+    np.testing.assert_allclose(post_var, var * 0.01 / (var + 0.01), rtol=0.15)
+    z = (post - theta) / np.sqrt(post_var)
+    assert 0.9 < np.mean(z**2) < 1.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise", [0.01, 0.02])
+def test_fused_variance_matches_the_spread_of_replicate_predictions(noise):
+    # 256 candidates share one true LENSLLM curve and differ by measurement noise only: the
+    # spread of their fused log predictions is what `fused_fit.log_var` says (same order).
+    rng = np.random.default_rng(4)
+    m = 256
+    sizes = np.array([200, 400, 800, 1600, 3200, 6400, 12800.0])
+
+    def law(d):
+        return 20.0 / (30.0 + d**0.45) + 0.8
+
+    losses = law(sizes)[None] * np.exp(noise * rng.standard_normal((m, sizes.size)))
+    zero = law(0.0) * np.exp(noise * rng.standard_normal(m))
+    table = CurveTable(
+        "syn",
+        tuple(f"m{i}" for i in range(m)),
+        sizes,
+        losses,
+        zero,
+        np.exp(rng.normal(18, 1, m)),
+        ("f",) * m,
+    )
+    for target in (25_600.0, 102_400.0):
+        fit = _fusion.fused_fit(table, 12_800.0, target)
+        ratio = np.var(np.log(fit.pred[fit.ok])) / np.mean(fit.log_var[fit.ok])
+        assert 0.6 < ratio < 1.7, (noise, target, ratio)
 
 
 def _mean_metrics(method, table, target):

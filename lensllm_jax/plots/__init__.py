@@ -17,6 +17,7 @@ NTK spectrum and F(Θ, t), the Hessian's two phases, the linearised dynamics, an
 
 from lensllm_jax.plots._base import FORMATS, check_plot_path, require_matplotlib, save
 from lensllm_jax.plots.curves import (
+    band_sigma,
     curve_from_details,
     curves_figure,
     ranking_figure,
@@ -33,6 +34,7 @@ from lensllm_jax.plots.run import (
 
 __all__ = [
     "FORMATS",
+    "band_sigma",
     "check_plot_path",
     "curve_from_details",
     "curves_figure",

@@ -4,10 +4,16 @@ ranking with how sure it is.
 `curves_figure`: one panel per candidate (rank order): the measured test losses with their
 standard errors (a table's ``se_<size>`` columns), the zero-shot loss, every method's curve
 redrawn from its fitted parameters (`RankRow.details`) up to the target, and for LensLLM
-the extrapolation from the largest fine-tuned size D_top with its 90 % band: on log L,
-σ(D) = sqrt((c · log₂(D / D_top))² + (se_top / L_top)²), c the calibrated error per doubling
-of `selection.confidence` (`ERROR_PER_DOUBLING`); the interval drawn at the target is the
-one behind P(best) (`confidence.confidence`, at least one doubling).
+the extrapolation from the largest fine-tuned size D_top with its 90 % band, the error
+model of `selection.confidence` on log L at each D:
+
+    σ_m(D)² = (c · log₂(D / D_top))² + v_m(D) + s_m²,
+
+c the task's error per doubling (details "per_doubling"), v_m(D) = var_level +
+2·dx·cov_level_slope + dx²·var_pooled_slope the candidate's fused-fit variance (dx =
+log D − log D_top), s_m the relative standard error of its largest measured loss; the
+interval drawn at the target is the one behind P(best) (details "sigma", from
+`confidence.assess`, which counts at least one doubling).
 
 `ranking_figure`: the predicted loss at the target per candidate with that interval, and
 P(best) with the 90 % credible set. `selection_figure` puts both side by side (what
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
     from lensllm_jax.data.curves import CurveTable
 
 __all__ = [
+    "band_sigma",
     "curve_from_details",
     "curves_figure",
     "ranking_figure",
@@ -105,19 +112,25 @@ def curve_from_details(
 
 
 def target_sigmas(table: CurveTable, scores: np.ndarray, target: float) -> np.ndarray:
-    """(M,) σ on log L at the target for a calibrated method's scores (table order): the
-    σ behind P(best) (`confidence.confidence`, widened by the largest size's relative
-    standard error when the table has ``se_<size>`` columns)."""
-    from lensllm_jax.selection.confidence import confidence
+    """(M,) σ on log L at the target for LensLLM's scores (table order): the σ behind
+    P(best) (`confidence.assess`: the task's scale, each fit's variance, the largest size's
+    relative standard error). Rows of `ranking.rank` carry it as details "sigma"."""
+    from lensllm_jax.selection.confidence import assess
 
-    noise = _relative_se(table)
-    return confidence(scores, float(table.sizes[-1]), float(target), measurement_sd=noise).sigmas
+    return assess(table, float(target), np.asarray(scores, np.float64)).sigmas
 
 
-def _relative_se(table: CurveTable) -> np.ndarray | None:
-    if table.loss_se is None:
+def band_sigma(details: Mapping[str, Any], d: Any, rel_se: float = 0.0) -> np.ndarray | None:
+    """σ on log L of LensLLM's extrapolation at sizes `d` >= d_top (module docstring), from
+    a row's details; None without the error model's details (an uncalibrated row)."""
+    p = _get(details, "per_doubling", "d_top")
+    if p is None:
         return None
-    return np.asarray(table.loss_se, np.float64)[:, -1] / table.losses[:, -1]
+    c, d_top = p
+    dx = np.log(np.asarray(d, np.float64)) - math.log(d_top)
+    var = _get(details, "var_level", "cov_level_slope", "var_pooled_slope")
+    v = 0.0 if var is None else var[0] + 2 * dx * var[1] + dx * dx * var[2]
+    return np.sqrt((c * dx / math.log(2)) ** 2 + np.maximum(v, 0.0) + rel_se**2)
 
 
 def _by_method(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -183,7 +196,6 @@ def draw_curves(
     order += [m for m in table.models if m not in order]
     index = {m: i for i, m in enumerate(table.models)}
     shown = [m for m in order if m in index][:max_panels]
-    sigmas = _band_sigmas(table, by, target)
     nrows = -(-len(shown) // ncols)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
     for k, ax in enumerate(axes.flat):
@@ -193,7 +205,7 @@ def draw_curves(
                 axes.flat[k - ncols].tick_params(labelbottom=True)
                 axes.flat[k - ncols].set_xlabel("fine-tuning samples D", fontsize=8)
     for ax, model in zip(axes.flat, shown, strict=False):
-        _panel(ax, table, index[model], by, chosen, target, sigmas)
+        _panel(ax, table, index[model], by, chosen, target)
         if truth is not None and model in truth.models:
             _held_out(ax, truth, truth.models.index(model), float(table.sizes[-1]))
         row = by.get(primary, {}).get(model)
@@ -218,15 +230,6 @@ def draw_curves(
     )
 
 
-def _band_sigmas(table: CurveTable, by: Mapping[str, Any], target: float) -> np.ndarray | None:
-    """σ at the target per candidate (table order) for LensLLM, when it was ranked."""
-    lens = by.get("LensLLM")
-    if lens is None:
-        return None
-    scores = np.array([lens[m].score if m in lens else np.nan for m in table.models])
-    return target_sigmas(table, scores, target)
-
-
 def _panel(
     ax: Any,
     table: CurveTable,
@@ -234,7 +237,6 @@ def _panel(
     by: Mapping[str, Mapping[str, Any]],
     methods: Sequence[str],
     target: float,
-    sigmas: np.ndarray | None,
 ) -> None:
     sizes, losses = table.sizes, table.losses[i]
     se = None if table.loss_se is None else np.nan_to_num(table.loss_se[i], nan=0.0)
@@ -267,24 +269,23 @@ def _panel(
             continue
         (ln,) = ax.plot(d, y, color=color, lw=1.4, label=method)
         ln.set_gid(f"{method}:curve")
-        if method == "LensLLM" and sigmas is not None and finite(sigmas[i]):
-            rel = 0.0 if se is None else float(se[-1] / losses[-1])
-            with np.errstate(divide="ignore"):
-                k = np.log2(d / d_top)
-            s = np.sqrt((_per_doubling() * k) ** 2 + rel**2)
+        rel = 0.0 if se is None else float(se[-1] / losses[-1])
+        s = band_sigma(row.details, d, rel) if method == "LensLLM" else None
+        sigma = row.details.get("sigma") if s is not None else None
+        if s is not None and sigma is not None:
             band = ax.fill_between(
                 d, y * np.exp(-Z_90 * s), y * np.exp(Z_90 * s), color=color, alpha=0.18,
                 lw=0, label=f"LensLLM {LEVEL:.0%} band",
             )  # fmt: skip
             band.set_gid("LensLLM:band")
-            lo = min(lo, float(y[-1] * math.exp(-Z_90 * sigmas[i])))
-            hi = max(hi, float(y[-1] * math.exp(Z_90 * sigmas[i])))
+            lo = min(lo, float(y[-1] * math.exp(-Z_90 * sigma)))
+            hi = max(hi, float(y[-1] * math.exp(Z_90 * sigma)))
         if finite(row.score):
             yerr = None
-            if method == "LensLLM" and sigmas is not None and finite(sigmas[i]):
+            if s is not None and sigma is not None:  # the interval behind P(best)
                 yerr = [
-                    [row.score * (1 - math.exp(-Z_90 * sigmas[i]))],
-                    [row.score * (math.exp(Z_90 * sigmas[i]) - 1)],
+                    [row.score * (1 - math.exp(-Z_90 * sigma))],
+                    [row.score * (math.exp(Z_90 * sigma) - 1)],
                 ]
             mark = ax.errorbar([target], [row.score], yerr=yerr, fmt="D", ms=4, color=color,
                                capsize=2, lw=1, zorder=6)  # fmt: skip
@@ -307,12 +308,6 @@ def _held_out(ax: Any, truth: CurveTable, j: int, d_top: float) -> None:
         ax.set_ylim(min(lo, float(vals.min()) - 0.03 * (hi - lo)), max(hi, float(vals.max())))
 
 
-def _per_doubling() -> float:
-    from lensllm_jax.selection.confidence import ERROR_PER_DOUBLING
-
-    return ERROR_PER_DOUBLING
-
-
 def _zero_shot(ax: Any, z: float, x: float, lo: float, hi: float) -> None:
     """The zero-shot loss (D = 0) at the left edge; off the scale it is written instead."""
     span = max(hi - lo, 1e-3 * abs(hi))
@@ -330,30 +325,19 @@ def _zero_shot(ax: Any, z: float, x: float, lo: float, hi: float) -> None:
     ax.set_ylim(lo - pad, top + pad)
 
 
-def ranking_figure(
-    rows: Sequence[Any],
-    target: float,
-    table: CurveTable | None = None,
-    *,
-    method: str | None = None,
-) -> Figure:
+def ranking_figure(rows: Sequence[Any], target: float, *, method: str | None = None) -> Figure:
     """The ranking of one method (default: the first with P(best)): predicted loss at the
     target per candidate, rank 1 on top, with the 90 % interval exp(log L̂ ± 1.645 σ) when
-    the method is calibrated and `table` is given; and P(best), the credible set filled.
-    Cost O(M) plus `target_sigmas`."""
+    the rows carry σ (details "sigma": LensLLM); and P(best), the credible set filled.
+    Cost O(M)."""
     mine = [r for r in rows if r.method == _primary(rows, method)]
     fig = new_figure(7.5, max(2.2, 1.2 + 0.24 * len(mine)))
-    draw_ranking(fig, rows, target, table, method=method)
+    draw_ranking(fig, rows, target, method=method)
     return fig
 
 
 def draw_ranking(
-    fig: Figure | SubFigure,
-    rows: Sequence[Any],
-    target: float,
-    table: CurveTable | None = None,
-    *,
-    method: str | None = None,
+    fig: Figure | SubFigure, rows: Sequence[Any], target: float, *, method: str | None = None
 ) -> None:
     """`ranking_figure`, drawn into `fig` (a figure or a subfigure)."""
     from lensllm_jax.selection.confidence import credible_set
@@ -367,14 +351,8 @@ def draw_ranking(
     scores = np.array([r.score for r in mine], np.float64)
     ax = axes[0]
     xerr = None
-    if sure and table is not None:
-        order = {m: j for j, m in enumerate(table.models)}
-        full = np.full(table.num_models, np.nan)
-        for r in mine:
-            if r.model in order:
-                full[order[r.model]] = r.score
-        sig = target_sigmas(table, full, target)
-        s = np.array([sig[order[r.model]] if r.model in order else np.nan for r in mine])
+    s = np.array([(r.details or {}).get("sigma") or np.nan for r in mine], np.float64)
+    if sure and np.isfinite(s).any():  # the σ behind P(best), from each row's details
         xerr = np.vstack([scores * (1 - np.exp(-Z_90 * s)), scores * (np.exp(Z_90 * s) - 1)])
     color = method_color(name)
     eb = ax.errorbar(scores, y, xerr=xerr, fmt="o", color=color, ms=4, capsize=2, lw=1)
@@ -421,6 +399,6 @@ def selection_figure(
     fig = new_figure(6.0 + 2.7 * cols, height)
     subs: Any = fig.subfigures(1, 2, width_ratios=[6.0, 2.7 * cols])
     left, right = subs[0], subs[1]
-    draw_ranking(left, rows, target, table)
+    draw_ranking(left, rows, target)
     draw_curves(right, table, rows, target, methods=methods, max_panels=max_panels, ncols=cols)
     return fig

@@ -206,7 +206,7 @@ def write_run_plots(result: Any, folder: str | os.PathLike[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [
         save(curves_figure(result.table, result.rows, result.target), out / "curves.png"),
-        save(ranking_figure(result.rows, result.target, result.table), out / "ranking.png"),
+        save(ranking_figure(result.rows, result.target), out / "ranking.png"),
     ]
     diag = list(result.diagnostics.values())
     spectra = {r.name: (r.eigenvalues, r.projected_residual, r.eta) for r in diag if r.has_ntk}

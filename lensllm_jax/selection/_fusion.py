@@ -1,5 +1,8 @@
 """LensLLM's extrapolation from curves: the LENSLLM law's tangent and AtS's line, fused by
-their calibrated variances, the slopes pooled across the task (`fused_predict`).
+their calibrated variances, the slopes pooled across the task (`fused_fit`: the prediction
+with each candidate's own variance; `fused_predict`: the prediction alone), and the
+backtests inside the visible curve that `confidence.assess` reads the task's error scale
+from (`fused_backtests`).
 
 Every function is a pure function of the visible data; `lensllm.lensllm` documents the
 method, and `benchmark.ablations` turns its choices on and off.
@@ -15,7 +18,15 @@ from lensllm_jax.data.curves import CurveTable
 from lensllm_jax.selection.base import visible_curves
 from lensllm_jax.selection.baselines import ats_first_point, line_fit
 
-__all__ = ["LENSLLM_ZERO_D", "fused_predict"]
+__all__ = [
+    "BACKTEST_FRACTIONS",
+    "LENSLLM_ZERO_D",
+    "Backtest",
+    "Fused",
+    "fused_backtests",
+    "fused_fit",
+    "fused_predict",
+]
 
 LENSLLM_ZERO_D = 0.0  # the zero-shot point: the law gives L(0) = B/F + E
 
@@ -138,13 +149,16 @@ def _calibration(
     return out[0], out[1]
 
 
-def _fay_herriot(est: np.ndarray, var: np.ndarray, covariates: np.ndarray) -> np.ndarray:
-    """Empirical-Bayes posterior means of θ_m under est_m ~ N(θ_m, var_m),
+def _fay_herriot(
+    est: np.ndarray, var: np.ndarray, covariates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical-Bayes posterior means and variances of θ_m under est_m ~ N(θ_m, var_m),
     θ_m ~ N(x_mᵀγ, τ²) (Fay-Herriot): γ by weighted least squares, τ² by iterated moments
-    (Σ r²/(n − p) − mean var, floored). Returns est unchanged when n <= p + 1. Cost O(n·p²)."""
+    (Σ r²/(n − p) − mean var, floored). Posterior variance var·τ²/(var + τ²) (γ treated as
+    known). Returns (est, var) unchanged when n <= p + 1. Cost O(n·p²)."""
     n, p = covariates.shape
     if n <= p + 1:
-        return est
+        return est, var
     tau2 = 0.0
     gamma = np.zeros(p)
     for _ in range(20):
@@ -153,10 +167,22 @@ def _fay_herriot(est: np.ndarray, var: np.ndarray, covariates: np.ndarray) -> np
         r = est - covariates @ gamma
         tau2 = max(float(np.sum(r**2) / (n - p) - np.mean(var)), 1e-12)
     prior_mean = covariates @ gamma
-    return (est / var + prior_mean / tau2) / (1 / var + 1 / tau2)
+    post = (est / var + prior_mean / tau2) / (1 / var + 1 / tau2)
+    return post, 1 / (1 / var + 1 / tau2)
 
 
-def fused_predict(
+class Fused(NamedTuple):
+    """LensLLM's prediction for every candidate, with its own uncertainty."""
+
+    pred: np.ndarray  # (M,) predicted L(target)
+    ok: np.ndarray  # (M,) usable
+    sizes: np.ndarray  # (S_b,) the visible sizes
+    log_var: np.ndarray  # (M,) Var of log L̂(target) from the candidate's own fused fit
+    slope: np.ndarray  # (M,) the pooled log-log slope θ̂ it extrapolates with
+    x_top: float  # log of the largest visible size
+
+
+def fused_fit(
     table: CurveTable,
     budget_size: float,
     target: float,
@@ -166,15 +192,22 @@ def fused_predict(
     calibrate: bool = True,
     trend: str = "size",
     details: dict[str, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Fused:
     """`lensllm.lensllm`'s log-space prediction with its choices exposed for the ablations in
     `benchmarks/lensllm_vs_ats.py`: `nu0` (pooling of residual variances), `centre` and
     `calibrate` (backtest calibration), `trend` ("size": pool slopes toward a trend in
     log(model size); "mean": toward the task mean; "none": no pooling).
-    Returns (predicted L(target) (M,), ok (M,), visible sizes). A `details` dict, if given,
-    receives (M,) arrays that redraw the prediction: the law's B, beta, E, F; d_top; the
-    fused level (log L at d_top), slope and slope_var; pooled_slope, so that
-    log L̂(D) = level + pooled_slope · (log D − log d_top)."""
+
+    The variance of log L̂(target) = ℓ + θ̂·Δx (Δx = log target − x_top) is that of the
+    fused line: Var ℓ + 2Δx·Cov(ℓ, θ̂) + Δx²·Var θ̂, with the law's and AtS's (calibrated)
+    covariances combined by the fusion weights (the two lines treated as independent) and
+    Var θ̂ the Fay-Herriot posterior variance. Cost O(M) on top of `_lines`.
+
+    A `details` dict, if given, receives (M,) arrays that redraw the prediction and its
+    variance at any D (dx = log D − log d_top): the law's B, beta, E, F; d_top; the fused
+    level (log L at d_top), slope and slope_var; pooled_slope; var_level, cov_level_slope
+    and var_pooled_slope, so that log L̂(D) = level + pooled_slope · dx and
+    Var log L̂(D) = var_level + 2·dx·cov_level_slope + dx²·var_pooled_slope."""
     sizes, _ = visible_curves(table, budget_size)
     lines = _lines(table, budget_size, nu0=nu0)
     k_law, k_ats = _calibration(table, budget_size, nu0, centre) if calibrate else (1.0, 1.0)
@@ -183,18 +216,25 @@ def fused_predict(
     with np.errstate(all="ignore"):
         vs_t, vs_a = cov_t[:, 1, 1], cov_a[:, 1, 1]
         vl_t, vl_a = cov_t[:, 0, 0], cov_a[:, 0, 0]
-        slope = (lines.law_slope / vs_t + lines.ats_slope / vs_a) / (1 / vs_t + 1 / vs_a)
+        ws_t, wl_t = vs_a / (vs_t + vs_a), vl_a / (vl_t + vl_a)  # inverse-variance weights
+        slope = ws_t * lines.law_slope + (1 - ws_t) * lines.ats_slope
+        level = wl_t * lines.law_level + (1 - wl_t) * lines.ats_level
         v_slope = 1 / (1 / vs_t + 1 / vs_a)
-        level = (lines.law_level / vl_t + lines.ats_level / vl_a) / (1 / vl_t + 1 / vl_a)
+        v_level = 1 / (1 / vl_t + 1 / vl_a)
+        c_ls = wl_t * ws_t * cov_t[:, 0, 1] + (1 - wl_t) * (1 - ws_t) * cov_a[:, 0, 1]
     ok = ok & np.isfinite(slope) & np.isfinite(level) & (v_slope > 0)
-    pooled = slope.copy()
+    pooled, v_pooled = slope.copy(), v_slope.copy()
     if ok.any() and trend != "none":
         cols = [np.ones(ok.sum())]
         if trend == "size":
             cols.append(np.log(np.asarray(table.n_params, np.float64)[ok]))
-        pooled[ok] = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
+        pooled[ok], v_pooled[ok] = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
+    dx = float(np.log(target)) - lines.x_top
     with np.errstate(all="ignore"):
-        pred = np.exp(level + pooled * (np.log(target) - lines.x_top))
+        pred = np.exp(level + pooled * dx)
+        shrink = np.where(v_slope > 0, v_pooled / v_slope, 1.0)  # (1 − B): the slope's share
+        log_var = v_level + 2 * dx * shrink * c_ls + dx * dx * v_pooled
+    ok = ok & np.isfinite(log_var) & (log_var > 0)
     if details is not None and lines.law_raw is not None:
         law = np.where(ok[:, None], np.exp(lines.law_raw), np.nan)
         details.update(zip(("B", "beta", "E", "F"), law.T, strict=True))
@@ -204,5 +244,57 @@ def fused_predict(
             slope=slope,
             slope_var=v_slope,
             pooled_slope=pooled,
+            var_level=v_level,
+            cov_level_slope=shrink * c_ls,
+            var_pooled_slope=v_pooled,
         )
-    return pred, ok, sizes
+    return Fused(pred, ok, sizes, np.where(ok, log_var, np.nan), pooled, lines.x_top)
+
+
+def fused_predict(
+    table: CurveTable, budget_size: float, target: float, **kw
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`fused_fit` as (predicted L(target) (M,), ok (M,), visible sizes)."""
+    f = fused_fit(table, budget_size, target, **kw)
+    return f.pred, f.ok, f.sizes
+
+
+# Pseudo-targets of the in-data backtests: the largest visible size D_top, D_top/2, D_top/4.
+BACKTEST_FRACTIONS = (1, 2, 4)
+
+
+class Backtest(NamedTuple):
+    """One backtest inside the visible curve: LensLLM fitted on sizes <= `budget`, judged at
+    a visible pseudo-target (log losses; NaN where the fit failed)."""
+
+    log_pred: np.ndarray  # (M,)
+    log_true: np.ndarray  # (M,)
+    log_var: np.ndarray  # (M,) the fused fit's own variance of log_pred
+    budget: float
+    target: float
+
+
+def fused_backtests(
+    table: CurveTable, budget_size: float, fractions: tuple[int, ...] = BACKTEST_FRACTIONS
+) -> list[Backtest]:
+    """Backtests on the visible data only: for each pseudo-target P = D_top / f (f in
+    `fractions`, P a visible size) and each visible budget b < P that leaves >= 3 sizes,
+    `fused_fit(table, b, P)` against the measured loss at P. Nothing above `budget_size` is
+    read. Cost: one `fused_fit` per (P, b), at most 3·(S_b − 3); the law fits are memoised
+    per budget, so about S_b − 3 batched fits."""
+    sizes, losses = visible_curves(table, budget_size)
+    out: list[Backtest] = []
+    for f in fractions:
+        hit = np.flatnonzero(np.isclose(sizes, sizes[-1] / f, rtol=1e-9, atol=0.0))
+        if not hit.size:
+            continue
+        p = float(sizes[hit[0]])
+        truth = np.log(losses[:, hit[0]])
+        for b in sizes[2:]:  # at least three sizes <= b
+            if b >= p * (1 - 1e-12):
+                break
+            fit = fused_fit(table, float(b), p)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pred = np.where(fit.ok, np.log(fit.pred), np.nan)
+            out.append(Backtest(pred, truth, fit.log_var, float(b), p))
+    return out

@@ -9,9 +9,11 @@ the predicted test loss L(target). Candidates are ranked by score, lower first; 
 fit ranks last with status "failed", and so do candidates whose curves could not be
 measured at all (`failed=`). For a calibrated method (`Method.calibrated`: LensLLM) each
 row also carries P(best), the probability that the candidate is truly the best at the
-target under the benchmark-calibrated error model of `confidence` (σ = c · log₂(target /
-largest size)), widened by the largest size's standard error when the table has
-``se_<size>`` columns.
+target under the error model of `confidence.assess` (the task's extrapolation error per
+doubling from the benchmark prior and backtests on the table's own curves, each
+candidate's own fit variance, and the largest size's standard error when the table has
+``se_<size>`` columns). A table in which no candidate's loss falls with D is marked "not
+falling" and carries no P(best).
 
 Cost: that of the methods (one batched fit for the law-based ones, O(M·S²) for AtS).
 """
@@ -22,13 +24,14 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from lensllm_jax.data.curves import CurveTable, check_budget
-from lensllm_jax.errors import LensLLMInputError
+from lensllm_jax.errors import CurveFitWarning, LensLLMInputError
 from lensllm_jax.selection.base import Selection
 from lensllm_jax.selection.registry import DEFAULT_METHODS, Method, resolve_methods
 
@@ -102,18 +105,33 @@ def rank_selection(
     table: CurveTable, method: Method, sel: Selection, target: float
 ) -> list[RankRow]:
     """Rows for one method's `Selection` (lower first, NaN = failed, last); P(best) when the
-    method is calibrated (`confidence.confidence`, widened by the table's standard errors
-    of its largest size when it has them). Cost O(M log M), O(G·M) for P(best)."""
-    from lensllm_jax.selection.confidence import confidence
+    method is calibrated (`confidence.assess`: the task's scale from the benchmark prior and
+    the table's own backtests, each candidate's own fit variance, the table's standard
+    errors of its largest size when it has them). When no candidate's loss falls with D
+    (`confidence.curve_falls`), every usable row has status "not falling", no P(best), and a
+    `CurveFitWarning` says so. Cost O(M log M), plus `assess` for a calibrated method."""
+    from lensllm_jax.selection.confidence import assess, curve_falls
 
     scores = np.asarray(sel.scores, np.float64)
     largest = float(table.sizes[-1])
+    status = list(sel.status)
+    if not curve_falls(table, largest).any():
+        status = ["not falling" if s == "ok" else s for s in status]
+        warnings.warn(
+            f"{method.name}: no candidate's loss falls with the data size (every curve "
+            "rising or flat), so no scaling law applies; the order is not a prediction and "
+            "carries no P(best)",
+            CurveFitWarning,
+            stacklevel=3,
+        )
     p_best = np.full(scores.shape, np.nan)
+    details = sel.details
     if method.calibrated:
-        noise = None  # the largest size's relative standard error, when the table has them
-        if table.loss_se is not None:
-            noise = np.asarray(table.loss_se, np.float64)[:, -1] / table.losses[:, -1]
-        p_best = confidence(scores, largest, float(target), measurement_sd=noise).p_best
+        conf = assess(table, float(target), scores)
+        p_best = conf.p_best
+        # what P(best) used: σ_m at the target and the task's error per doubling c
+        spread = {"sigma": conf.sigmas, "per_doubling": np.full(scores.shape, conf.per_doubling)}
+        details = {**(details or {}), **spread}
     order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
     return [
         RankRow(
@@ -121,9 +139,9 @@ def rank_selection(
             place,
             table.models[i],
             float(scores[i]),
-            sel.status[i],
+            status[i],
             float(p_best[i]),
-            _row_details(sel.details, i),
+            _row_details(details, i),
         )
         for place, i in enumerate(order, start=1)
     ]
