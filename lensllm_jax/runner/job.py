@@ -469,5 +469,5 @@ def _write_plots(result: RunResult, folder: Path, log: Log) -> list[Path]:
         warnings.warn(f"no plots: {err}", stacklevel=3)
         return []
     written = write_run_plots(result, folder)
-    log(f"plots: {', '.join(str(w) for w in written)}")
+    log(f"plots in {folder}: {', '.join(w.name for w in written)}")
     return written
