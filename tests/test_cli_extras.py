@@ -190,3 +190,18 @@ def test_a_mistyped_gguf_path_is_a_missing_file_not_a_repo_id(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lensllm: error: SmolLM2.gguf: no such file or folder")
     assert "Hugging Face cache" not in err
+
+
+def test_one_or_many_in_words():
+    """'1 candidate' / '2 candidates'; one credible candidate 'is the best', several 'hold'."""
+    from lensllm_jax.runner.job import _plural
+    from lensllm_jax.selection.ranking import RankRow, credible_set_text
+
+    assert [_plural(n, "candidate") for n in (1, 2)] == ["1 candidate", "2 candidates"]
+    one = [RankRow("LensLLM", 1, "a", 1.0, "ok", 0.95), RankRow("LensLLM", 2, "b", 1.1, "ok", 0.05)]
+    assert credible_set_text(one) == "a is the best with probability >= 0.9"
+    p_best = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05}
+    three = [
+        RankRow("LensLLM", k + 1, n, 1.0 + k, "ok", p) for k, (n, p) in enumerate(p_best.items())
+    ]
+    assert credible_set_text(three) == "a, b and c hold the best with probability >= 0.9"
