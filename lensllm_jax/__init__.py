@@ -12,8 +12,9 @@ files -> curves/kernels -> fits -> ranking -> report.
 The public API is re-exported here by name; the subpackages are the rooms: `core` (pure
 JAX: laws, fit, ntk, hessian), `models` (the Flax zoo and its loaders), `data` (curve
 tables, spectra, task text), `selection` (the methods, one ranking path, how sure),
-`runner` (the `lensllm run` job), `benchmark` (Lin et al.'s protocol and data), `plots`
-(pictures of rankings and runs; the ``plot`` extra), `cli`.
+`runner` (the `lensllm run` job), `parallel` (device meshes and sharded programs),
+`benchmark` (Lin et al.'s protocol and data), `plots` (pictures of rankings and runs; the
+``plot`` extra), `cli`.
 Names load on first use, so ``import lensllm_jax`` stays light (no jax until needed).
 """
 
@@ -67,6 +68,7 @@ _SUBPACKAGES = (
     "data",
     "errors",
     "models",
+    "parallel",
     "plots",
     "runner",
     "selection",
@@ -101,6 +103,7 @@ __all__ = [
     "loss_gradient_kernel",
     "models",
     "ntk_test_loss",
+    "parallel",
     "plots",
     "predict",
     "rank",
@@ -114,7 +117,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time, __getattr__ below
-    from lensllm_jax import benchmark, cli, core, data, errors, models, plots, runner, selection
+    from lensllm_jax import (
+        benchmark,
+        cli,
+        core,
+        data,
+        errors,
+        models,
+        parallel,
+        plots,
+        runner,
+        selection,
+    )
     from lensllm_jax.core.fit import FitResult, FitStatus, fit_law
     from lensllm_jax.core.hessian import hessian_distance, hutchinson_trace
     from lensllm_jax.core.laws import predict

@@ -6,10 +6,14 @@
                    [--format table|csv|json] [--out FILE]
     lensllm run --models PATH [PATH ...] --data FILE [--sizes N ...] [--target N]
                 [--out-dir DIR] [fine-tuning, NTK and output options]
+                [--mesh data=D,fsdp=F] [--distributed [--coordinator HOST:PORT
+                --num-processes N --process-id I]]
+    lensllm plan MODEL [MODEL ...] [--devices N] [--device-memory BYTES] [--compile]
     lensllm env
 
 ``select --plot FILE``, ``env``, the progress display of ``run`` and the --help epilogs
-(examples, exit codes, environment variables) live in `cli.extras`.
+(examples, exit codes, environment variables) live in `cli.extras`; ``plan``, ``--mesh``
+and ``--distributed`` in `cli.scale`.
 
 Exit codes: 0 success; 2 bad input (one ``lensllm: error: ...`` line on stderr, no
 traceback, `--out` untouched); 130 interrupted. Warnings (curves that could not be
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lensllm_jax.cli.extras as extras
+import lensllm_jax.cli.scale as scale
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
@@ -122,6 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
     extras.add_plot_argument(sel)
     sel.set_defaults(handler=_cmd_select)
     _add_run_parser(sub)
+    scale.add_plan_parser(sub)
     extras.add_env_parser(sub)
     return parser
 
@@ -215,6 +221,7 @@ def _add_run_parser(sub: Any) -> None:
         "--no-plots", action="store_true", help="do not draw the pictures in <out-dir>/plots"
     )
     _add_method_and_output_args(run, default="LensLLM, plus LensLLM-NTK")
+    scale.add_run_switches(run)
     run.set_defaults(handler=_cmd_run)
 
 
@@ -362,27 +369,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = finetune.FinetuneConfig(**{k: v for k, v in recipe.items() if v is not None})
     data = Path(args.data)
     out_dir = Path(args.out_dir) if args.out_dir else Path(f"lensllm-run-{data.stem}")
+    many = scale.run_switches(args)
     _enable_jit_cache()
-    result = _with_warnings_reported(
-        lambda: job.run(
-            args.models,
-            data,
-            sizes=args.sizes,
-            target=args.target,
-            out_dir=out_dir,
-            config=config,
-            test_size=args.test_size,
-            probe_size=args.probe_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            methods=args.methods,
-            ntk=not args.no_ntk,
-            ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
-            hessian_probes=args.hessian,
-            progress=extras.progress_for(args.quiet),
-            plots=not args.no_plots,
+
+    with scale.native_stdout_to_stderr(many["distributed"] is not False):
+        result = _with_warnings_reported(
+            lambda: job.run(
+                args.models,
+                data,
+                sizes=args.sizes,
+                target=args.target,
+                out_dir=out_dir,
+                config=config,
+                test_size=args.test_size,
+                probe_size=args.probe_size,
+                max_length=args.max_length,
+                seed=args.seed,
+                methods=args.methods,
+                ntk=not args.no_ntk,
+                ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
+                hessian_probes=args.hessian,
+                progress=extras.progress_for(args.quiet),
+                plots=not args.no_plots,
+                **many,
+            )
         )
-    )
+    from lensllm_jax.runner.distributed import is_writer
+
+    if not is_writer():
+        return 0  # process 0 alone prints and writes
     if args.format == "csv":
         return _emit(rank.rows_to_csv(result.rows), out)
     if args.format == "json":

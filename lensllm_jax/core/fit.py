@@ -351,11 +351,14 @@ def _fit(
     shared: Sequence[str] = (),
     groups: Any = None,
     solve_rows: RowSolver | None = None,
+    solve_batch: Callable[..., Any] | None = None,
 ) -> FitResult:
     """`fit_law` with every knob: the public function's engine, and the research variants'
     (`benchmark.ablations.fit_law_ablation` documents the extra arguments). `shared` names
     parameters held out of the free set and chosen by `solve_rows(run, law, fixed_raw,
-    log_d, log_l, mask, aux, prior, groups)` (a profile over a grid, say)."""
+    log_d, log_l, mask, aux, prior, groups)` (a profile over a grid, say). `solve_batch`
+    replaces the compiled multi-start solve (`_solve_batch`, same arguments): the hook
+    through which `lensllm_jax.parallel.fit_law` spreads the candidates over devices."""
     law = get_law(law)
     d2 = _as_2d("d", d)
     l2 = _as_2d("loss_values", loss_values)
@@ -438,6 +441,7 @@ def _fit(
             max_steps=max_steps,
             explore_steps=explore_steps,
             num_polish=num_polish,
+            solve_batch=solve_batch or _solve_batch,
         )
         if shared and solve_rows is not None:
             x, cost, conv, resid = solve_rows(
@@ -493,10 +497,12 @@ _starts_batch = jax.jit(
 )
 
 
-def _run(law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, prior, **static):
+def _run(
+    law_name, key, num_starts, fixed_raw, log_d, log_l, mask, aux, prior, solve_batch, **static
+):
     log_d, log_l, mask = jnp.asarray(log_d), jnp.asarray(log_l), jnp.asarray(mask)
     x0 = _starts_batch(law_name, log_d, log_l, mask, key, num_starts, aux, jnp.asarray(fixed_raw))
-    out = _solve_batch(
+    out = solve_batch(
         law_name,
         x0,
         jnp.asarray(static.pop("free")),

@@ -51,6 +51,7 @@ __all__ = [
     "TraceEstimate",
     "gaussian",
     "hessian_distance",
+    "hutchinson_samples",
     "hutchinson_trace",
     "hutchpp_trace",
     "hvp",
@@ -397,6 +398,28 @@ def hutchinson_trace(
         {g: v[1] for g, v in per_group.items()},
         total,
     )
+
+
+def hutchinson_samples(
+    loss_fn: LossFn,
+    params: PyTree,
+    keys: jax.Array,
+    *,
+    sampler: str | Callable[[jax.Array, PyTree], PyTree] = "rademacher",
+    group_by: GroupBy = "leaf",
+    stacked: str | None = None,
+    batch_size: int | None = None,
+    linearize: bool = True,
+    batch: PyTree | None = None,
+) -> dict[str, jax.Array]:
+    """Per-probe Hutchinson integrands z_kᵀ (H z)_g for explicit probe keys (K,): a dict
+    group -> (K,), the samples `hutchinson_trace` averages (its probes are
+    `jax.random.split(key, num_probes)`). Jittable; a hook for `lensllm_jax.parallel`,
+    which spreads the keys over devices. Cost: K HVPs (as `hutchinson_trace`)."""
+    grouping = _grouping(params, group_by, stacked)
+    draw = _sampler(sampler, None)
+    run = _hutchinson_program(loss_fn, draw, _grouping_key(grouping), linearize, batch_size)
+    return run(params, batch, keys)
 
 
 def hutchpp_trace(

@@ -148,6 +148,7 @@ def load(
     remat: bool = False,
     allow_pickle: bool = False,
     revision: str | None = None,
+    mesh: Any = None,
 ) -> CausalLM:
     """Load a causal LM for JAX.
 
@@ -156,12 +157,21 @@ def load(
     local Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub).
     dtype: parameter (and compute) dtype, jnp.float32 or jnp.bfloat16.
     Raises `ModelLoadError` (a ValueError) with one line naming the file and tensor at fault.
-    Cost: reads every tensor once; peak host memory ≈ 2× the f32 model.
+    mesh: a `jax.sharding.Mesh` (`lensllm_jax.parallel.make_mesh`): each tensor goes straight
+    to its shards as it is read (`parallel.loading`; the sharding rules of `parallel.rules`),
+    so no device holds the whole model and the host holds one tensor at a time.
+    Cost: reads every tensor once; peak host memory ≈ 2× the f32 model (one layer's tensor
+    with a mesh).
     """
     info = inspect(path, allow_pickle=allow_pickle, revision=revision)
+    place = None
+    if mesh is not None:
+        from lensllm_jax.parallel.loading import placer
+
+        place = placer(mesh)
     if info.location.suffix == ".gguf":
-        return _load_gguf(info, dtype, scan_layers, remat)
-    return _load_hf_dir(info, dtype, scan_layers, remat, allow_pickle)
+        return _load_gguf(info, dtype, scan_layers, remat, place)
+    return _load_hf_dir(info, dtype, scan_layers, remat, allow_pickle, place)
 
 
 def hf_cache_dir() -> Path:
@@ -220,10 +230,10 @@ def _hf_config(d: Path) -> LMConfig:
     return config_from_hf(raw, where=str(cfg_path))
 
 
-def _load_hf_dir(info: ModelInfo, dtype, scan_layers, remat, allow_pickle) -> CausalLM:
+def _load_hf_dir(info: ModelInfo, dtype, scan_layers, remat, allow_pickle, place) -> CausalLM:
     d, cfg = info.location, info.config
     refs = _hf_refs(d, allow_pickle)
-    params = build_params(cfg, family_module(cfg), refs, dtype=dtype, where=str(d))
+    params = build_params(cfg, family_module(cfg), refs, dtype=dtype, where=str(d), place=place)
     return CausalLM(
         cfg, params, _make_apply(cfg, scan_layers, remat), str(d), info.tokenizer_loader
     )
@@ -272,14 +282,21 @@ def _gguf_tokenizer(p: Path, reader: Any) -> Callable[[], Any] | None:
     return load_tok
 
 
-def _load_gguf(info: ModelInfo, dtype, scan_layers, remat) -> CausalLM:
+def _load_gguf(info: ModelInfo, dtype, scan_layers, remat, place) -> CausalLM:
     from . import llama
     from .gguf_file import gguf_name, gguf_refs, open_gguf
 
     p, cfg = info.location, info.config
     refs, transforms = gguf_refs(open_gguf(p), p, cfg)
     params = build_params(
-        cfg, llama, refs, dtype=dtype, where=str(p), transforms=transforms, display=gguf_name
+        cfg,
+        llama,
+        refs,
+        dtype=dtype,
+        where=str(p),
+        transforms=transforms,
+        display=gguf_name,
+        place=place,
     )
     return CausalLM(
         cfg, params, _make_apply(cfg, scan_layers, remat), str(p), info.tokenizer_loader

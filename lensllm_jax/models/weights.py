@@ -12,6 +12,7 @@ that bf16 works without torch and a truncated file is reported with the tensor t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -35,6 +36,12 @@ __all__ = [
     "hf_leaf_name",
     "read_safetensors_index",
     "safetensors_refs",
+]
+
+
+# (leaf path, leaf shape, one reader per tensor, stacked per layer?, dtype) -> the leaf
+Placer = Callable[
+    [tuple[str, ...], tuple[int, ...], list[Callable[[], np.ndarray]], bool, Any], Any
 ]
 
 
@@ -208,11 +215,16 @@ def build_params(
     where: str,
     transforms: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     display: Callable[[str], str] | None = None,
+    place: Placer | None = None,
 ) -> dict:
     """Assemble the params pytree from canonical-named refs (see module docstring).
 
     `transforms` maps a canonical name to a function applied after reading (GGUF un-permute);
     `display` turns a canonical name into the file's own naming for error messages.
+    `place(path, shape, readers, per_layer, dtype)`, if given, makes each leaf from its
+    readers (one per layer for stacked leaves; each returns that tensor as checked float32
+    host data) instead of stacking them on the host: the hook through which
+    `lensllm_jax.parallel.loading` puts every tensor straight onto its shards.
     Cost: one read of every tensor, O(N_params) memory in host RAM plus the device copy.
     """
     refs = canonical_refs(refs, family.HF_PREFIXES)
@@ -264,13 +276,17 @@ def build_params(
         return a.T if transpose else a
 
     params: dict = {}
-    for path, per_layer, _, tpl, transpose in expected:
-        if per_layer:
-            arr = np.stack([read(tpl.format(i=i), transpose) for i in range(cfg.num_layers)])
+    for path, per_layer, shape, tpl, transpose in expected:
+        names = [tpl.format(i=i) for i in range(cfg.num_layers)] if per_layer else [tpl]
+        readers = [functools.partial(read, n, transpose) for n in names]
+        if place is not None:
+            value = place(path, shape, readers, per_layer, dtype)
+        elif per_layer:
+            value = jnp.asarray(np.stack([r() for r in readers]), dtype=dtype)
         else:
-            arr = read(tpl, transpose)
+            value = jnp.asarray(readers[0](), dtype=dtype)
         node = params
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = jnp.asarray(arr, dtype=dtype)
+        node[path[-1]] = value
     return params

@@ -227,14 +227,16 @@ def _mean_nll(apply: ApplyFn, params: Any, tokens, loss_mask, attention_mask):
     return total / jnp.maximum(count, 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
-def _train_step(apply, spec, params, opt_state, tokens, loss_mask, attention_mask, lr):
+def _step(apply, spec, params, opt_state, tokens, loss_mask, attention_mask, lr):
     loss, grads = jax.value_and_grad(_mean_nll, argnums=1)(
         apply, params, tokens, loss_mask, attention_mask
     )
     updates, opt_state = _transform(spec).update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
     return params, opt_state, loss
+
+
+_train_step = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(2, 3))
 
 
 def _example_nll(apply: ApplyFn, params: Any, tokens, loss_mask, attention_mask):
@@ -246,13 +248,32 @@ def _example_nll(apply: ApplyFn, params: Any, tokens, loss_mask, attention_mask)
 _eval_sums = jax.jit(_example_nll, static_argnums=0)
 
 
-def make_train_step(apply: ApplyFn, config: FinetuneConfig):
+# --- hooks for `lensllm_jax.parallel` (sharded programs): the pure functions it compiles with
+# explicit shardings, and the `mesh=` switches below. Keep them when the kernels change.
+def train_step_fn(apply: ApplyFn, config: FinetuneConfig) -> Callable[..., Any]:
+    """The pure, unjitted step that `make_train_step` compiles:
+    (params, opt_state, tokens, loss_mask, attention_mask, lr) -> (params, opt_state, loss)."""
+    return functools.partial(_step, apply, _transform_spec(config))
+
+
+def example_nll_fn(apply: ApplyFn) -> Callable[..., Any]:
+    """The pure per-example NLL sums that `evaluate` compiles:
+    (params, tokens, loss_mask, attention_mask) -> (B,)."""
+    return functools.partial(_example_nll, apply)
+
+
+def make_train_step(apply: ApplyFn, config: FinetuneConfig, *, mesh: Any = None):
     """(init, step) of the recipe: `opt_state = init(params)`;
     `params, opt_state, loss = step(params, opt_state, batch, lr)` with batch a dict of (B, T)
     arrays (tokens, loss_mask, attention_mask) and lr a float. params/opt_state are donated.
+    With a `mesh` (`lensllm_jax.parallel`), the step is its FSDP + data-parallel program.
 
     Cost of a step: ≈ 6·P·B·T FLOPs; compiled once per (params structure, B, T).
     """
+    if mesh is not None:
+        from lensllm_jax.parallel.programs import sharded_train_step
+
+        return sharded_train_step(apply, config, mesh)
     spec = _transform_spec(config)
 
     def init(params: Any) -> Any:
@@ -299,14 +320,17 @@ def _ratio_se(num: np.ndarray, den: np.ndarray) -> float:
     return float(np.sqrt(np.sum((num - r * den) ** 2) / (n * (n - 1))) / den.mean())
 
 
-def evaluate(apply: ApplyFn, params: Any, data: TokenData, *, batch_size: int = 16) -> EvalResult:
+def evaluate(
+    apply: ApplyFn, params: Any, data: TokenData, *, batch_size: int = 16, mesh: Any = None
+) -> EvalResult:
     """Mean NLL of `params` on all target tokens of `data`, and its standard error.
 
     nats_per_token = Σ_i Σ_t m_it·(−log p(x_it | x_i,<t)) / Σ m;  nats_per_byte = same sum /
     Σ_i target_bytes_i. The standard errors treat the N examples as a sample from the task:
     for R = Σ s_i / Σ d_i, se = sqrt(Σ (s_i − R d_i)² / (N (N − 1))) / mean(d) (delta method).
     Batches have a fixed shape (min(batch_size, N), T); the last one is padded with zero-mask
-    rows. Per-example sums in f32 on device, accumulated in f64 on host.
+    rows. Per-example sums in f32 on device, accumulated in f64 on host. With a `mesh`, each
+    batch runs as `lensllm_jax.parallel`'s sharded program.
     Cost: N/B forward passes, ≈ 2·P·N·T FLOPs.
     """
     n = data.num_examples
@@ -315,10 +339,15 @@ def evaluate(apply: ApplyFn, params: Any, data: TokenData, *, batch_size: int = 
     bs = min(int(batch_size), n)
     order = np.arange(-(-n // bs) * bs)
     order[order >= n] = -1
+    sums_fn = functools.partial(_eval_sums, apply)
+    if mesh is not None:
+        from lensllm_jax.parallel.programs import sharded_eval_sums
+
+        sums_fn = sharded_eval_sums(apply, mesh)
     sums = []
     for idx in order.reshape(-1, bs):
         b = _padded_batch(data, idx)
-        sums.append(_eval_sums(apply, params, b["tokens"], b["loss_mask"], b["attention_mask"]))
+        sums.append(sums_fn(params, b["tokens"], b["loss_mask"], b["attention_mask"]))
     nll = np.asarray(jax.device_get(sums), np.float64).reshape(-1)[:n]
     tokens = np.asarray(data.loss_mask, np.float64)[:, 1:].sum(axis=1)
     nbytes = np.asarray(data.target_bytes, np.float64)
@@ -350,6 +379,7 @@ def finetune(
     *,
     seed: int,
     on_step: Callable[[int], None] | None = None,
+    mesh: Any = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `params` on `train` with the recipe `config`.
 
@@ -362,7 +392,8 @@ def finetune(
     every n steps finished, at each of those checks (progress).
 
     Cost: N steps of ≈ 6·P·B·T FLOPs; memory ≈ 2·P (input + working params) + 2·P Adam
-    moments + one batch's activations. Deterministic given `seed`.
+    moments + one batch's activations. Deterministic given `seed`. With a `mesh`, the steps
+    run sharded (`make_train_step`) and those memory terms divide by the fsdp axis size.
     """
     check_config(config)
     n = train.num_examples
@@ -371,7 +402,7 @@ def finetune(
     num_steps = num_train_steps(n, config)
     lrs = learning_rates(config, num_steps)
     order = _batch_order(n, int(config.batch_size), num_steps, seed)
-    init, step = make_train_step(apply, config)
+    init, step = make_train_step(apply, config, mesh=mesh)
     # A private copy: the step donates its params buffers and the caller keeps the pretrained.
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     opt_state = init(params)
@@ -433,6 +464,7 @@ def loss_curve(
     on_point: Callable[[int, float, str, int], None] | None = None,
     on_params: Callable[[int, Any], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    mesh: Any = None,
 ) -> LossCurve:
     """Test loss of `params` fine-tuned on nested subsets of `pool` of each size.
 
@@ -446,6 +478,8 @@ def loss_curve(
     on_params(size, fine_tuned_params), if given, after each size that did not diverge (to
     measure the fine-tuned model, e.g. its Hessian, before its buffers are freed);
     on_step(n) as in `finetune`.
+    mesh: a `jax.sharding.Mesh` (`lensllm_jax.parallel.make_mesh`) to run every step and
+    evaluation sharded on (params placed by `parallel.shard_params`); None: one device.
 
     Raises LensLLMInputError for sizes that are not positive integers, not strictly increasing
     or larger than the pool, and for an unknown loss_unit.
@@ -458,15 +492,15 @@ def loss_curve(
     check_config(config)
     sizes_arr = _check_sizes(sizes, pool.num_examples)
     ebs = int(config.eval_batch_size)
-    zero = evaluate(apply, params, test, batch_size=ebs)
+    zero = evaluate(apply, params, test, batch_size=ebs, mesh=mesh)
     index = np.arange(pool.num_examples)
     losses, ses, steps, status = [], [], [], []
     for size in sizes_arr:
         sub = nested_subset(index, int(size), seed=seed)
-        res = finetune(apply, params, pool.take(sub), config, seed=seed, on_step=on_step)
+        res = finetune(apply, params, pool.take(sub), config, seed=seed, on_step=on_step, mesh=mesh)
         loss = se = float("nan")
         if res.status == "ok":
-            ev = evaluate(apply, res.params, test, batch_size=ebs)
+            ev = evaluate(apply, res.params, test, batch_size=ebs, mesh=mesh)
             loss, se = getattr(ev, loss_unit), getattr(ev, f"{loss_unit}_se")
         ok = res.status == "ok" and math.isfinite(loss)
         losses.append(loss if ok else float("nan"))

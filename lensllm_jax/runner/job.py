@@ -35,10 +35,19 @@ Output folder::
 A rerun with another --target re-ranks without fine-tuning and never overwrites the first
 target's ranking: its files are ranking_target-<N>.csv, report_target-<N>.json and
 plots_target-<N>/ (`output_names`).
+
+Many devices (`lensllm_jax.parallel`): with `mesh=` (or more than one device), every
+candidate is loaded straight into its shards and fine-tuned, evaluated and measured by the
+sharded programs on a ("data", "fsdp") mesh. With `distributed=`, several processes (hosts)
+run this same job on JAX's distributed runtime (`runner.distributed`): all compute, process
+0 alone writes the output folder and logs; which candidates an earlier run finished is
+process 0's reading of the folder, broadcast to the others, so a resume works across
+processes whether or not they share a filesystem.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -50,6 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import lensllm_jax.runner.checks as checks
+import lensllm_jax.runner.distributed as dist
 import lensllm_jax.runner.store as store
 from lensllm_jax.data._files import write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
@@ -110,6 +120,8 @@ def run(
     log: Log | None = None,
     progress: Progress | None = None,
     plots: bool = True,
+    mesh: Any = None,
+    distributed: bool | dist.Cluster = False,
 ) -> RunResult:
     """Fine-tune every candidate on nested subsets, measure its NTK features, rank them.
 
@@ -128,39 +140,75 @@ def run(
         False.
       ntk_chunk: probe examples per Jacobian chunk ("auto": fit a memory budget, see
         `core.ntk.auto_chunk_size`). hessian_probes: 0 = no Hessian trace.
-      log: called with one progress line per step (e.g. print to stderr); the lines carry
-        the share of fine-tuning steps done and the time left once steps are timed.
+      log: called with one progress line per step (e.g. print to stderr), in process 0 only;
+        the lines carry the share of fine-tuning steps done and the time left once steps
+        are timed.
       progress: a `runner.progress.Progress` instead of `log` (e.g. `RichProgress`, a
         terminal bar); before any work it is given an estimate of the cost.
       plots: write the pictures into the folder's plots/ (`plots.write_run_plots`) when
         matplotlib is installed (without it: a warning, no plots).
+      mesh: the device layout, "data=2,fsdp=4" (`parallel.make_mesh`) or a Mesh; None: one
+        device when there is one, else the smallest fsdp size whose per-device memory fits
+        (`parallel.plan.auto_layout`). Results equal the one-device run to f32 round-off.
+      distributed: True to start JAX's distributed runtime with the cluster JAX detects,
+        or a `runner.distributed.Cluster` (coordinator, number of processes, process id);
+        every process calls `run` alike, and only process 0 writes `out_dir`.
 
     Raises `LensLLMInputError` (one line, nothing written) for any bad input, before any
     fine-tuning. Cost: see `run.measure`.
     """
+    if distributed is not False:
+        dist.initialize(distributed if isinstance(distributed, dist.Cluster) else dist.Cluster())
+    writer = dist.is_writer()
+    if not writer:  # the other processes compute in silence
+        log, progress = None, Progress()
     if progress is None:
         progress = Progress() if log is None else LineProgress(log)
-    p = plan(
-        models,
-        data,
-        sizes=sizes,
-        target=target,
-        out_dir=out_dir,
-        config=config,
-        test_size=test_size,
-        probe_size=probe_size,
-        max_length=max_length,
-        seed=seed,
-        methods=methods,
-        ntk=ntk,
-        ntk_chunk=ntk_chunk,
-        hessian_probes=hessian_probes,
+    p = dist.agree(
+        lambda: plan(
+            models,
+            data,
+            sizes=sizes,
+            target=target,
+            out_dir=out_dir,
+            config=config,
+            test_size=test_size,
+            probe_size=probe_size,
+            max_length=max_length,
+            seed=seed,
+            methods=methods,
+            ntk=ntk,
+            ntk_chunk=ntk_chunk,
+            hessian_probes=hessian_probes,
+            check_out=writer,
+        )
     )
+    layout = dist.agree(lambda: _layout(p, mesh))
     try:
-        results, resumed = _measure_all(p, progress)
+        results, resumed = _measure_all(p, progress, layout)
     finally:
         progress.close()
-    return _rank_and_report(p, results, resumed, progress.log, plots)
+    return _rank_and_report(p, results, resumed, progress.log, plots, write=writer)
+
+
+def _layout(p: RunPlan, mesh: Any) -> Any:
+    """The Mesh the candidates run on, or None for the one-device programs."""
+    import jax
+
+    if mesh is None and jax.device_count() == 1:
+        return None
+    from lensllm_jax import parallel
+
+    if mesh is None:
+        mesh = parallel.plan.auto_layout(
+            [c.location for c in p.candidates],
+            jax.device_count(),
+            batch_size=int(p.config.batch_size),
+            max_length=int(p.settings["max_length"]),
+            probe_size=len(p.split.probe) if p.ntk else 0,
+            hessian_probes=p.hessian_probes,
+        )
+    return parallel.make_mesh(mesh)
 
 
 def plan(
@@ -179,8 +227,10 @@ def plan(
     ntk: bool,
     ntk_chunk: int | str | None,
     hessian_probes: int,
+    check_out: bool = True,
 ) -> RunPlan:
     """Check every input of `run` (arguments as there) and prepare the work; writes nothing.
+    `check_out=False` skips the output folder's checks (a process that will not write).
 
     Raises `LensLLMInputError` (one line) for the first problem found. Cost: reading the
     data file, one config and one tokenizer per candidate, tokenizing the examples.
@@ -206,7 +256,8 @@ def plan(
     config = finetune.FinetuneConfig() if config is None else config
     finetune.check_config(config)  # a bad recipe fails now, not after the first load
     out = Path(out_dir)
-    checks.check_out_dir(out)
+    if check_out:
+        checks.check_out_dir(out)
 
     data_path = Path(data)
     examples = text.read_examples(data_path)
@@ -277,16 +328,43 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _measure_all(p: RunPlan, progress: Progress) -> tuple[list[CandidateResult], list[str]]:
+def _saved(p: RunPlan, writer: bool) -> list[CandidateResult | None]:
+    """What an earlier run saved of each candidate (read by the writer, shared with every
+    process), None where it must be measured."""
+    saved: list[CandidateResult | None] = []
+    for i, cand in enumerate(p.candidates):
+        res = store.load_result(store.result_path(p.out, i, cand.name)) if writer else None
+        ok = res is not None and res.name == cand.name and res.path == cand.location
+        saved.append(res if ok else None)
+    if dist.process_count() == 1:
+        return saved
+    done = dist.broadcast_flags(np.asarray([r is not None for r in saved]))
+    shared: list[CandidateResult | None] = []
+    for res, is_done in zip(saved, done, strict=True):
+        if not is_done:
+            shared.append(None)
+            continue
+        data = dist.broadcast_bytes(dist.npz_bytes(res.to_arrays()) if res is not None else None)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            shared.append(CandidateResult.from_arrays({k: z[k] for k in z.files}))
+    return shared
+
+
+def _measure_all(
+    p: RunPlan, progress: Progress, mesh: Any = None
+) -> tuple[list[CandidateResult], list[str]]:
     """Every candidate's results, read back when an earlier run saved them, else measured
     and saved. Writes the manifest first (or checks it against the earlier run's); prices
-    the work still to do (`progress.estimate`) before starting it."""
+    the work still to do (`progress.estimate`) before starting it. Only the writer
+    (process 0) touches the folder; the other processes get its reading."""
     from lensllm_jax.runner.finetune import num_train_steps
     from lensllm_jax.runner.measure import measure_candidate
 
-    resuming = store.check_manifest(p.out, p.settings)
-    (p.out / "candidates").mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    writer = dist.is_writer()
+    resuming = dist.agree(lambda: writer and store.check_manifest(p.out, p.settings))
+    if writer:
+        (p.out / "candidates").mkdir(parents=True, exist_ok=True)
+    if writer and not resuming:
         text = json.dumps(p.settings, indent=1, sort_keys=True) + "\n"
         write_atomic(p.out / checks.MANIFEST, text)
     log = progress.log
@@ -296,11 +374,7 @@ def _measure_all(p: RunPlan, progress: Progress) -> tuple[list[CandidateResult],
         f"{len(p.split.probe)}; sizes {list(p.sizes)}; target {p.target:g}"
         + ("; resuming" if resuming else "")
     )
-    saved = []
-    for i, cand in enumerate(p.candidates):
-        res = store.load_result(store.result_path(p.out, i, cand.name))
-        fresh = res is not None and res.name == cand.name and res.path == cand.location
-        saved.append(res if fresh else None)
+    saved = _saved(p, writer)
     todo = [i for i, res in enumerate(saved) if res is None]
     per_candidate = sum(num_train_steps(d, p.config) for d in p.sizes)
     if todo and not progress.quiet:
@@ -335,9 +409,11 @@ def _measure_all(p: RunPlan, progress: Progress) -> tuple[list[CandidateResult],
                 log=log,
                 prefix=prefix,
                 on_step=on_step,
+                mesh=mesh,
             )
             progress.advance(max(per_candidate - done[0], 0))  # steps a divergence skipped
-            store.save_result(path, res)
+            if writer:
+                store.save_result(path, res)
             log(f"{prefix}: done in {res.seconds:.1f} s")
         results.append(res)
     return results, resumed
@@ -391,11 +467,17 @@ def output_names(out: Path, target: float) -> OutputNames:
 
 
 def _rank_and_report(
-    p: RunPlan, results: list[CandidateResult], resumed: list[str], log: Log, plots: bool
+    p: RunPlan,
+    results: list[CandidateResult],
+    resumed: list[str],
+    log: Log,
+    plots: bool,
+    *,
+    write: bool = True,
 ) -> RunResult:
     """The curve table of the complete candidates (with their spectra), every method's
     ranking (diverged candidates last), and the files of the output folder (named by
-    `output_names`)."""
+    `output_names`; only when `write`)."""
     from lensllm_jax.core.ntk import NTKFeatures
     from lensllm_jax.runner.report import report_json
     from lensllm_jax.selection.ranking import rank, rows_to_csv
@@ -429,22 +511,25 @@ def _rank_and_report(
         loss_se=np.stack([r.loss_se for r in complete]),
         ntk=stack_spectra(models, spectra) if p.ntk else None,
     )
-    write_curve_table(table, p.out / "curves.csv")
-    if p.ntk:
-        write_spectra(p.out / "ntk_features.csv", spectra)
+    if write:
+        write_curve_table(table, p.out / "curves.csv")
+        if p.ntk:
+            write_spectra(p.out / "ntk_features.csv", spectra)
     rows = rank(table, p.target, p.methods, failed=incomplete)
-    names = output_names(p.out, p.target)
-    if names.previous_target is not None:
-        log(
-            f"report.json holds the ranking for target {names.previous_target:g}; this one "
-            f"(target {p.target:g}) goes to {names.ranking} and {names.report}"
+    files: list[Path] = []
+    names = output_names(p.out, p.target) if write else None
+    if names is not None:
+        if names.previous_target is not None:
+            log(
+                f"report.json holds the ranking for target {names.previous_target:g}; this "
+                f"one (target {p.target:g}) goes to {names.ranking} and {names.report}"
+            )
+        write_atomic(p.out / names.ranking, rows_to_csv(rows))
+        write_atomic(
+            p.out / names.report,
+            report_json(p.settings, p.data_path, p.target, results, rows, resumed),
         )
-    write_atomic(p.out / names.ranking, rows_to_csv(rows))
-    write_atomic(
-        p.out / names.report,
-        report_json(p.settings, p.data_path, p.target, results, rows, resumed),
-    )
-    files = [p.out / names.ranking, p.out / names.report]
+        files = [p.out / names.ranking, p.out / names.report]
     result = RunResult(
         table=table,
         features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},
@@ -454,7 +539,7 @@ def _rank_and_report(
         out_dir=p.out,
         resumed=tuple(resumed),
     )
-    if plots:
+    if plots and names is not None:
         files += _write_plots(result, p.out / names.plots, log)
     return result._replace(files=tuple(files))
 

@@ -13,6 +13,11 @@ Cost per candidate: the fine-tunes (Σ sizes x epochs examples, forward + backwa
 evaluation of the test set per size, about one per-example-gradient pass over the probe
 set for Θ (+ 2N²P for the Gram), O(N³) for its eigendecomposition, and 2-3 gradients per
 Hessian probe.
+
+With a `mesh` (a `jax.sharding.Mesh` from `lensllm_jax.parallel`), the same quantities come
+from the sharded programs: loading into shards, FSDP + data-parallel fine-tuning and
+evaluation, the NTK with per-example gradients spread over devices, Hutchinson probes
+spread over devices (`parallel.programs`, `parallel.ntk`, `parallel.hessian`).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ def ntk_step(
     *,
     chunk_size: int | str | None = "auto",
     name: str | None = None,
+    mesh: Any = None,
 ) -> NTKStep:
     """Θ = J Jᵀ of the per-example probe loss ℓ(X) (`probe_loss_fn`), r = ℓ(X; θ0), and
     F's features (`core.ntk.checked_features`: eigh of Θ, Uᵀr, how much was symmetrised/clipped).
@@ -81,6 +87,21 @@ def ntk_step(
     from lensllm_jax.core import ntk
 
     loss = probe_loss_fn(apply)
+    if mesh is not None:
+        from lensllm_jax.parallel import ntk as sharded
+
+        theta = sharded.loss_gradient_kernel(
+            loss,
+            params,
+            batch,
+            mesh,
+            chunk_size=chunk_size,
+            memory_budget_bytes=ntk_memory_budget(),
+            name=name,
+        )
+        residual = sharded.per_example_values(loss, params, batch, mesh)
+        feats, diag = ntk.checked_features(theta, residual, name=name)
+        return NTKStep(np.asarray(theta), residual, feats, diag)
     theta = ntk.loss_gradient_kernel(
         loss,
         params,
@@ -102,6 +123,7 @@ def hessian_step(
     num_probes: int,
     seed: int,
     name: str,
+    mesh: Any = None,
 ) -> tuple[float, float]:
     """Hutchinson estimate of tr ∇²_θ (1/N Σ_i ℓ_i(θ)) at the pretrained params, with
     Rademacher probes seeded by `seed`: (mean, standard error of the mean over probes).
@@ -111,6 +133,20 @@ def hessian_step(
 
     from lensllm_jax.core import hessian
 
+    if mesh is not None:
+        from lensllm_jax.parallel import hessian as sharded
+
+        est = sharded.hutchinson_trace(
+            mean_probe_loss_fn(apply),
+            params,
+            jax.random.PRNGKey(seed),
+            num_probes,
+            mesh,
+            group_by="top",
+            name=name,
+            batch=batch,
+        )
+        return float(est.mean), float(est.stderr)
     est = hessian.hutchinson_trace(
         mean_probe_loss_fn(apply),
         params,
@@ -130,12 +166,25 @@ def hessian_distance_step(
     batch: Mapping[str, np.ndarray],
     *,
     name: str,
+    mesh: Any = None,
 ) -> float:
     """vᵀHv with v = θ_finetuned − θ_pretrained and H the Hessian of the mean probe loss at
     the fine-tuned params (`hessian.hessian_distance`): the curvature term of Hessian-based
     PAC-Bayes bounds for fine-tuning. Cost: 2 Hessian-vector products."""
     from lensllm_jax.core import hessian
 
+    if mesh is not None:
+        from lensllm_jax.parallel import hessian as sharded
+
+        return sharded.hessian_distance(
+            mean_probe_loss_fn(apply),
+            params_pretrained,
+            params_finetuned,
+            mesh,
+            group_by="top",
+            name=name,
+            batch=batch,
+        )
     dist = hessian.hessian_distance(
         mean_probe_loss_fn(apply),
         params_pretrained,
@@ -161,15 +210,17 @@ def measure_candidate(
     log: Callable[[str], None],
     prefix: str,
     on_step: Callable[[int], None] | None = None,
+    mesh: Any = None,
 ) -> CandidateResult:
-    """Load, fine-tune on every size, NTK step, Hessian trace: one candidate's results.
-    on_step(n): n more fine-tuning steps are done (progress)."""
+    """Load, fine-tune on every size, NTK step, Hessian trace: one candidate's results
+    (on the sharded programs when a `mesh` is given). on_step(n): n more fine-tuning steps
+    are done (progress)."""
     from lensllm_jax import models
     from lensllm_jax.runner import finetune
 
     start = time.perf_counter()
     try:
-        m = models.load(cand.location)
+        m = models.load(cand.location, mesh=mesh)
     except ModelLoadError as err:  # broken weights
         raise LensLLMInputError(first_line(err), file=cand.path) from None
     n_params = int(m.num_params)
@@ -186,9 +237,17 @@ def measure_candidate(
         got = _hessian_or_warn(
             lambda: (
                 *hessian_step(
-                    m.apply, params_ft, probe, num_probes=hessian_probes, seed=seed, name=cand.name
+                    m.apply,
+                    params_ft,
+                    probe,
+                    num_probes=hessian_probes,
+                    seed=seed,
+                    name=cand.name,
+                    mesh=mesh,
                 ),
-                hessian_distance_step(m.apply, m.params, params_ft, probe, name=cand.name),
+                hessian_distance_step(
+                    m.apply, m.params, params_ft, probe, name=cand.name, mesh=mesh
+                ),
             ),
             f"{cand.name} at D = {size}",
         )
@@ -209,16 +268,23 @@ def measure_candidate(
         on_point=on_point,
         on_params=on_params if hessian_probes else None,
         on_step=on_step,
+        mesh=mesh,
     )
     log(f"{prefix}: zero-shot test loss {curve.zero_shot:.4f} nats/byte")
     if ntk:
         log(f"{prefix}: measuring the NTK on {len(split.probe)} probe examples")
-    kernel = _probe_kernel(m, probe, cand.name, ntk_chunk, log, prefix) if ntk else None
+    kernel = _probe_kernel(m, probe, cand.name, ntk_chunk, log, prefix, mesh) if ntk else None
     h_mean = h_se = math.nan
     if hessian_probes:
         got = _hessian_or_warn(
             lambda: hessian_step(
-                m.apply, m.params, probe, num_probes=hessian_probes, seed=seed, name=cand.name
+                m.apply,
+                m.params,
+                probe,
+                num_probes=hessian_probes,
+                seed=seed,
+                name=cand.name,
+                mesh=mesh,
             ),
             cand.name,
         )
@@ -273,11 +339,12 @@ def _probe_kernel(
     chunk: int | str | None,
     log: Callable[[str], None],
     prefix: str,
+    mesh: Any = None,
 ) -> NTKStep | None:
     """`ntk_step` at the pretrained params; None (and a warning) if the kernel is unusable
     (NaN/inf, not PSD): LensLLM-NTK then ranks the candidate last."""
     try:
-        step = ntk_step(m.apply, m.params, probe, chunk_size=chunk, name=name)
+        step = ntk_step(m.apply, m.params, probe, chunk_size=chunk, name=name, mesh=mesh)
     except NTKError as err:
         warnings.warn(
             f"{name}: no NTK features ({first_line(err)}); {NTK_METHOD} ranks it last",
