@@ -71,6 +71,7 @@ def test_the_notebooks_are_there():
     assert {p.name for p in NOTEBOOKS} == {
         "choose_candidates.ipynb",
         "ntk_linearised.ipynb",
+        "ntk_verdict.ipynb",  # executed by tests/test_zoo.py (on the committed results)
         "reliability.ipynb",  # executed by tests/test_notebook_reliability.py
         "reproduce_fts.ipynb",
         "two_phases.ipynb",

@@ -50,15 +50,23 @@ def _with_spectra(table, n=8, seed=1):
     proj = rng.normal(0.0, 1.0, (table.num_models, n))
     eta = np.full(table.num_models, 1e-4)
     have = np.ones(table.num_models, bool)
-    return dataclasses.replace(table, ntk=NTKSpectra(lam, proj, eta, have))
+    # the fine-tuning schedule the steps-based NTK arms (issue 9) read: batch 8, 2 epochs
+    schedule = {"batch_size": 8.0, "epochs": 2.0, "min_steps": 16.0, "max_steps": 0.0}
+    schedule |= {"time_slope": 0.5, "time_offset": 1.0}
+    extras = {k: np.full(table.num_models, v) for k, v in schedule.items()}
+    return dataclasses.replace(table, ntk=NTKSpectra(lam, proj, eta, have, extras))
 
 
 LAW_METHODS = ("VanillaFit", "RectifiedFit", "LensLLM", "LensLLM-NTK")  # compile on first use
 
 
+def _slow(name: str) -> bool:
+    return name in LAW_METHODS or name.startswith("LensLLM-")  # the NTK arms fit laws too
+
+
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in LAW_METHODS else n for n in registry.METHODS],
+    [pytest.param(n, marks=pytest.mark.slow) if _slow(n) else n for n in registry.METHODS],
 )
 def test_methods_never_see_sizes_above_budget(name):
     table = _with_spectra(_synthetic())
@@ -81,6 +89,18 @@ def test_registry_and_protocol_constants():
         "AtS",
         "LensLLM",
         "LensLLM-NTK",
+        # issue 9's NTK arms (`selection.ntk_arms`) and their shuffled controls
+        "LensLLM-cap",
+        "LensLLM-NTK-steps",
+        "LensLLM-NTK-steps-F0",
+        "LensLLM-NTK-steps-lr",
+        "LensLLM-NTK-steps-lr-shuffled",
+        "LensLLM-NTK-steps-rate",
+        "LensLLM-NTK-steps-shuffled",
+        "LensLLM-NTK-steps-F0-shuffled",
+        "LensLLM-NTK-steps-rate-shuffled",
+        "LensLLM-kernel",
+        "LensLLM-kernel-shuffled",
     ]
     assert protocol.TARGET == 1_638_400
     assert protocol.BUDGET_RATIOS == (8, 16, 32, 64, 128, 256, 512)

@@ -246,6 +246,8 @@ def initial_starts(
         # log t: ηλ_max·t log-uniform in [1e-3, 1e5], from "nothing learned" to "all learned".
         eta_lmax = jnp.max(aux[0], axis=1) * jnp.broadcast_to(jnp.asarray(aux[2]), (m,))
         log_curv = held(3, jnp.log(1e-3 / eta_lmax)[:, None] + log_dstar)
+    elif law.start_curvature is not None:  # the law maps the default draw F = D*^β itself
+        log_curv = held(3, law.start_curvature(jnp.exp(log_beta) * log_dstar, log_d, mask, aux))
     else:
         log_curv = held(3, jnp.exp(log_beta) * log_dstar)  # F = D*^β
     # log of 1/(F + D^β): the law itself with B = 1 and E negligible.

@@ -12,11 +12,23 @@ when one term underflows (D = 1e-10 for the zero-shot point, tiny E, huge D_l):
                                                  computed from NTK features (`lensllm_ntk`)
   lensllm_ntk L(D) = B / (F(t) + D^β) + E,  F(t) = Σ_k e^{−2ηλ_k t} (u_kᵀ r)²
                                                  (the NTK test loss ‖exp(−ηΘt) r‖², fitted t)
+  lensllm_cap L(D) = B / (F + D^β) + E,  F = ‖r‖²·u/(1+u) ∈ (0, ‖r‖²): the cap alone, which is
+                                                 what `lensllm_ntk` reduces to (no spectrum)
+  lensllm_ntk_steps
+              L(D) = B / (F0·φ(D) + D^β) + E,  φ(D) = Σ_k e^{−2ηλ_k τ(D)} ĉ_k²,  ĉ = c/‖c‖,
+                                                 τ(D) the schedule-weighted optimiser steps
+                                                 actually taken at D (`_steps_time`), η the
+                                                 SGD-equivalent rate: F per point, the spectrum
+                                                 sets its decay along the curve; F0 = ‖r‖² held
+                                                 (the paper's mode) or fitted (units-free)
+  lensllm_ntk_steps_rate
+              the same with F0 = ‖r‖² and η scaled by a fitted k: F(D) = Σ_k e^{−2kηλ_k τ(D)} c_k²
 
 (lae = logaddexp; lower-case letters are the logs of the capitals.) The laws with a
 curvature term accept D = 0 exactly (log D = −inf): there L = B/F + E, the zero-shot loss,
 which is how LENSLLM's law ties the curve to the untuned model. Each evaluation costs
-O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues).
+O(S) for S sizes (O(S·N) for `lensllm_ntk` with N kernel eigenvalues, `lensllm_ntk_steps`
+likewise).
 """
 
 from __future__ import annotations
@@ -57,6 +69,9 @@ class Law(NamedTuple):
         in closed form; the fitter falls back to `jax.jacfwd` when it is None. The closed
         forms share one exp per `logaddexp` between value and derivative, which makes a
         fitting step about 5x cheaper than forward-mode AD on CPU.
+      start_curvature: optional `(log_f_start (M, K), log_d (M, S), mask, aux) -> raw (M, K)`,
+        the multi-start value of the curvature parameter given the fitter's default draw
+        log F = β·log D* (a crossover size D*); None keeps that draw (F, D_l, F0).
     """
 
     name: str
@@ -64,6 +79,7 @@ class Law(NamedTuple):
     log_predict: Callable[[Array, Array, Any], Array]
     curvature_name: str | None
     value_and_jac: Callable[[Array, Array, Any], tuple[Array, Array]] | None = None
+    start_curvature: Callable[..., Array] | None = None
 
 
 def _beta_log_d(log_beta: Array, log_d: Array) -> Array:
@@ -124,6 +140,93 @@ def _lensllm_ntk(raw: Array, log_d: Array, aux: Any) -> Array:
     return jnp.logaddexp(log_e, log_b - log_denominator)
 
 
+def _steps_time(log_d: Array, schedule: Array) -> Array:
+    """τ(D), the optimiser's schedule-weighted time after fine-tuning on D examples:
+
+        N(D) = max(epochs·⌈D/B⌉, min_steps, 1) (capped at max_steps when > 0),
+        τ(D) = slope·N(D) + offset = Σ_s lr_s / lr (exact for warmup + cosine/linear decay),
+
+    and τ(0) = 0 (the zero-shot point: nothing trained). `schedule` = (B, epochs,
+    min_steps, max_steps, slope, offset)."""
+    batch, epochs, min_steps, max_steps, slope, offset = (schedule[i] for i in range(6))
+    finite = jnp.isfinite(log_d)
+    d = jnp.exp(jnp.where(finite, log_d, 0.0))
+    n = jnp.maximum(jnp.maximum(epochs * jnp.ceil(d / batch * (1 - 1e-12)), min_steps), 1.0)
+    n = jnp.where(max_steps > 0, jnp.minimum(n, max_steps), n)
+    return jnp.where(finite, slope * n + offset, 0.0)
+
+
+def _ntk_steps_log_phi(log_d: Array, aux: Any) -> Array:
+    """log φ(D) = log [F(Θ, τ(D)) / F(Θ, 0)] = log Σ_k e^{−2ηλ_k τ(D)} ĉ_k², ĉ = c/‖c‖:
+    the share of the probe residual the linearised dynamics leave after the steps taken at
+    D (a log-sum-exp, no underflow; 0 at D = 0)."""
+    eigenvalues, projected_residual, eta, schedule = aux
+    tau = _steps_time(log_d, schedule)  # (S,)
+    weight = projected_residual**2
+    log_w = jnp.log(weight / jnp.maximum(jnp.sum(weight), 1e-300) + 1e-300)
+    log_terms = -2.0 * eta * eigenvalues[None, :] * tau[:, None] + log_w[None, :]
+    top = jnp.max(log_terms, axis=1, keepdims=True)
+    return (jnp.log(jnp.sum(jnp.exp(log_terms - top), axis=1, keepdims=True)) + top)[:, 0]
+
+
+def _lensllm_ntk_steps(raw: Array, log_d: Array, aux: Any) -> Array:
+    log_b, log_beta, log_e, log_f0 = raw[0], raw[1], raw[2], raw[3]
+    log_f = log_f0 + _ntk_steps_log_phi(log_d, aux)
+    log_denominator = jnp.logaddexp(log_f, _beta_log_d(log_beta, log_d))
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
+def _lensllm_ntk_steps_value_and_jac(raw: Array, log_d: Array, aux: Any):
+    """Closed form: the rectified law's Jacobian with log F = log F0 + log φ(D) (φ has no
+    parameter, so ∂ log F/∂ log F0 = 1)."""
+    log_b, log_beta, log_e, log_f0 = raw[0], raw[1], raw[2], raw[3]
+    u = _beta_log_d(log_beta, log_d)
+    a, q = _lae_and_sigmoid(log_f0 + _ntk_steps_log_phi(log_d, aux), u)
+    y, s_e = _lae_and_sigmoid(log_e, log_b - a)
+    s = 1.0 - s_e
+    du = jnp.where(jnp.isfinite(u), (1.0 - q) * u, 0.0)
+    return y, jnp.stack([s, -s * du, s_e, -s * q], axis=-1)
+
+
+def _lensllm_ntk_steps_rate(raw: Array, log_d: Array, aux: Any) -> Array:
+    """F(D) = Σ_k e^{−2kηλ_k τ(D)} c_k², F(0) = ‖r‖²: the steps law with the rate scaled by
+    a fitted k (AdamW's effective rate unknown), the per-point shape kept."""
+    log_b, log_beta, log_e, log_k = raw[0], raw[1], raw[2], raw[3]
+    eigenvalues, projected_residual, eta, schedule = aux
+    log_r2 = jnp.log(jnp.sum(projected_residual**2))
+    log_phi = _ntk_steps_log_phi(
+        log_d, (eigenvalues, projected_residual, eta * jnp.exp(log_k), schedule)
+    )
+    log_denominator = jnp.logaddexp(log_r2 + log_phi, _beta_log_d(log_beta, log_d))
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
+def _rate_start(log_f: Array, log_d: Array, mask: Array, aux: Any) -> Array:
+    """log k so that 2kηλ_max·τ(D_top) spans [1e-2, 1e3] across the starts (from the default
+    draw's spread), D_top the largest used size."""
+    eigenvalues, _, eta, schedule = aux
+    top = jnp.max(jnp.where(mask & jnp.isfinite(log_d), log_d, -jnp.inf), axis=1)  # (M,)
+    tau = jax.vmap(lambda x, s: _steps_time(x[None], s)[0])(top, schedule)
+    scale = 2.0 * jnp.max(eigenvalues, axis=1) * eta * jnp.maximum(tau, 1.0)
+    u = jnp.clip(log_f / jnp.log(1e8), 0.0, 1.0)  # the default draw, mapped to [0, 1]
+    return jnp.log(1e-2) + u * jnp.log(1e5) - jnp.log(jnp.maximum(scale, 1e-300))[:, None]
+
+
+def _cap_start(log_f: Array, log_d: Array, mask: Array, aux: Any) -> Array:
+    """log u with F = ‖r‖²·u/(1+u) = min(D*^β, 0.99‖r‖²) (the default draw, capped)."""
+    log_r2 = jnp.log(aux)[:, None]
+    share = jnp.exp(jnp.minimum(log_f - log_r2, jnp.log(0.99)))
+    return jnp.log(share) - jnp.log1p(-share)
+
+
+def _lensllm_cap(raw: Array, log_d: Array, aux: Any) -> Array:
+    """F = ‖r‖² · u/(1 + u), u > 0: any F in (0, ‖r‖²), no spectrum (aux = ‖r‖²)."""
+    log_b, log_beta, log_e, log_u = raw[0], raw[1], raw[2], raw[3]
+    log_f = jnp.log(aux) - jnp.logaddexp(0.0, -log_u)
+    log_denominator = jnp.logaddexp(log_f, _beta_log_d(log_beta, log_d))
+    return jnp.logaddexp(log_e, log_b - log_denominator)
+
+
 LAWS: dict[str, Law] = {
     "vanilla": Law("vanilla", ("B", "beta", "E"), _vanilla, None, _vanilla_value_and_jac),
     "rectified": Law(
@@ -131,6 +234,23 @@ LAWS: dict[str, Law] = {
     ),
     "lensllm": Law("lensllm", ("B", "beta", "E", "F"), _rectified, "F", _rectified_value_and_jac),
     "lensllm_ntk": Law("lensllm_ntk", ("B", "beta", "E", "t"), _lensllm_ntk, "t"),
+    "lensllm_cap": Law(
+        "lensllm_cap", ("B", "beta", "E", "u"), _lensllm_cap, "u", start_curvature=_cap_start
+    ),
+    "lensllm_ntk_steps_rate": Law(
+        "lensllm_ntk_steps_rate",
+        ("B", "beta", "E", "k"),
+        _lensllm_ntk_steps_rate,
+        "k",
+        start_curvature=_rate_start,
+    ),
+    "lensllm_ntk_steps": Law(
+        "lensllm_ntk_steps",
+        ("B", "beta", "E", "F0"),
+        _lensllm_ntk_steps,
+        "F0",
+        _lensllm_ntk_steps_value_and_jac,
+    ),
 }
 
 

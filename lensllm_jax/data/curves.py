@@ -20,7 +20,7 @@ import csv
 import dataclasses
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -62,12 +62,17 @@ class NTKSpectra:
       projected_residual: (M, N) c_k = u_kᵀ r, r = f0(X) − y.
       eta: (M,) the learning rate η of F(Θ, t) = Σ_k e^{−2ηλ_k t} c_k².
       available: (M,) bool, False for a candidate without a spectrum.
+      extras: optional per-candidate numbers, name -> (M,) float64 (NaN = unknown), e.g. the
+        SGD-equivalent rate ``sgd_eta`` and the fine-tuning schedule (``batch_size``,
+        ``epochs``, ``min_steps``, ``max_steps``, ``time_slope``, ``time_offset``) that the
+        steps-based NTK arms (`selection.ntk_arms`) need; {} when none.
     """
 
     eigenvalues: np.ndarray
     projected_residual: np.ndarray
     eta: np.ndarray
     available: np.ndarray
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

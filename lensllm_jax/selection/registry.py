@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import lensllm_jax.selection.baselines as baselines
 import lensllm_jax.selection.lensllm as lensllm
+import lensllm_jax.selection.ntk_arms as ntk_arms
 from lensllm_jax.data.curves import CurveTable
 from lensllm_jax.errors import LensLLMInputError
 from lensllm_jax.selection.base import Selection, SelectionMethod
@@ -59,6 +60,73 @@ _ALL = (
         "LensLLM-NTK",
         lensllm.lensllm_ntk,
         "L = B/(F(Θ,t) + D^β) + E with each candidate's NTK spectrum",
+        needs_ntk=True,
+    ),
+    # The NTK arms of issue 9 (selection.ntk_arms; benchmarks/zoo measures them).
+    Method(
+        "LensLLM-cap",
+        ntk_arms.lensllm_cap,
+        "L = B/(F + D^β) + E with F <= ‖r‖² fitted: LensLLM-NTK without its spectrum",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps",
+        ntk_arms.ntk_steps,
+        "F(Θ, τ(D)) per point at the recipe's steps, SGD-equivalent η, F(0) = ‖r‖²",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-F0",
+        ntk_arms.ntk_steps_f0,
+        "as LensLLM-NTK-steps with F(0) fitted: the spectrum sets F's decay only",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-lr",
+        ntk_arms.ntk_steps_lr,
+        "as LensLLM-NTK-steps with η = the recipe's learning rate (AdamW read as SGD)",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-lr-shuffled",
+        ntk_arms.ntk_steps_lr_shuffled,
+        "control: LensLLM-NTK-steps-lr with the kernels deranged across candidates",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-rate",
+        ntk_arms.ntk_steps_rate,
+        "as LensLLM-NTK-steps with η's scale fitted: the recipe's step ratios kept",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-shuffled",
+        ntk_arms.ntk_steps_shuffled,
+        "control: LensLLM-NTK-steps with the kernels deranged across candidates",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-F0-shuffled",
+        ntk_arms.ntk_steps_f0_shuffled,
+        "control: LensLLM-NTK-steps-F0 with the kernels deranged across candidates",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-NTK-steps-rate-shuffled",
+        ntk_arms.ntk_steps_rate_shuffled,
+        "control: LensLLM-NTK-steps-rate with the kernels deranged across candidates",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-kernel",
+        ntk_arms.kernel_trend,
+        "LensLLM whose slope trend also takes the kernel's summaries (λ_max, tr Θ/N, ...)",
+        needs_ntk=True,
+    ),
+    Method(
+        "LensLLM-kernel-shuffled",
+        ntk_arms.kernel_trend_shuffled,
+        "control: LensLLM-kernel with the summaries deranged across candidates",
         needs_ntk=True,
     ),
 )
