@@ -16,6 +16,10 @@ from typing import Any
 
 import jax
 
+# Peers run as their users run them: torch's OpenMP threads sleep instead of spin-waiting when
+# idle (the default spin steals the cores JAX and the other peer need on a shared machine).
+# Set before torch is imported (libgomp reads it once); benchmarks import this module first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Dense bf16 tensor-core peak by device kind (vendor datasheets; KINDS.md measured 769-798
 # TFLOP/s on an 8192^3 bf16 matmul on an H200), for "fraction of peak" in the JSON.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -38,6 +42,15 @@ def machine() -> dict[str, Any]:
         "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", ""),
         "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
     }
+
+
+def load_average() -> dict[str, Any]:
+    """`uptime`'s load averages (1, 5, 15 min) and the CPU count: how busy the machine was."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return {}
+    return {"1min": one, "5min": five, "15min": fifteen, "cpus": os.cpu_count()}
 
 
 def peak_memory_bytes() -> dict[str, Any]:
@@ -94,7 +107,8 @@ def add_rates(r: dict[str, Any], floor_flops: float, peak_tflops: float | None) 
     bf16 peak; XLA's own count (it counts a scanned layer body once) when it has one."""
     r["tflops_at_floor"] = floor_flops / r["median_s"] / 1e12
     r["fraction_of_bf16_peak"] = r["tflops_at_floor"] / peak_tflops if peak_tflops else None
-    r["tflops_xla_count"] = r["flops_xla"] / r["median_s"] / 1e12
+    if "flops_xla" in r:
+        r["tflops_xla_count"] = r["flops_xla"] / r["median_s"] / 1e12
 
 
 def _norm_op(name: str) -> str:
@@ -167,6 +181,82 @@ def profile_breakdown(fn, *args, repeat: int = 3, top: int = 15) -> dict[str, An
             "by_phase_and_primitive_ms": {k: round(v, 3) for k, v in cats.most_common(top)},
             "top_ops_ms": {k: round(v, 3) for k, v in ops.most_common(top)},
             "top_unmatched_ms": {k: round(v, 3) for k, v in unmatched.most_common(8)},
+        }
+    return out
+
+
+class CompileCounter:
+    """Counts the XLA programs JAX compiles inside a `with` block (its compile log), by name."""
+
+    def __enter__(self) -> CompileCounter:
+        import logging
+        from collections import Counter
+
+        self.names: Counter[str] = Counter()
+        counter = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                msg = record.getMessage()
+                if msg.startswith("Compiling "):
+                    counter.names[msg.split(" ")[1]] += 1
+
+        self._handler = Handler(level=logging.DEBUG)
+        self._logger = logging.getLogger("jax")
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.DEBUG)
+        self._was = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.config.update("jax_log_compiles", self._was)
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"programs": sum(self.names.values()), "by_name": dict(self.names.most_common())}
+
+
+def torch_setup() -> dict[str, Any]:
+    """torch with one intra-op thread per core (this machine's count) and passive OpenMP
+    waiting; returns what was set, for the JSON."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def interleaved(fns: dict[str, Any], rounds: int, reference: str) -> dict[str, Any]:
+    """Time every `fn()` (already compiled / warmed up; each must block until done) once per
+    round, in turn, for `rounds` rounds; per function the median time and, per round, its
+    ratio to `reference`'s time in that round (a busy machine slows both alike), and the same
+    in process CPU time (CPU seconds used by all threads: steadier than wall time when
+    other jobs share the cores; torch's threads count too, OpenMP waiting passively)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out: dict[str, Any] = {}
+    for name, ts in times.items():
+        ratios = [t / r for t, r in zip(ts, times[reference], strict=True)]
+        cpu_ratios = [t / r for t, r in zip(cpu[name], cpu[reference], strict=True)]
+        out[name] = {
+            "median_s": statistics.median(ts),
+            "times_s": [round(t, 4) for t in ts],
+            f"over_{reference}_per_round": [round(x, 3) for x in ratios],
+            f"over_{reference}_median": round(statistics.median(ratios), 3),
+            "cpu_s": [round(t, 4) for t in cpu[name]],
+            f"cpu_over_{reference}_median": round(statistics.median(cpu_ratios), 3),
         }
     return out
 

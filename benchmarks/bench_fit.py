@@ -8,8 +8,10 @@ Measures, on the fine-tuning scaling benchmark (Lin et al. protocol: sizes {0 as
     warm (best of `repeats`) wall time;
   * fit quality: in-sample log-space RMSE, and the gap to a brute-force reference (256
     starts, every start run to convergence);
-  * the same fits through optimistix's LevenbergMarquardt, and a scipy least_squares
-    loop (a subset, extrapolated), for scale;
+  * the same fits through optimistix's LevenbergMarquardt, and through scipy's
+    least_squares as its users run it (numpy residuals, the analytic Jacobian, MINPACK's
+    Levenberg-Marquardt, one curve at a time, the same starts): interleaved rounds, the
+    time ratio per round, and whether it reaches the same optima;
   * warm time for 3,000 synthetic candidates.
 """
 
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import interleaved, load_average
 
 TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
@@ -62,18 +65,49 @@ def timed(fn, repeats):
     return out, cold, min(warm)
 
 
-def scipy_fit(d, l, mask, starts):
-    from scipy.optimize import least_squares
+def _lae_sig(a, b):
+    """logaddexp(a, b) and σ(a − b) = ∂/∂a logaddexp(a, b), numpy."""
+    z = np.exp(-np.abs(a - b))
+    return np.maximum(a, b) + np.log1p(z), np.where(a >= b, 1.0, z) / (1.0 + z)
 
-    from lensllm_jax.core.laws import _rectified
+
+def rectified_np(x, log_d):
+    """log L̂ of the rectified law B / (F + D^β) + E in raw (log) parameters
+    x = (log B, log β, log E, log F), and its analytic Jacobian (S, 4): numpy, the same
+    formulas as `laws._rectified_value_and_jac`."""
+    u = np.exp(x[1]) * log_d
+    a, q = _lae_sig(x[3], u)  # log(F + D^β); q = ∂a/∂log F
+    y, s_e = _lae_sig(x[2], x[0] - a)
+    s = 1.0 - s_e
+    return y, np.stack([s, -s * (1.0 - q) * u, s_e, -s * q], axis=-1)
+
+
+def scipy_fit(d, l, mask, starts):
+    """scipy.optimize.least_squares as its users would write it: numpy residuals, the analytic
+    Jacobian, MINPACK's Levenberg-Marquardt (method="lm"); the best of `starts`."""
+    from scipy.optimize import least_squares
 
     log_d, log_l = np.log(d[mask]), np.log(l[mask])
     best = None
     for x0 in starts:
-        r = least_squares(lambda x: np.asarray(_rectified(x, log_d)) - log_l, x0, method="lm")
+        r = least_squares(
+            lambda x: rectified_np(x, log_d)[0] - log_l,
+            x0,
+            jac=lambda x: rectified_np(x, log_d)[1],
+            method="lm",
+        )
         if best is None or r.cost < best.cost:
             best = r
     return best
+
+
+def scipy_all(d, l, mask, starts):
+    """Every fit with scipy, one curve at a time: (mean squared log residual per fit)."""
+    out = np.empty(len(d))
+    for i in range(len(d)):
+        r = scipy_fit(d[i], l[i], mask[i], starts[i])
+        out[i] = 2.0 * r.cost / mask[i].sum()
+    return out
 
 
 def main() -> None:
@@ -82,6 +116,7 @@ def main() -> None:
     ap.add_argument("--data", default=default)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--starts", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds ours / scipy")
     args = ap.parse_args()
 
     import jax
@@ -98,6 +133,7 @@ def main() -> None:
             "jax": jax.__version__,
             "backend": jax.default_backend(),
         },
+        "load_average_start": load_average(),
         "num_fits": len(tags),
         "num_starts": args.starts,
     }
@@ -133,7 +169,8 @@ def main() -> None:
         "frac_within_1e-6_of_ours": float(np.mean((resx.loss - res.loss) / res.loss <= 1e-6)),
     }
 
-    # scipy least_squares, one model at a time, the same 8 starts, on 30 fits (x14 = 420).
+    # scipy least_squares (analytic Jacobian, MINPACK lm), one curve at a time from the same
+    # starting points as ours, on all 420 fits; interleaved rounds, a ratio per round.
     with jax.enable_x64(True):
         starts = np.asarray(
             fit.initial_starts(
@@ -142,14 +179,28 @@ def main() -> None:
                 np.log(np.where(mask, l, 1.0)),
                 mask,
                 jax.random.PRNGKey(0),
-                8,
+                args.starts,
             )
         )
-    t0 = time.perf_counter()
-    for i in range(30):
-        scipy_fit(d[i], l[i], mask[i], starts[i])
-    s_for_30 = time.perf_counter() - t0
-    out["scipy_loop_8_starts"] = {"s_for_30": s_for_30, "extrapolated_s_for_420": 14 * s_for_30}
+    ours_msr = res.rmse**2
+    scipy_msr = scipy_all(d, l, mask, starts)  # warm-up, and the optima to compare
+    gap = (scipy_msr - ours_msr) / ours_msr
+    rounds = interleaved(
+        {
+            "ours": lambda: fit.fit_law("rectified", d, l, mask=mask, num_starts=args.starts),
+            "scipy_lm_analytic_jac": lambda: scipy_all(d, l, mask, starts),
+        },
+        args.rounds,
+        reference="ours",
+    )
+    out["scipy_least_squares_lm"] = {
+        "what": "scipy least_squares(method='lm', analytic Jacobian), same starts, all fits",
+        "starts": args.starts,
+        "rounds": rounds,
+        "frac_scipy_within_1e-6_of_ours": float(np.mean(gap <= 1e-6)),
+        "frac_ours_within_1e-6_of_scipy": float(np.mean(-gap <= 1e-6)),
+        "worst_relative_gap_scipy_minus_ours": float(np.max(gap)),
+    }
 
     # 3,000 synthetic candidates drawn around the benchmark's own fits.
     rng = np.random.default_rng(0)
@@ -161,6 +212,7 @@ def main() -> None:
         max(1, args.repeats // 2),
     )
     out["synthetic_3000"] = {"cold_s": cold3, "warm_s": warm3}
+    out["load_average_end"] = load_average()
     print(json.dumps(out, indent=2))
 
 

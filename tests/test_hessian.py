@@ -325,9 +325,8 @@ def test_batch_argument_matches_closure_and_compiles_once():
         np.testing.assert_allclose(passed.mean, closed.mean, rtol=1e-12)
         np.testing.assert_allclose(passed.stderr, closed.stderr, rtol=1e-12)
         hessian.hutchinson_trace(loss_b, p1, key, 8, batch=batch)
-        prog = hessian._hutchinson_program(
-            loss_b, hessian.rademacher, tuple(hessian._grouping(p0, "leaf", None)), True, None
-        )
+        grouping = tuple(hessian._grouping(p0, "leaf", None))
+        prog = hessian._hutchinson_program(loss_b, hessian.rademacher, grouping, False, None, None)
         assert prog._cache_size() == 1  # two parameter sets, one compilation
 
         dense = dense_hessian(lambda p: loss_b(p, batch), p1)
@@ -339,3 +338,50 @@ def test_batch_argument_matches_closure_and_compiles_once():
         np.testing.assert_allclose(top.eigenvalue, eig[np.argmax(np.abs(eig))], rtol=1e-6)
         pp = hessian.hutchpp_trace(loss_b, p1, key, 3 * v.size, batch=batch)
         np.testing.assert_allclose(pp.mean, np.trace(dense), rtol=1e-8)
+
+
+def test_micro_batched_hvps_equal_the_whole_batch_and_dense():
+    """example_chunk splits each HVP over micro-batches (the loss is a mean over examples):
+    every estimator gives the whole batch's numbers, and the dense Hessian's; a chunk that does
+    not divide N falls to the largest divisor below it; bad chunks are one-line errors."""
+    with jax.enable_x64(True):
+        kx, ky = jax.random.split(jax.random.key(11))
+        batch = {"x": jax.random.normal(kx, (12, 4)), "y": jax.random.randint(ky, (12,), 0, 3)}
+
+        def loss_b(p, b):
+            h = jnp.tanh(b["x"] @ p["layer1"]["w"] + p["layer1"]["b"])
+            logits = h @ p["layer2"]["w"]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), b["y"][:, None], 1))
+
+        p0 = f64(init(jax.random.key(12)))
+        p1 = jax.tree.map(lambda a: a * 1.1 + 0.05, p0)
+        dense = dense_hessian(lambda p: loss_b(p, batch), p1)
+        key = jax.random.key(13)
+        whole = hessian.hutchinson_trace(loss_b, p1, key, 6, batch=batch)
+        for chunk in (1, 3, 5):  # 5 -> 4 (the largest divisor of 12 not above 5)
+            got = hessian.hutchinson_trace(loss_b, p1, key, 6, batch=batch, example_chunk=chunk)
+            np.testing.assert_allclose(got.samples, whole.samples, rtol=1e-10)
+            for g in whole.per_group or {}:
+                np.testing.assert_allclose(got.per_group[g], whole.per_group[g], rtol=1e-10)
+        assert hessian._example_chunk(5, batch, None) == 4
+        assert hessian._example_chunk(100, batch, None) is None  # all 12 at once
+        v = ravel_pytree(p1)[0] - ravel_pytree(p0)[0]
+        dist = hessian.hessian_distance(
+            loss_b, p0, p1, batch=batch, example_chunk=4, blocks=False, group_by="top"
+        )
+        np.testing.assert_allclose(dist.total, v @ dense @ v, rtol=1e-10)
+        assert dist.per_group_block == {}
+        top = hessian.top_eigenvalue(loss_b, p1, key, 300, batch=batch, example_chunk=3)
+        eig = np.linalg.eigvalsh(dense)
+        np.testing.assert_allclose(top.eigenvalue, eig[np.argmax(np.abs(eig))], rtol=1e-6)
+        pp = hessian.hutchpp_trace(loss_b, p1, key, 3 * v.size, batch=batch, example_chunk=6)
+        np.testing.assert_allclose(pp.mean, np.trace(dense), rtol=1e-8)
+        with pytest.raises(hessian.HessianError, match=r"example_chunk.*needs batch="):
+            hessian.hutchinson_trace(lambda p: loss_b(p, batch), p1, key, 4, example_chunk=2)
+        with pytest.raises(hessian.HessianError, match=r"example_chunk.*positive int"):
+            hessian.hutchinson_trace(loss_b, p1, key, 4, batch=batch, example_chunk=0)
+        with pytest.raises(hessian.HessianError, match="same leading example axis"):
+            hessian.hutchinson_trace(
+                lambda p, b: loss_b(p, b) + b["z"].sum(), p1, key, 4,
+                batch={**batch, "z": jnp.ones(3)}, example_chunk=2,
+            )  # fmt: skip

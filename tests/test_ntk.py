@@ -239,6 +239,10 @@ def test_auto_chunk_follows_the_memory_rule(monkeypatch):
     from lensllm_jax.runner import measure
 
     monkeypatch.delenv(measure.MEMORY_ENV, raising=False)
+    # unset on a CPU: a fraction of the host memory available now (not a fixed 2 GiB)
+    monkeypatch.setattr(measure, "host_available_bytes", lambda: 10 * gib)
+    assert measure.ntk_memory_budget() == int(measure.HOST_MEMORY_FRACTION * 10 * gib)
+    monkeypatch.setattr(measure, "host_available_bytes", lambda: None)
     assert measure.ntk_memory_budget() is None
     monkeypatch.setenv(measure.MEMORY_ENV, "3GiB")
     assert measure.ntk_memory_budget() == 3 * gib

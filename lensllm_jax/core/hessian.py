@@ -10,7 +10,16 @@ The Hessian is only touched through the Hessian-vector product
     H v = d/dε ∇L(θ + ε v) |_{ε=0}     (forward-over-reverse: `jvp` of `grad`),
 
 which costs about one forward + backward pass extra over a gradient (≈ 2-3x a gradient in
-FLOPs) and the memory of one gradient plus its tangent.
+FLOPs) and the memory of one gradient plus its tangent. Every estimator's memory is that of
+one HVP: probes run one after another (`lax.map`), the gradient is recomputed per probe by
+default (`linearize=False`: `jax.linearize` would keep the whole backward pass's residuals
+alive across the probes), and with `example_chunk=` (and `batch=`) each HVP itself runs over
+micro-batches of the batch, accumulated: for a loss that is the mean over the batch's examples,
+
+    H v = (1/nb) Σ_b H_b v      (H_b: Hessian of the mean loss on micro-batch b of nb),
+
+so the activations held are those of one micro-batch (memory independent of the batch size;
+the FLOPs are unchanged).
 
 Estimators follow matfree: estimator = sampler (probe distribution) + integrand (what each
 probe contributes), returning the mean and its standard error. Per-group results ("layers")
@@ -31,8 +40,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Hashable
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +49,13 @@ import numpy as np
 from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 
+from lensllm_jax.core._hessian_groups import (
+    GroupBy,
+    Grouping,
+    _group_dots,
+    _grouping,
+    _mask_group,
+)
 from lensllm_jax.core.probes import SAMPLERS, gaussian, rademacher
 from lensllm_jax.errors import HessianError
 
@@ -61,7 +77,6 @@ __all__ = [
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]  # loss(params), or loss(params, batch) with batch=
-GroupBy = Literal["leaf", "top"] | Callable[[tuple], Hashable]
 
 
 class TraceEstimate(NamedTuple):
@@ -173,66 +188,6 @@ def _check_finite(x: Any, what: str, name: str | None) -> None:
             )
 
 
-Grouping = list[str | tuple[str, ...]]  # per leaf: one label, or one per stacked layer
-
-
-def _grouping(params: PyTree, group_by: GroupBy, stacked: str | None) -> Grouping:
-    """Label of each leaf; a leaf under the top-level key `stacked` (layers stacked on axis 0,
-    as in scanned models) gets one label per layer index, suffixed "[i]"."""
-    out: Grouping = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if group_by == "leaf":
-            lab = jax.tree_util.keystr(path)
-        elif group_by == "top":
-            lab = jax.tree_util.keystr(path[:1])
-        elif callable(group_by):
-            lab = str(group_by(path))
-        else:
-            raise HessianError(f"group_by must be 'leaf', 'top' or a callable, got {group_by!r}")
-        top = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
-        if stacked is not None and top == stacked:
-            if jnp.ndim(leaf) < 1:
-                raise HessianError(
-                    f"leaf {jax.tree_util.keystr(path)} under stacked={stacked!r} is a scalar; "
-                    "stacked leaves need a leading layer axis"
-                )
-            out.append(tuple(f"{lab}[{i}]" for i in range(jnp.shape(leaf)[0])))
-        else:
-            out.append(lab)
-    return out
-
-
-def _group_dots(a: PyTree, b: PyTree, grouping: Grouping) -> dict[str, jax.Array]:
-    """Σ over each group's entries of a * b (per layer index for stacked leaves)."""
-    out: dict[str, jax.Array] = {}
-
-    def add(lab: str, val: jax.Array) -> None:
-        out[lab] = out[lab] + val if lab in out else val
-
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    for x, y, lab in zip(leaves_a, leaves_b, grouping, strict=True):
-        if isinstance(lab, tuple):
-            per_layer = jnp.sum(x * y, axis=tuple(range(1, x.ndim)))
-            for i, sub in enumerate(lab):
-                add(sub, per_layer[i])
-        else:
-            add(lab, jnp.vdot(x, y))
-    return out
-
-
-def _mask_group(v: PyTree, grouping: Grouping, group: str) -> PyTree:
-    """v restricted to one group (zeros elsewhere)."""
-    leaves, tree = jax.tree.flatten(v)
-    masked = []
-    for x, lab in zip(leaves, grouping, strict=True):
-        if isinstance(lab, tuple):
-            keep = jnp.asarray([sub == group for sub in lab], x.dtype)
-            masked.append(x * keep.reshape(-1, *([1] * (x.ndim - 1))))
-        else:
-            masked.append(x if lab == group else jnp.zeros_like(x))
-    return jax.tree.unflatten(tree, masked)
-
-
 def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = samples.shape[0]
     return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(n)
@@ -247,13 +202,61 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree) -> PyTree:
     return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
 
 
-def _hvp_operator(loss_fn: LossFn, params: PyTree, linearize: bool) -> Callable[[PyTree], PyTree]:
-    """v -> Hv. linearize=True runs the gradient's primal once (`jax.linearize` of `grad`) and
-    applies only the tangent map per vector: ~half the FLOPs per HVP after the first, holding
-    the gradient's residuals (activations) alive meanwhile, about one HVP's peak memory."""
-    if linearize:
-        return jax.linearize(jax.grad(loss_fn), params)[1]
-    return lambda v: hvp(loss_fn, params, v)
+def _hvp_operator(
+    loss_fn: Callable, params: PyTree, batch: PyTree | None, linearize: bool, chunk: int | None
+) -> Callable[[PyTree], PyTree]:
+    """v -> Hv of `_bound(loss_fn, batch)`.
+
+    linearize=True runs the gradient's primal once (`jax.linearize` of `grad`) and applies only
+    the tangent map per vector: ~2/3 of the FLOPs per HVP after the first, but the gradient's
+    residuals (every activation of the forward and backward passes, and their parameter-sized
+    intermediates) stay alive across all vectors. `chunk` (examples per micro-batch, dividing
+    the batch) accumulates H v = (1/nb) Σ_b H_b v over the micro-batches by a `lax.scan`: the
+    memory of one micro-batch's HVP plus one parameter-sized accumulator."""
+    if chunk is None or batch is None:
+        f = _bound(loss_fn, batch)
+        if linearize:
+            return jax.linearize(jax.grad(f), params)[1]
+        return lambda v: hvp(f, params, v)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    nb = n // chunk
+    blocks = jax.tree.map(lambda x: x.reshape(nb, chunk, *x.shape[1:]), batch)
+
+    def matvec(v: PyTree) -> PyTree:
+        def body(acc, b):
+            hv = hvp(lambda p: loss_fn(p, b), params, v)
+            return jax.tree.map(lambda a, h: a + h / nb, acc, hv), None
+
+        zero = jax.tree.map(jnp.zeros_like, v)
+        return jax.lax.scan(body, zero, blocks)[0]
+
+    return matvec
+
+
+def _example_chunk(example_chunk: int | None, batch: PyTree | None, name: str | None) -> int | None:
+    """The micro-batch size: the largest divisor of the batch's N that is <= example_chunk
+    (None: the whole batch at once). Needs `batch=` with one leading axis on every leaf."""
+    if example_chunk is None:
+        return None
+    if not isinstance(example_chunk, int) or example_chunk < 1:
+        raise HessianError(
+            f"example_chunk{_where(name)} must be a positive int or None, got {example_chunk!r}"
+        )
+    if batch is None:
+        raise HessianError(
+            f"example_chunk{_where(name)} needs batch= (the examples to split into micro-batches)"
+        )
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or None in sizes:
+        raise HessianError(
+            f"batch{_where(name)}: every leaf needs the same leading example axis to split it "
+            f"into micro-batches, got sizes {sorted(str(s) for s in sizes)}"
+        )
+    n = int(sizes.pop())  # type: ignore[arg-type]
+    chunk = min(example_chunk, n)
+    while n % chunk:
+        chunk -= 1
+    return None if chunk == n else chunk
 
 
 def _sampler(sampler: str | Callable, name: str | None) -> Callable:
@@ -279,10 +282,10 @@ _CACHE = functools.lru_cache(maxsize=32)
 
 
 @_CACHE
-def _hutchinson_program(loss_fn, draw, grouping: tuple, linearize, batch_size):
+def _hutchinson_program(loss_fn, draw, grouping: tuple, linearize, batch_size, chunk=None):
     @jax.jit
     def run(params, batch, keys):
-        matvec = _hvp_operator(_bound(loss_fn, batch), params, linearize)
+        matvec = _hvp_operator(loss_fn, params, batch, linearize, chunk)
 
         def integrand(k):
             z = draw(k, params)
@@ -294,10 +297,10 @@ def _hutchinson_program(loss_fn, draw, grouping: tuple, linearize, batch_size):
 
 
 @_CACHE
-def _hutchpp_program(loss_fn, draw, linearize, k):
+def _hutchpp_program(loss_fn, draw, linearize, k, chunk=None):
     @jax.jit
     def run(params, batch, key):
-        matvec = _hvp_operator(_bound(loss_fn, batch), params, linearize)
+        matvec = _hvp_operator(loss_fn, params, batch, linearize, chunk)
         _, unravel = ravel_pytree(params)
 
         def probe(key):
@@ -324,10 +327,10 @@ def _normalise(v: PyTree) -> PyTree:
 
 
 @_CACHE
-def _power_program(loss_fn, linearize, num_iters):
+def _power_program(loss_fn, linearize, num_iters, chunk=None):
     @jax.jit
     def run(params, batch, v0):
-        matvec = _hvp_operator(_bound(loss_fn, batch), params, linearize)
+        matvec = _hvp_operator(loss_fn, params, batch, linearize, chunk)
         v = jax.lax.fori_loop(0, num_iters, lambda _, v: _normalise(matvec(v)), _normalise(v0))
         hv = matvec(v)
         lam = sum(_leaf_dots(v, hv))
@@ -343,15 +346,15 @@ def _power_program(loss_fn, linearize, num_iters):
 
 
 @_CACHE
-def _distance_program(loss_fn, grouping: tuple):
+def _distance_program(loss_fn, grouping: tuple, blocks: bool = True, chunk=None):
     @jax.jit
     def run(at, batch, v):
-        f = _bound(loss_fn, batch)
-        per_group = _group_dots(v, hvp(f, at, v), list(grouping))
+        matvec = _hvp_operator(loss_fn, at, batch, False, chunk)
+        per_group = _group_dots(v, matvec(v), list(grouping))
         block = {}
-        for g in per_group:
+        for g in per_group if blocks else ():
             vg = _mask_group(v, list(grouping), g)
-            block[g] = sum(_leaf_dots(vg, hvp(f, at, vg)))
+            block[g] = sum(_leaf_dots(vg, matvec(vg)))
         return per_group, block
 
     return run
@@ -367,16 +370,20 @@ def hutchinson_trace(
     group_by: GroupBy = "leaf",
     stacked: str | None = None,
     batch_size: int | None = None,
-    linearize: bool = True,
+    linearize: bool = False,
     name: str | None = None,
     batch: PyTree | None = None,
+    example_chunk: int | None = None,
 ) -> TraceEstimate:
     """Hutchinson: tr(H) ≈ (1/m) Σ_i z_iᵀ H z_i with E[z zᵀ] = I, and per-group tr(H_gg).
 
     Probes run sequentially via `lax.map` (memory of one HVP; `batch_size` vmaps that many at
-    once for speed). Cost: m HVPs ≈ 2-3 m gradients (≈ 1 + m with `linearize`, see
-    `_hvp_operator`). Variance for Rademacher probes:
-    2 Σ_{i≠j} H_ij², so the stderr (from the sample spread) shrinks as 1/√m.
+    once, for speed, at that many HVPs' memory). Cost: m HVPs ≈ 2-3 m gradients (≈ 1 + 2m/3
+    with `linearize`, which keeps the gradient's residuals alive, see `_hvp_operator`).
+    `example_chunk` (with `batch=`, for a loss that is the mean over the batch's examples):
+    each HVP over micro-batches of that many examples (the largest divisor of N not above
+    it), memory of one micro-batch. Variance for Rademacher probes: 2 Σ_{i≠j} H_ij², so the
+    stderr (from the sample spread) shrinks as 1/√m.
     """
     if not isinstance(num_probes, int) or num_probes < 2:
         raise HessianError(
@@ -385,7 +392,10 @@ def hutchinson_trace(
     _check_loss_and_params(_bound(loss_fn, batch), params, name)
     draw = _sampler(sampler, name)
     grouping = _grouping(params, group_by, stacked)
-    run = _hutchinson_program(loss_fn, draw, _grouping_key(grouping), linearize, batch_size)
+    chunk = _example_chunk(example_chunk, batch, name)
+    run = _hutchinson_program(
+        loss_fn, draw, _grouping_key(grouping), linearize and chunk is None, batch_size, chunk
+    )
     samples = run(params, batch, jax.random.split(key, num_probes))
     per_group = {g: _mean_se(s) for g, s in samples.items()}
     total = functools.reduce(operator.add, samples.values())
@@ -429,9 +439,10 @@ def hutchpp_trace(
     num_matvecs: int,
     *,
     sampler: str | Callable[[jax.Array, PyTree], PyTree] = "rademacher",
-    linearize: bool = True,
+    linearize: bool = False,
     name: str | None = None,
     batch: PyTree | None = None,
+    example_chunk: int | None = None,
 ) -> TraceEstimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): deflate the top of the spectrum, then
     Hutchinson on the rest.
@@ -440,7 +451,8 @@ def hutchpp_trace(
     (1/k) Σ_i g_iᵀ (I − QQᵀ) H (I − QQᵀ) g_i. Error O(1/m) instead of O(1/√m) for PSD H; exact
     when k >= rank(H). Cost: 3k HVPs + O(P k²) for the QR; memory: 2 P x k blocks (the sketch
     and Q), so use it where k parameter-sized vectors fit. stderr is that of the residual
-    Hutchinson term; per-group traces are not returned.
+    Hutchinson term; per-group traces are not returned. `linearize`, `example_chunk`: as in
+    `hutchinson_trace`.
     """
     if not isinstance(num_matvecs, int) or num_matvecs < 6:
         raise HessianError(
@@ -448,7 +460,8 @@ def hutchpp_trace(
         )
     _check_loss_and_params(_bound(loss_fn, batch), params, name)
     draw = _sampler(sampler, name)
-    run = _hutchpp_program(loss_fn, draw, linearize, num_matvecs // 3)
+    chunk = _example_chunk(example_chunk, batch, name)
+    run = _hutchpp_program(loss_fn, draw, linearize and chunk is None, num_matvecs // 3, chunk)
     low_rank, samples = run(params, batch, key)
     res_mean, res_se = _mean_se(samples)
     mean = low_rank + res_mean
@@ -465,19 +478,22 @@ def top_eigenvalue(
     key: jax.Array,
     num_iters: int = 100,
     *,
-    linearize: bool = True,
+    linearize: bool = False,
     name: str | None = None,
     batch: PyTree | None = None,
+    example_chunk: int | None = None,
 ) -> EigenEstimate:
     """Largest-magnitude Hessian eigenvalue by power iteration (v <- Hv / ‖Hv‖, λ = vᵀHv).
 
     Cost: num_iters + 1 HVPs, memory of one HVP. Converges at rate |λ2/λ1| per step; check
     `residual` (‖Hv − λv‖ for the unit vector returned). The sign of λ is kept (a saddle's
-    largest |λ| may be negative).
+    largest |λ| may be negative). `linearize`, `example_chunk`: as in `hutchinson_trace`.
     """
     _check_loss_and_params(_bound(loss_fn, batch), params, name)
     v0 = gaussian(key, params)
-    lam, v, resid = _power_program(loss_fn, linearize, num_iters)(params, batch, v0)
+    chunk = _example_chunk(example_chunk, batch, name)
+    program = _power_program(loss_fn, linearize and chunk is None, num_iters, chunk)
+    lam, v, resid = program(params, batch, v0)
     _check_finite(lam, "top Hessian eigenvalue", name)
     return EigenEstimate(lam, v, resid)
 
@@ -495,12 +511,15 @@ def hessian_distance(
     stacked: str | None = None,
     name: str | None = None,
     batch: PyTree | None = None,
+    blocks: bool = True,
+    example_chunk: int | None = None,
 ) -> HessianDistance:
     """Hessian-weighted distance vᵀHv, v = θ_finetuned − θ_pretrained, total and per group.
 
     H is taken at `hessian_at` (default: the fine-tuned parameters, as in Hessian-based
     PAC-Bayes bounds for fine-tuning). Cost: 1 + G HVPs for G groups (the block forms mask v
-    to one group), memory of one HVP.
+    to one group; `blocks=False` skips them: 1 HVP, `per_group_block` empty), memory of one
+    HVP (`example_chunk`: of one micro-batch, as in `hutchinson_trace`).
     """
     s_pre = jax.tree.structure(params_pretrained)
     s_ft = jax.tree.structure(params_finetuned)
@@ -524,7 +543,9 @@ def hessian_distance(
         lambda a, b: jnp.asarray(b) - jnp.asarray(a), params_pretrained, params_finetuned
     )
     grouping = _grouping(at, group_by, stacked)
-    per_group, block = _distance_program(loss_fn, _grouping_key(grouping))(at, batch, v)
+    chunk = _example_chunk(example_chunk, batch, name)
+    program = _distance_program(loss_fn, _grouping_key(grouping), bool(blocks), chunk)
+    per_group, block = program(at, batch, v)
     total = functools.reduce(operator.add, per_group.values())
     _check_finite(total, "vᵀHv", name)
     return HessianDistance(total, per_group, block)

@@ -9,14 +9,20 @@ where c runs over the output axes in `trace_axes` and a, b over the remaining ("
 output axes. The result has shape (N1, N2, *untraced, *untraced); with the default
 `trace_axes=None` every output axis is traced and Θ is (N1, N2).
 
-Two implementations (neural-tangents `empirical.py` style, dispatched by a dict):
+Routes (`implementation`; costs in per-example gradient passes, one pass ≈ one batched
+gradient of the batch; `_ntk_memory.plan_ntk` models them, `kernel_fn.plan` reports them):
 
-* `JACOBIAN_CONTRACTION`: per-example Jacobians in chunks of `chunk_size` examples, the Gram
-  matrix accumulated block by block (at most two chunks of Jacobians alive; never all N).
-  `chunk_size="auto"` (default) takes the largest chunk whose two Jacobian blocks fit a memory
-  budget (`memory_budget`, `auto_chunk_size`).
-* `NTK_VECTOR_PRODUCTS`: matrix-free, Θ e_k = J1 (J2ᵀ e_k) by a vjp then a jvp, one column per
-  basis vector; `ntk_vp` exposes the kernel-vector product Θ v itself for large N.
+* `JACOBIAN_CONTRACTION` ("blocks"): per-example Jacobians in chunks of c examples, the Gram
+  accumulated block by block (at most two chunks alive; one when a single block holds all N).
+  1 pass when all N fit, ≈ nb/2 passes for nb = ⌈N/c⌉ blocks otherwise. Exact.
+* `NTK_VECTOR_PRODUCTS` ("matrix-free"): Θ e_j = J1 (J2ᵀ e_j), a vjp of example j then a
+  batched jvp of the x1 batch, k columns at once. 1 gradient pass + N tangent passes. Exact.
+* "sketch": per-example gradients count-sketched to k buckets in one pass; unbiased, with a
+  per-entry standard-error bound computed in the same pass (`sketched_ntk`, `_ntk_routes`).
+* "auto" (default): by the memory budget (`memory_budget_bytes`, from the device, or what
+  `lensllm run` measured on the host), the exact route of least modeled cost; the sketch only
+  with `allow_sketch=True` and when the exact kernel would cost more than `max_exact_passes`.
+`ntk_vp` exposes the kernel-vector product Θ v itself for large N.
 
 Language-model helpers: `loss_gradient_kernel` (outputs = per-example loss, N x N) and
 `logit_kernel` (outputs = target-token log-probs, traced over positions), both on generic
@@ -49,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax.core import _ntk_blocks
+from lensllm_jax.core import _ntk_blocks, _ntk_routes
 from lensllm_jax.core._ntk_checks import (
     _batch_size,
     _check_finite,
@@ -58,13 +64,24 @@ from lensllm_jax.core._ntk_checks import (
     _normalise_trace_axes,
     _where,
 )
+from lensllm_jax.core._ntk_layout import OutputLayout as _OutputLayout
+from lensllm_jax.core._ntk_layout import acc_dtype as _acc_dtype
+from lensllm_jax.core._ntk_layout import as_ac as _as_ac
+from lensllm_jax.core._ntk_layout import finish as _finish
+from lensllm_jax.core._ntk_layout import layout as _layout
+from lensllm_jax.core._ntk_layout import per_example_jacobian
 from lensllm_jax.core._ntk_memory import (
     DEVICE_MEMORY_FRACTION,
     HOST_MEMORY_BUDGET,
+    MAX_EXACT_PASSES,
+    SKETCH_DIM,
+    NtkPlan,
     auto_chunk_size,
     jacobian_bytes_per_example,
     memory_budget,
     parse_bytes,
+    plan_ntk,
+    sketch_relative_error,
 )
 from lensllm_jax.core.ntk_loss import (
     KernelDiagnostics,
@@ -81,10 +98,14 @@ from lensllm_jax.errors import NTKError
 __all__ = [
     "DEVICE_MEMORY_FRACTION",
     "HOST_MEMORY_BUDGET",
+    "MAX_EXACT_PASSES",
+    "SKETCH_DIM",
     "KernelDiagnostics",
     "NTKError",
     "NTKFeatures",
     "NtkImplementation",
+    "NtkPlan",
+    "SketchedNTK",
     "auto_chunk_size",
     "causal_lm_token_logprobs",
     "check_kernel",
@@ -101,58 +122,41 @@ __all__ = [
     "ntk_test_loss_from_features",
     "ntk_vp",
     "parse_bytes",
+    "plan_ntk",
+    "sketch_relative_error",
+    "sketched_ntk",
 ]
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, PyTree], jax.Array]
 KernelFn = Callable[..., jax.Array]
 ChunkSize = int | str | None  # examples per Jacobian block, "auto" (memory budget) or None (all)
+ROUTE_NAMES = ("auto", "jacobian_contraction", "ntk_vector_products", "sketch")
 
 
 class NtkImplementation(enum.Enum):
-    """How the empirical NTK is computed (see each `_ntk_*` function for its cost)."""
+    """The exact NTK routes (see each `_ntk_*` function for its cost). `implementation=` also
+    takes "auto" (default: chosen by the memory budget) and "sketch" (approximate)."""
 
     JACOBIAN_CONTRACTION = "jacobian_contraction"
     NTK_VECTOR_PRODUCTS = "ntk_vector_products"
 
 
+class SketchedNTK(NamedTuple):
+    """A count-sketched kernel (`sketched_ntk`): Θ̂ (unbiased), a per-entry bound on its
+    standard error over the sketch's random signs (same shape), and the plan it ran with."""
+
+    theta: jax.Array
+    stderr_bound: jax.Array
+    plan: NtkPlan
+
+    def frobenius_error_bound(self) -> float:
+        """sqrt(Σ stderr_bound²) >= the root-mean-square of ‖Θ̂ − Θ‖_F over the signs, which
+        bounds every eigenvalue's error (Weyl: |λ̂_k − λ_k| <= ‖Θ̂ − Θ‖_2 <= ‖Θ̂ − Θ‖_F)."""
+        return float(jnp.sqrt(jnp.sum(jnp.square(self.stderr_bound))))
+
+
 # ----------------------------------------------------------------------------- kernels
-
-
-class _OutputLayout(NamedTuple):
-    n_untraced: int  # A = prod of untraced output dims
-    n_traced: int  # C = prod of traced output dims
-    untraced_shape: tuple[int, ...]
-    perm: tuple[int, ...]  # permutation of per-example output axes: untraced then traced
-
-
-def _layout(out_shape: tuple[int, ...], axes: tuple[int, ...]) -> _OutputLayout:
-    per_ex = out_shape[1:]
-    traced = [a - 1 for a in axes]
-    untraced = [a for a in range(len(per_ex)) if a not in traced]
-    ushape = tuple(per_ex[a] for a in untraced)
-    return _OutputLayout(
-        int(np.prod(ushape, dtype=int)),
-        int(np.prod([per_ex[a] for a in traced], dtype=int)),
-        ushape,
-        tuple(untraced + traced),
-    )
-
-
-def _as_ac(y: jax.Array, lay: _OutputLayout) -> jax.Array:
-    """(n, *out) -> (n, A, C)."""
-    y = jnp.transpose(y, (0, *(p + 1 for p in lay.perm)))
-    return y.reshape(y.shape[0], lay.n_untraced, lay.n_traced)
-
-
-def _finish(theta: jax.Array, lay: _OutputLayout) -> jax.Array:
-    """(N1, N2, A, B) -> (N1, N2, *untraced, *untraced)."""
-    return theta.reshape(*theta.shape[:2], *lay.untraced_shape, *lay.untraced_shape)
-
-
-def _acc_dtype(params: PyTree) -> Any:
-    dts = [jnp.asarray(p).dtype for p in jax.tree.leaves(params)]
-    return jnp.promote_types(jnp.result_type(*dts), jnp.float32)
 
 
 def _ntk_jacobian_contraction(
@@ -176,29 +180,14 @@ def _ntk_jacobian_contraction(
       FLOPs  ≈ (1 + nb (nb − 1)/2) · c · A·C · [fwd + bwd of one example]  (x2 None; nb when
              nb <= 2) or nb1 (1 + nb2) · c · A·C · [fwd + bwd] (x2 given), plus 2 N1 N2 A² C P
              for the Gram blocks.
-      memory ≈ 2 · c · A·C · P Jacobian entries (in `jacobian_dtype`, e.g. bf16 halves it; the
-             Gram is accumulated in float32 or wider) + the activations of c examples.
+      memory ≈ 2 · c · A·C · P Jacobian entries (one block when nb = 1; in `jacobian_dtype`,
+             e.g. bf16 halves it; the Gram is accumulated in float32 or wider) + the
+             activations of c examples.
     `chunk_size` arrives resolved (an int, or None for all examples at once).
     """
     acc = _acc_dtype(params)
     chunk = min(chunk_size or max(n1, n2), max(n1, n2))
-
-    def f_example(p, xi):
-        y = f(p, jax.tree.map(lambda leaf: leaf[None], xi))
-        return _as_ac(y, lay)[0]  # (A, C)
-
-    if lay.n_untraced * lay.n_traced == 1:  # scalar per example (loss kernel): plain grad
-        per_example = jax.grad(lambda p, xi: f_example(p, xi)[0, 0])
-        jac_one = lambda p, xi: jax.tree.map(lambda g: g[None, None], per_example(p, xi))  # noqa: E731
-    else:
-        jac_one = jax.jacrev(f_example)
-
-    def jac(x_chunk):
-        j = jax.vmap(jac_one, in_axes=(None, 0))(params, x_chunk)
-        if jacobian_dtype is not None:
-            j = jax.tree.map(lambda leaf: leaf.astype(jacobian_dtype), j)
-        return j
-
+    jac = per_example_jacobian(f, params, lay, jacobian_dtype)
     if x2 is None:
         return _ntk_blocks.symmetric_kernel(
             jac, x1, n1, chunk, (lay.n_untraced, lay.n_untraced), acc, precision
@@ -206,62 +195,58 @@ def _ntk_jacobian_contraction(
     return _ntk_blocks.cross_kernel(jac, x1, x2, n1, n2, chunk, acc, precision)
 
 
-def _ntk_vector_products(
-    f: ApplyFn,
-    params: PyTree,
-    x1: PyTree,
-    x2: PyTree | None,
-    lay: _OutputLayout,
-    n1: int,
-    n2: int,
-    *,
-    chunk_size: int | None,
-    jacobian_dtype: Any,
-    precision: Any,
-) -> jax.Array:
-    """NTK-vector products: column (j, b, c) of Θ is J1 (J2ᵀ e_{j,b,c}), a vjp then a jvp.
-
-    Matrix-free (never forms a Jacobian; does not need per-example independence). Cost:
-      FLOPs  ≈ N2 · A · C · ([bwd of f on the N2 batch] + [jvp of f on the N1 batch]),
-      memory ≈ chunk_size parameter-sized tangents + the two linearisations' residuals.
-    `chunk_size` columns are vmapped at once (default 1, via `lax.map`).
-    """
-    del jacobian_dtype, precision
-    xs2 = x1 if x2 is None else x2
-    _, vjp2 = jax.vjp(lambda p: _as_ac(f(p, xs2), lay), params)
-    _, jvp1 = jax.linearize(lambda p: _as_ac(f(p, x1), lay), params)
-    a, c = lay.n_untraced, lay.n_traced
-    acc = _acc_dtype(params)
-    out_dtype = jax.eval_shape(lambda p: f(p, xs2), params).dtype
-
-    def column(k):
-        j, rem = jnp.divmod(k, a * c)
-        b, cc = jnp.divmod(rem, c)
-        e = jnp.zeros((n2, a, c), out_dtype).at[j, b, cc].set(1)
-        (w,) = vjp2(e)
-        y = jvp1(w)  # (N1, A, C)
-        return jnp.take(y, cc, axis=2).astype(acc)  # (N1, A)
-
-    cols = jax.lax.map(column, jnp.arange(n2 * a * c), batch_size=chunk_size or 1)
-    theta = cols.reshape(n2, a, c, n1, a).sum(axis=2)  # (N2, B, N1, A)
-    return theta.transpose(2, 0, 3, 1)
+def _ntk_vector_products(f, params, x1, x2, lay, n1, n2, *, chunk_size, **_) -> jax.Array:
+    """Matrix-free: k = `chunk_size` examples of x2 per step, each column Θ e_j = J1 (J2ᵀ e_j)
+    by example j's own vjp and a jvp of the x1 batch (`_ntk_routes.matrix_free`). Cost: N2
+    per-example gradients + N1·N2·A·C example tangents; memory k·A·C tangents."""
+    return _ntk_routes.matrix_free(f, params, x1, x2, lay, n1, n2, chunk=chunk_size or n2)
 
 
-_IMPLEMENTATIONS: dict[NtkImplementation, Callable[..., jax.Array]] = {
-    NtkImplementation.JACOBIAN_CONTRACTION: _ntk_jacobian_contraction,
-    NtkImplementation.NTK_VECTOR_PRODUCTS: _ntk_vector_products,
-}
+def _ntk_sketch(f, params, x1, x2, lay, n1, n2, key, *, chunk_size, jacobian_dtype, sketch_dim):
+    """Count sketch (`_ntk_routes.sketch`): (Θ̂, stderr bound); one gradient pass."""
+    return _ntk_routes.sketch(
+        f, params, x1, x2, lay, n1, n2, chunk=chunk_size or max(n1, n2), sketch_dim=sketch_dim,
+        key=key, jacobian_dtype=jacobian_dtype,
+    )  # fmt: skip
+
+
+def _dispatch(f, params, x1, x2, key, *, route, lay, n1, n2, chunk_size, with_bound, **kw):
+    if route == "sketch":
+        theta, bound = _ntk_sketch(
+            f, params, x1, x2, lay, n1, n2, key, chunk_size=chunk_size,
+            jacobian_dtype=kw["jacobian_dtype"], sketch_dim=kw["sketch_dim"],
+        )  # fmt: skip
+        return (theta, bound) if with_bound else theta
+    if route == "ntk_vector_products":
+        return _ntk_vector_products(f, params, x1, x2, lay, n1, n2, chunk_size=chunk_size)
+    kw.pop("sketch_dim")
+    return _ntk_jacobian_contraction(f, params, x1, x2, lay, n1, n2, chunk_size=chunk_size, **kw)
+
+
+def _route_name(implementation: NtkImplementation | str) -> str:
+    value = implementation
+    if isinstance(implementation, NtkImplementation):
+        value = implementation.value
+    if value not in ROUTE_NAMES:
+        raise NTKError(
+            f"unknown NTK implementation {implementation!r}; use one of {list(ROUTE_NAMES)}"
+        )
+    return str(value)
 
 
 def empirical_ntk_fn(
     f: ApplyFn,
     *,
     trace_axes: Sequence[int] | None = None,
-    implementation: NtkImplementation | str = NtkImplementation.JACOBIAN_CONTRACTION,
+    implementation: NtkImplementation | str = "auto",
     chunk_size: ChunkSize = "auto",
     jacobian_dtype: Any = None,
     precision: Any = None,
     memory_budget_bytes: int | None = None,
+    allow_sketch: bool = False,
+    max_exact_passes: float = MAX_EXACT_PASSES,
+    sketch_dim: int = SKETCH_DIM,
+    sketch_seed: int = 0,
 ) -> KernelFn:
     """Return `kernel_fn(params, x1, x2=None, *, name=None) -> Θ` for `f(params, x)`.
 
@@ -271,57 +256,53 @@ def empirical_ntk_fn(
     Args:
       f: pure function; every example of the batch must be processed independently.
       trace_axes: output axes (of the full (N, *out) output, not 0) summed over; None = all.
-      implementation: `NtkImplementation` (or its value string); costs in their docstrings.
-      chunk_size: JACOBIAN_CONTRACTION: examples per Jacobian chunk; "auto" (default) = the
-        largest chunk whose two Jacobian blocks (2 · c · A·C · P · itemsize bytes) fit
-        `memory_budget(memory_budget_bytes)` (see `auto_chunk_size`; on CPU 2 GiB, on a GPU
-        half its free memory); None = all N at once. NTK_VECTOR_PRODUCTS: kernel columns
-        vmapped at once ("auto" / None = 1).
+      implementation: "auto" (default), an `NtkImplementation` (or its value) or "sketch";
+        routes and costs in the module docstring, the choice in `_ntk_memory.plan_ntk`.
+      chunk_size: examples per Jacobian block (blocks), x2 examples per batched jvp
+        (matrix-free) or examples per sketch step; "auto" (default) = the largest the memory
+        budget allows (2 · c · A·C · P · itemsize bytes, or c · ... for one symmetric block of
+        all N); None = all N at once. An int with implementation="auto" means blocks.
       jacobian_dtype: e.g. jnp.bfloat16 to store per-example Jacobians in bf16 (half memory
         and Gram bandwidth); the Gram is always accumulated in float32 or wider. Pass bf16
         params to make the backward passes themselves bf16.
       precision: `lax.Precision` for the Gram contractions (e.g. HIGHEST to avoid TF32 on GPU).
-      memory_budget_bytes: bytes for the two Jacobian blocks when chunk_size="auto" (default:
-        from the device; see `memory_budget`).
+      memory_budget_bytes: bytes the route's parameter-sized buffers may take (default: from
+        the device, see `memory_budget`; `lensllm run` passes what the host has available).
+      allow_sketch: let "auto" pick the sketch when the exact kernel would cost more than
+        `max_exact_passes` per-example gradient passes (an approximation: opt in).
+      sketch_dim, sketch_seed: buckets and seed of the sketch (relative standard error
+        ≈ sqrt(2 / sketch_dim); `sketched_ntk` also returns its per-entry bound; the seed is
+        an argument of the compiled program, not a constant).
 
     The returned function is jittable (shape checks at trace time); outside `jit` it also
-    checks the kernel for NaN/inf and names `name` in the error. Keep and reuse it: it compiles
-    once per input shape (`empirical_ntk` caches one per (f, options), so it does too).
+    checks the kernel for NaN/inf and names `name` in the error. `kernel_fn.plan(params, x1,
+    x2=None)` returns the `NtkPlan` (route, chunk, passes, memory) a call would use. Keep and
+    reuse it: it compiles once per input shape (`empirical_ntk` caches one per (f, options)).
     """
-    try:
-        impl = NtkImplementation(implementation)
-    except ValueError:
-        raise NTKError(
-            f"unknown NTK implementation {implementation!r}; use one of "
-            f"{[m.value for m in NtkImplementation]}"
-        ) from None
+    route = _route_name(implementation)
     if chunk_size is not None and chunk_size != "auto":
         if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
             raise NTKError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")
         chunk_size = int(chunk_size)
     if memory_budget_bytes is not None:
         memory_budget(memory_budget_bytes)  # validate now, not at the first call
+    if not isinstance(sketch_dim, int | np.integer) or sketch_dim < 1:
+        raise NTKError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
 
     # One compiled program per factory and input shapes (a no-op under an outer jit); eager
     # op-by-op dispatch would compile every scan and jacobian separately.
     compiled = jax.jit(
         functools.partial(
-            _IMPLEMENTATIONS[impl], f, jacobian_dtype=jacobian_dtype, precision=precision
+            _dispatch,
+            f,
+            jacobian_dtype=jacobian_dtype,
+            precision=precision,
+            sketch_dim=int(sketch_dim),
         ),
-        static_argnames=("lay", "n1", "n2", "chunk_size"),
+        static_argnames=("route", "lay", "n1", "n2", "chunk_size", "with_bound"),
     )
 
-    def resolve_chunk(params: PyTree, lay: _OutputLayout, n: int) -> int | None:
-        if chunk_size != "auto":
-            return chunk_size
-        if impl is not NtkImplementation.JACOBIAN_CONTRACTION:
-            return None
-        per_example = jacobian_bytes_per_example(
-            params, lay.n_untraced * lay.n_traced, jacobian_dtype
-        )
-        return auto_chunk_size(n, per_example, memory_budget(memory_budget_bytes))
-
-    def kernel_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None, *, name=None):
+    def resolve(params: PyTree, x1: PyTree, x2: PyTree | None, name=None):
         n1 = _batch_size(x1, "x1", name)
         n2 = n1
         if x2 is not None:
@@ -338,15 +319,42 @@ def empirical_ntk_fn(
                 f"f(params, x1){_where(name)} must return one array with leading batch axis "
                 f"{n1}, got {got}"
             )
-        axes = _normalise_trace_axes(trace_axes, out.ndim, name)
-        lay = _layout(out.shape, axes)
-        chunk = resolve_chunk(params, lay, max(n1, n2))
-        theta = compiled(params, x1, x2, lay=lay, n1=n1, n2=n2, chunk_size=chunk)
+        lay = _layout(out.shape, _normalise_trace_axes(trace_axes, out.ndim, name))
+        per_example = jacobian_bytes_per_example(
+            params, lay.n_untraced * lay.n_traced, jacobian_dtype
+        )
+        budget = memory_budget(memory_budget_bytes)
+        fixed = max(n1, n2) if chunk_size is None else chunk_size
+        plan = plan_ntk(
+            n1, n2, per_example, budget, symmetric=x2 is None, route=route,
+            chunk=None if fixed == "auto" else fixed, allow_sketch=allow_sketch,
+            max_exact_passes=max_exact_passes, sketch_dim=int(sketch_dim),
+        )  # fmt: skip
+        return plan, lay, n1, n2
+
+    def run(params, x1, x2=None, *, name=None, with_bound=False, seed=None):
+        """(Θ, stderr bound or None, plan); the bound only for the sketch with with_bound."""
+        plan, lay, n1, n2 = resolve(params, x1, x2, name)
+        key = jax.random.key(sketch_seed if seed is None else seed)
+        with_bound = with_bound and plan.route == "sketch"
+        out = compiled(
+            params, x1, x2, key, route=plan.route, lay=lay, n1=n1, n2=n2, chunk_size=plan.chunk,
+            with_bound=with_bound,
+        )  # fmt: skip
+        theta, bound = out if with_bound else (out, None)
         theta = _finish(theta, lay)
         if _is_concrete(theta):
             _check_finite(theta, "empirical NTK", name)
-        return theta
+        return theta, None if bound is None else _finish(bound, lay), plan
 
+    def kernel_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None, *, name=None):
+        return run(params, x1, x2, name=name)[0]
+
+    def plan_of(params: PyTree, x1: PyTree, x2: PyTree | None = None) -> NtkPlan:
+        return resolve(params, x1, x2)[0]
+
+    kernel_fn.plan = plan_of  # type: ignore[attr-defined]
+    kernel_fn._run = run  # type: ignore[attr-defined]
     return kernel_fn
 
 
@@ -356,35 +364,39 @@ def empirical_ntk(
     x1: PyTree,
     x2: PyTree | None = None,
     *,
-    implementation: NtkImplementation | str = NtkImplementation.JACOBIAN_CONTRACTION,
+    implementation: NtkImplementation | str = "auto",
     trace_axes: Sequence[int] | None = None,
     chunk_size: ChunkSize = "auto",
     jacobian_dtype: Any = None,
     precision: Any = None,
     memory_budget_bytes: int | None = None,
+    allow_sketch: bool = False,
+    sketch_dim: int = SKETCH_DIM,
     name: str | None = None,
 ) -> jax.Array:
     """Θ = J(x1) J(x2)ᵀ traced over `trace_axes`; see `empirical_ntk_fn` for every argument.
 
     The kernel function is cached per (f, options), so calling again with the same `f` (other
     parameters, other inputs of the same shapes) reuses its compiled program."""
-    options = (
-        tuple(trace_axes) if isinstance(trace_axes, list) else trace_axes,
-        implementation,
-        chunk_size,
-        jacobian_dtype,
-        precision,
-        memory_budget_bytes,
-    )
+    return _kernel_fn(
+        f, trace_axes, implementation, chunk_size, jacobian_dtype, precision,
+        memory_budget_bytes, allow_sketch, sketch_dim,
+    )(params, x1, x2, name=name)  # fmt: skip
+
+
+def _kernel_fn(f, trace_axes, *options) -> KernelFn:
+    key = (tuple(trace_axes) if isinstance(trace_axes, list) else trace_axes, *options)
     try:
-        kernel_fn = _cached_ntk_fn(f, *options)
+        return _cached_ntk_fn(f, *key)
     except TypeError:  # an unhashable option: no caching
-        kernel_fn = _cached_ntk_fn.__wrapped__(f, *options)
-    return kernel_fn(params, x1, x2, name=name)
+        return _cached_ntk_fn.__wrapped__(f, *key)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_ntk_fn(f, trace_axes, implementation, chunk_size, jacobian_dtype, precision, budget):
+def _cached_ntk_fn(
+    f, trace_axes, implementation, chunk_size, jacobian_dtype, precision, budget, allow_sketch,
+    sketch_dim,
+):  # fmt: skip
     return empirical_ntk_fn(
         f,
         trace_axes=trace_axes,
@@ -393,7 +405,41 @@ def _cached_ntk_fn(f, trace_axes, implementation, chunk_size, jacobian_dtype, pr
         jacobian_dtype=jacobian_dtype,
         precision=precision,
         memory_budget_bytes=budget,
+        allow_sketch=allow_sketch,
+        sketch_dim=sketch_dim,
     )
+
+
+def sketched_ntk(
+    f: ApplyFn,
+    params: PyTree,
+    x1: PyTree,
+    x2: PyTree | None = None,
+    *,
+    trace_axes: Sequence[int] | None = None,
+    sketch_dim: int = SKETCH_DIM,
+    seed: int = 0,
+    chunk_size: ChunkSize = "auto",
+    jacobian_dtype: Any = None,
+    memory_budget_bytes: int | None = None,
+    name: str | None = None,
+) -> SketchedNTK:
+    """The count-sketched kernel Θ̂ with its error bound, in one per-example gradient pass.
+
+    Θ̂_ij = ⟨S g_i, S g_j⟩ for S: R^P -> R^k folding each gradient into k = `sketch_dim`
+    buckets with independent random signs (`seed`). Over the signs, E[Θ̂] = Θ and
+    sd(Θ̂_ij) <= stderr_bound_ij = sqrt(2 Σ_b u_ib u_jb), u_ib the squared gradient mass of
+    example i in bucket b (≈ sqrt(2/k) ‖g_i‖ ‖g_j‖ when spread evenly); see `_ntk_routes`.
+    Cost: one per-example gradient pass in chunks (`chunk_size`, "auto" from the memory
+    budget) + two O(P) folds per example; memory chunk · P + N · k.
+    """
+    kfn = _kernel_fn(
+        f, trace_axes, "sketch", chunk_size, jacobian_dtype, None, memory_budget_bytes, False,
+        sketch_dim,
+    )  # fmt: skip
+    theta, bound, plan = kfn._run(params, x1, x2, name=name, with_bound=True, seed=seed)  # type: ignore[attr-defined]
+    assert bound is not None
+    return SketchedNTK(theta, bound, plan)
 
 
 def ntk_vp(

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SAMPLERS", "gaussian", "rademacher"]
+__all__ = ["SAMPLERS", "gaussian", "rademacher", "random_signs"]
 
 PyTree = Any
 
 
-def _random_signs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+def random_signs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     """I.i.d. fair ±1 of `shape`: every bit of ⌈size/32⌉ uniform uint32 words is one sign, so the
     PRNG runs 32x less than `jax.random.rademacher` (one uniform per entry).
     Cost: size/32 PRNG words + a shift/mask per sign."""
@@ -31,14 +31,14 @@ def _random_signs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Arr
 def rademacher(key: jax.Array, params: PyTree) -> PyTree:
     """Probe with i.i.d. ±1 entries (minimum-variance Hutchinson probe), params' dtypes.
 
-    Each leaf's signs are the bits of uniform uint32 words (`_random_signs`): the same
+    Each leaf's signs are the bits of uniform uint32 words (`random_signs`): the same
     distribution as `jax.random.rademacher`, a different (32x cheaper) stream."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
         tree,
         [
-            _random_signs(k, jnp.shape(x), jnp.result_type(x))
+            random_signs(k, jnp.shape(x), jnp.result_type(x))
             for k, x in zip(keys, leaves, strict=True)
         ],
     )

@@ -21,6 +21,7 @@ from .config import LMConfig
 
 __all__ = [
     "ACTIVATIONS",
+    "MASK_VALUE",
     "Dense",
     "LayerNorm",
     "RMSNorm",
@@ -181,21 +182,36 @@ def attention_bias(
     return allowed
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | Array) -> Array:
-    """softmax(q kᵀ · scale + mask) v with grouped-query heads.
+MASK_VALUE = -1e30  # added to a disallowed score: its exp is exactly 0 in float32
+UNROLL_MAX_LAYERS = 4  # up to this depth `run_layers` unrolls even when asked to scan
 
-    q: (B, S, H, D); k, v: (B, S, KV, D) with H = KV·G; mask (B, 1, S, S) bool.
-    Cost O(B·H·S²·D). Scores and softmax in f32; fully masked rows give 0 (no NaN).
+
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | Array) -> Array:
+    """softmax(q kᵀ · scale + bias) v with grouped-query heads, bias = 0 where `mask` allows
+    and MASK_VALUE elsewhere.
+
+    q: (B, S, H, D); k, v: (B, S, KV, D) with H = KV·G; mask (B or 1, 1, S, S) bool.
+    4-D layout: the G query heads sharing a key/value head are stacked as G·S query rows of
+    one (B, KV) batch of matmuls, so k and v are never repeated; scores and softmax in f32.
+    The mask enters as an additive bias of shape (B, 1, G·S, S) (one fused add, no select on
+    the (B, H, S, S) scores and none on the probabilities). A row with no allowed key (a
+    padding query under left padding) gets finite, meaningless weights; no real position
+    attends to it. Cost O(B·H·S²·D).
     """
     b, s, h, d = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    m = mask[:, :, None, :, :]  # (B, 1, 1, S, S)
-    scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    g = h // kv
+    qg = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+    kt = k.transpose(0, 2, 1, 3)  # (B, KV, S, D)
+    vt = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32)
+    bias = jnp.where(mask, jnp.float32(0), jnp.float32(MASK_VALUE))  # (B|1, 1, S, S)
+    if g > 1:
+        bias = jnp.broadcast_to(bias[:, :, None], (bias.shape[0], 1, g, s, s))
+        bias = bias.reshape(bias.shape[0], 1, g * s, s)
+    probs = jax.nn.softmax(scores * scale + bias, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vt)  # (B, KV, G·S, D)
+    out = out.reshape(b, kv, g, s, v.shape[-1]).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, s, h, v.shape[-1])
 
 
@@ -218,14 +234,16 @@ def run_layers(
 ) -> Array:
     """x ← block(x, layer_params_i, i) for each layer i of the stacked `layers` pytree.
 
-    scan_layers=True runs `jax.lax.scan` (compile time flat in depth); False unrolls a Python
-    loop over the same stacked params (faster to run on some backends, compile time ∝ depth).
+    scan_layers=True runs `jax.lax.scan` (compile time flat in depth) when there are more than
+    UNROLL_MAX_LAYERS layers; False, or a shallower stack, unrolls a Python loop over the same
+    stacked params (no stacked copies of each layer's residuals for the backward pass: faster
+    to run, compile time ∝ depth).
     remat=True rematerialises each block in the backward pass (memory O(1) blocks of
     activations instead of O(depth), one extra forward).
     """
     fn = jax.checkpoint(block) if remat else block
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    if scan_layers:
+    if scan_layers and n > UNROLL_MAX_LAYERS:
 
         def body(h, inp):
             p, i = inp

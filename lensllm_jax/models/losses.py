@@ -29,9 +29,12 @@ def token_logprobs(
 
     Cost: one forward pass, O(batch·seq·vocab) for the log-softmax.
     """
-    logits = apply(params, tokens, attention_mask)[:, :-1].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    logits = apply(params, tokens, attention_mask).astype(jnp.float32)
+    # log p(x_{t+1}) = logit[x_{t+1}] − logsumexp(logits) at every position t, then drop the
+    # last: no (batch, seq − 1, vocab) copy of the logits (only (batch, seq) values sliced)
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    picked = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0]
+    return (picked - jax.nn.logsumexp(logits, axis=-1))[:, :-1]
 
 
 def per_example_loss(apply: ApplyFn, params: Any, batch: Mapping[str, Array]) -> Array:

@@ -248,6 +248,20 @@ def _example_nll(apply: ApplyFn, params: Any, tokens, loss_mask, attention_mask)
 _eval_sums = jax.jit(_example_nll, static_argnums=0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_state(spec, params):
+    """The optimizer state of `params`: one compiled program (eagerly, optax would compile one
+    small program per leaf shape)."""
+    return _transform(spec).init(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _start(spec, params):
+    """(a private copy of params, its optimizer state) in one compiled program: the step
+    donates the copy's buffers, the caller keeps the pretrained ones."""
+    return jax.tree.map(lambda x: x, params), _transform(spec).init(params)
+
+
 # --- hooks for `lensllm_jax.parallel` (sharded programs): the pure functions it compiles with
 # explicit shardings, and the `mesh=` switches below. Keep them when the kernels change.
 def train_step_fn(apply: ApplyFn, config: FinetuneConfig) -> Callable[..., Any]:
@@ -277,17 +291,18 @@ def make_train_step(apply: ApplyFn, config: FinetuneConfig, *, mesh: Any = None)
     spec = _transform_spec(config)
 
     def init(params: Any) -> Any:
-        return _transform(spec).init(params)
+        return _init_state(spec, params)
 
     def step(params: Any, opt_state: Any, batch: dict, lr: float):
+        # numpy conversions (no device program) and an f32 scalar: one compiled step
         return _train_step(
             apply,
             spec,
             params,
             opt_state,
-            jnp.asarray(batch["tokens"], jnp.int32),
-            jnp.asarray(batch["loss_mask"], jnp.int32),
-            jnp.asarray(batch["attention_mask"], jnp.int32),
+            np.asarray(batch["tokens"], np.int32),
+            np.asarray(batch["loss_mask"], np.int32),
+            np.asarray(batch["attention_mask"], np.int32),
             np.float32(lr),
         )
 
@@ -404,8 +419,11 @@ def finetune(
     order = _batch_order(n, int(config.batch_size), num_steps, seed)
     init, step = make_train_step(apply, config, mesh=mesh)
     # A private copy: the step donates its params buffers and the caller keeps the pretrained.
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-    opt_state = init(params)
+    if mesh is None:  # copy and optimizer state in one compiled program
+        params, opt_state = _start(_transform_spec(config), params)
+    else:  # the sharded init keeps the mesh's layout
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+        opt_state = init(params)
 
     losses: list[Any] = []
     checked = 0

@@ -44,25 +44,103 @@ from lensllm_jax.runner.result import Candidate, CandidateResult, NTKStep
 from lensllm_jax.runner.store import LOSS_UNIT
 
 __all__ = [
+    "HESSIAN_TOKENS",
+    "HOST_MEMORY_FRACTION",
     "MEMORY_ENV",
+    "ROUTE_ENV",
+    "activation_bytes",
+    "hessian_chunk",
     "hessian_distance_step",
     "hessian_step",
+    "host_available_bytes",
     "measure_candidate",
     "ntk_memory_budget",
+    "ntk_plan",
+    "ntk_route",
     "ntk_step",
 ]
 
 MEMORY_ENV = "LENSLLM_NTK_MEMORY"  # bytes for the NTK's Jacobian blocks, e.g. "8GiB" or "5e8"
+ROUTE_ENV = "LENSLLM_NTK_ROUTE"  # auto (default), exact, sketch, jacobian_contraction, ...
+ROUTES = ("auto", "exact", "sketch", "jacobian_contraction", "ntk_vector_products")
+HOST_MEMORY_FRACTION = 0.5  # of the host memory available now; the rest: activations, others
+HESSIAN_TOKENS = 512  # tokens per Hessian-vector-product micro-batch (memory ∝ this, not N·T)
+
+
+def host_available_bytes() -> int | None:
+    """Memory the host can give now: MemAvailable of /proc/meminfo (free + reclaimable page
+    cache, Linux), else free physical pages x page size (`os.sysconf`), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def ntk_memory_budget() -> int | None:
-    """$LENSLLM_NTK_MEMORY as a byte count (e.g. "8GiB", "500MB", "2e9"), or None when unset
-    (the kernel then sizes its chunks from the device, `core.ntk.memory_budget`). Raises
-    `NTKError` for a value that is not a positive byte count."""
+    """Bytes the NTK's per-example gradients may take: $LENSLLM_NTK_MEMORY as a byte count
+    (e.g. "8GiB", "500MB", "2e9"); else, when JAX computes in host memory (CPU),
+    HOST_MEMORY_FRACTION of the memory available now (`host_available_bytes`); else None (the
+    kernel then asks the accelerator, `core.ntk.memory_budget`). Raises `NTKError` for a value
+    that is not a positive byte count."""
+    import jax
+
     from lensllm_jax.core.ntk import parse_bytes
 
     text = os.environ.get(MEMORY_ENV)
-    return parse_bytes(text, MEMORY_ENV) if text else None
+    if text:
+        return parse_bytes(text, MEMORY_ENV)
+    if jax.default_backend() != "cpu":
+        return None
+    available = host_available_bytes()
+    return max(1, int(HOST_MEMORY_FRACTION * available)) if available else None
+
+
+def ntk_route() -> str:
+    """$LENSLLM_NTK_ROUTE: "auto" (default: the exact route the memory allows, the sketch only
+    when exact would cost more than `core.ntk.MAX_EXACT_PASSES` gradient passes, reported),
+    "exact" (never the sketch), "sketch", or an exact route by name."""
+    route = os.environ.get(ROUTE_ENV, "auto").strip().lower() or "auto"
+    if route not in ROUTES:
+        raise NTKError(f"{ROUTE_ENV} = {route!r} is not a route; use one of {', '.join(ROUTES)}")
+    return route
+
+
+def activation_bytes(config: Any, tokens: int) -> int:
+    """Rough f32 bytes of one example's forward + backward temporaries in a causal LM of
+    `config` (a `models.LMConfig`) on `tokens` tokens: per token about 6 logits-sized vectors
+    (logits, log-softmax, their cotangents) and 24 hidden-sized vectors per layer."""
+    per_token = 6 * int(config.vocab_size) + 24 * int(config.num_layers) * int(config.hidden_size)
+    return 4 * int(tokens) * per_token
+
+
+def ntk_plan(
+    params: Any, n: int, chunk_size: int | str | None = "auto", activation: int = 0
+) -> Any:
+    """The `core.ntk.NtkPlan` of `ntk_step` on n probe examples: route and chunk from the
+    memory budget (`ntk_memory_budget`), the activations of one example (`activation` bytes)
+    and $LENSLLM_NTK_ROUTE (`ntk_route`)."""
+    from lensllm_jax.core import ntk
+
+    route = ntk_route()
+    budget = ntk.memory_budget(ntk_memory_budget())
+    chunk = n if chunk_size is None else None if chunk_size == "auto" else int(chunk_size)
+    return ntk.plan_ntk(
+        n,
+        n,
+        ntk.jacobian_bytes_per_example(params),
+        budget,
+        route="auto" if route == "exact" else route,
+        chunk=chunk,
+        allow_sketch=route == "auto",
+        activation_bytes=activation,
+    )
 
 
 def ntk_step(
@@ -72,14 +150,19 @@ def ntk_step(
     *,
     chunk_size: int | str | None = "auto",
     name: str | None = None,
+    log: Callable[[str], None] | None = None,
+    activation: int = 0,
     mesh: Any = None,
 ) -> NTKStep:
     """Θ = J Jᵀ of the per-example probe loss ℓ(X) (`probe_loss_fn`), r = ℓ(X; θ0), and
     F's features (`core.ntk.checked_features`: eigh of Θ, Uᵀr, how much was symmetrised/clipped).
 
-    Cost: about one per-example-gradient pass over the N probe examples, `chunk_size` at a
-    time ("auto": as many as a memory budget allows; memory ≈ 2·chunk·P gradient entries),
-    2N²P for the Gram, O(N³) for eigh.
+    The route (`ntk_plan`; `activation`: bytes of one example's activations, see
+    `activation_bytes`): exact Jacobian blocks when the host's memory allows few passes,
+    else the matrix-free route, or the count sketch when exact would cost more than
+    `core.ntk.MAX_EXACT_PASSES` (a warning and `log` say so, with its error bound).
+    Cost: one per-example-gradient pass over the N probe examples when all N gradients fit
+    (memory N·P entries), ≈ nb/2 passes for nb blocks, 2N²P for the Gram, O(N³) for eigh.
     Raises `NTKError` for a non-finite kernel or residual.
     """
     import jax
@@ -102,17 +185,44 @@ def ntk_step(
         residual = sharded.per_example_values(loss, params, batch, mesh)
         feats, diag = ntk.checked_features(theta, residual, name=name)
         return NTKStep(np.asarray(theta), residual, feats, diag)
-    theta = ntk.loss_gradient_kernel(
-        loss,
-        params,
-        batch,
-        chunk_size=chunk_size,
-        memory_budget_bytes=ntk_memory_budget(),
-        name=name,
-    )
+    n = int(np.shape(batch["tokens"])[0])
+    plan = ntk_plan(params, n, chunk_size, activation)
+    budget = plan.budget_bytes
+    if log is not None:
+        log(f"NTK route: {plan.describe()}")
+    if plan.route == "sketch":
+        sk = ntk.sketched_ntk(
+            loss, params, batch, chunk_size=plan.chunk, memory_budget_bytes=budget, name=name
+        )
+        theta = sk.theta
+        rel = sk.frobenius_error_bound() / max(float(np.linalg.norm(np.asarray(theta))), 1e-300)
+        msg = (
+            f"{name}: the NTK is a sketch (k = {plan.sketch_dim}, an exact kernel would cost "
+            f"more than {ntk.MAX_EXACT_PASSES:g} gradient passes); relative Frobenius error "
+            f"bound {rel:.2g}; set {ROUTE_ENV}=exact for the exact kernel"
+        )
+        warnings.warn(msg, stacklevel=2)
+        if log is not None:
+            log(msg)
+    else:
+        theta = ntk.loss_gradient_kernel(
+            loss,
+            params,
+            batch,
+            implementation=plan.route,
+            chunk_size=plan.chunk,
+            memory_budget_bytes=budget,
+            name=name,
+        )
     residual = np.asarray(jax.jit(loss)(params, batch))
     feats, diag = ntk.checked_features(theta, residual, name=name)
     return NTKStep(np.asarray(theta), residual, feats, diag)
+
+
+def hessian_chunk(batch: Mapping[str, np.ndarray]) -> int:
+    """Probe examples per Hessian-vector-product micro-batch: ⌊HESSIAN_TOKENS / T⌋ (at least
+    1) for probes of T tokens (`core.hessian` takes the largest divisor of N not above it)."""
+    return max(1, HESSIAN_TOKENS // int(np.shape(batch["tokens"])[1]))
 
 
 def hessian_step(
@@ -128,7 +238,9 @@ def hessian_step(
     """Hutchinson estimate of tr ∇²_θ (1/N Σ_i ℓ_i(θ)) at the pretrained params, with
     Rademacher probes seeded by `seed`: (mean, standard error of the mean over probes).
     A phase diagnostic (LENSLLM's PAC-Bayes account), not used by the ranking.
-    Cost: num_probes Hessian-vector products (≈ 1 + num_probes gradients, linearized)."""
+    Cost: num_probes Hessian-vector products (≈ 2-3 gradients each), one probe at a time, each
+    over micro-batches of `hessian_chunk` examples: memory of one HVP on ≈ HESSIAN_TOKENS
+    tokens, whatever the probe set's size."""
     import jax
 
     from lensllm_jax.core import hessian
@@ -155,6 +267,7 @@ def hessian_step(
         group_by="top",
         name=name,
         batch=batch,
+        example_chunk=hessian_chunk(batch),
     )
     return float(est.mean), float(est.stderr)
 
@@ -170,7 +283,8 @@ def hessian_distance_step(
 ) -> float:
     """vᵀHv with v = θ_finetuned − θ_pretrained and H the Hessian of the mean probe loss at
     the fine-tuned params (`hessian.hessian_distance`): the curvature term of Hessian-based
-    PAC-Bayes bounds for fine-tuning. Cost: 2 Hessian-vector products."""
+    PAC-Bayes bounds for fine-tuning. Cost: 1 Hessian-vector product, over micro-batches as in
+    `hessian_step`."""
     from lensllm_jax.core import hessian
 
     if mesh is not None:
@@ -192,6 +306,8 @@ def hessian_distance_step(
         group_by="top",
         name=name,
         batch=batch,
+        blocks=False,
+        example_chunk=hessian_chunk(batch),
     )
     return float(dist.total)
 
@@ -344,7 +460,16 @@ def _probe_kernel(
     """`ntk_step` at the pretrained params; None (and a warning) if the kernel is unusable
     (NaN/inf, not PSD): LensLLM-NTK then ranks the candidate last."""
     try:
-        step = ntk_step(m.apply, m.params, probe, chunk_size=chunk, name=name, mesh=mesh)
+        step = ntk_step(
+            m.apply,
+            m.params,
+            probe,
+            chunk_size=chunk,
+            name=name,
+            mesh=mesh,
+            log=lambda line: log(f"{prefix}: {line}"),
+            activation=activation_bytes(m.config, np.shape(probe["tokens"])[1]),
+        )
     except NTKError as err:
         warnings.warn(
             f"{name}: no NTK features ({first_line(err)}); {NTK_METHOD} ranks it last",

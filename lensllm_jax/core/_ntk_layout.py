@@ -1,0 +1,74 @@
+"""Output layout of an NTK: which per-example output axes are traced (summed) and which stay
+(private helpers shared by every NTK route)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class OutputLayout(NamedTuple):
+    n_untraced: int  # A = prod of untraced output dims
+    n_traced: int  # C = prod of traced output dims
+    untraced_shape: tuple[int, ...]
+    perm: tuple[int, ...]  # permutation of per-example output axes: untraced then traced
+
+
+def layout(out_shape: tuple[int, ...], axes: tuple[int, ...]) -> OutputLayout:
+    per_ex = out_shape[1:]
+    traced = [a - 1 for a in axes]
+    untraced = [a for a in range(len(per_ex)) if a not in traced]
+    ushape = tuple(per_ex[a] for a in untraced)
+    return OutputLayout(
+        int(np.prod(ushape, dtype=int)),
+        int(np.prod([per_ex[a] for a in traced], dtype=int)),
+        ushape,
+        tuple(untraced + traced),
+    )
+
+
+def as_ac(y: jax.Array, lay: OutputLayout) -> jax.Array:
+    """(n, *out) -> (n, A, C)."""
+    y = jnp.transpose(y, (0, *(p + 1 for p in lay.perm)))
+    return y.reshape(y.shape[0], lay.n_untraced, lay.n_traced)
+
+
+def finish(theta: jax.Array, lay: OutputLayout) -> jax.Array:
+    """(N1, N2, A, B) -> (N1, N2, *untraced, *untraced)."""
+    return theta.reshape(*theta.shape[:2], *lay.untraced_shape, *lay.untraced_shape)
+
+
+def acc_dtype(params: PyTree) -> Any:
+    """The Gram's accumulation dtype: the params' dtype promoted to at least float32."""
+    dts = [jnp.asarray(p).dtype for p in jax.tree.leaves(params)]
+    return jnp.promote_types(jnp.result_type(*dts), jnp.float32)
+
+
+def per_example_jacobian(f, params: PyTree, lay: OutputLayout, jacobian_dtype: Any = None):
+    """`jac(x_chunk) -> per-example Jacobians`, a pytree of (c, A, C, *leaf) leaves, by
+    `vmap` over the chunk of `jacrev` of f on single examples (`grad` for a scalar output).
+    Cost: c per-example backward passes (A·C of them each), ≈ one batched gradient of the
+    chunk per output; memory c · A·C · P entries."""
+
+    def f_example(p, xi):
+        y = f(p, jax.tree.map(lambda leaf: leaf[None], xi))
+        return as_ac(y, lay)[0]  # (A, C)
+
+    if lay.n_untraced * lay.n_traced == 1:  # scalar per example (loss kernel): plain grad
+        per_example = jax.grad(lambda p, xi: f_example(p, xi)[0, 0])
+        jac_one = lambda p, xi: jax.tree.map(lambda g: g[None, None], per_example(p, xi))  # noqa: E731
+    else:
+        jac_one = jax.jacrev(f_example)
+
+    def jac(x_chunk):
+        j = jax.vmap(jac_one, in_axes=(None, 0))(params, x_chunk)
+        if jacobian_dtype is not None:
+            j = jax.tree.map(lambda leaf: leaf.astype(jacobian_dtype), j)
+        return j
+
+    return jac
