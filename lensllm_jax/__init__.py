@@ -13,7 +13,8 @@ The public API is re-exported here by name; the subpackages are the rooms: `core
 JAX: laws, fit, ntk, hessian), `models` (the Flax zoo and its loaders), `data` (curve
 tables, spectra, task text), `selection` (the methods, one ranking path, how sure),
 `runner` (the `lensllm run` job), `parallel` (device meshes and sharded programs),
-`benchmark` (Lin et al.'s protocol and data), `cli`.
+`benchmark` (Lin et al.'s protocol and data), `plots` (pictures of rankings and runs; the
+``plot`` extra), `cli`.
 Names load on first use, so ``import lensllm_jax`` stays light (no jax until needed).
 """
 
@@ -68,6 +69,7 @@ _SUBPACKAGES = (
     "errors",
     "models",
     "parallel",
+    "plots",
     "runner",
     "selection",
 )
@@ -102,6 +104,7 @@ __all__ = [
     "models",
     "ntk_test_loss",
     "parallel",
+    "plots",
     "predict",
     "rank",
     "read_curve_table",
@@ -122,6 +125,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time, __getattr_
         errors,
         models,
         parallel,
+        plots,
         runner,
         selection,
     )

@@ -238,8 +238,14 @@ def test_run_writes_results_that_select_reranks_identically(world, done, capsys)
         "curves.csv",
         "manifest.json",
         "ntk_features.csv",
+        "plots",
         "ranking.csv",
         "report.json",
+    ]
+    assert sorted(p.name for p in (out_dir / "plots").iterdir()) == [
+        "curves.png",
+        "ntk.png",
+        "ranking.png",
     ]
     assert not list(out_dir.rglob("*.part"))
     ranking_csv = (out_dir / "ranking.csv").read_text()
@@ -399,7 +405,11 @@ def test_interrupted_run_resumes_to_identical_bytes(world, done, tmp_path, monke
     capsys.readouterr()
     assert cli.main(_argv(world, out_dir, "--format", "csv")) == 0
     assert calls == {"load": 2, "curve": 2}
-    assert "gpt2-char: done in an earlier run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gpt2-char: done in an earlier run" in err
+    # not on a terminal: an estimate for the 2 candidates left, then lines with the time left
+    assert "lensllm: estimate: 2 candidates (up to " in err and " fine-tuning steps" in err
+    assert "% of steps · ≈ " in err and " left" in err
     for name in ("ranking.csv", "curves.csv"):
         assert (out_dir / name).read_bytes() == (done["out_dir"] / name).read_bytes()
 
@@ -412,23 +422,31 @@ def test_interrupted_run_resumes_to_identical_bytes(world, done, tmp_path, monke
 @pytest.mark.slow
 def test_new_target_or_methods_rerank_without_fine_tuning(world, done, tmp_path, monkeypatch):
     """The target and the methods are not run settings: a rerun re-ranks the saved results
-    (no load, no fine-tune), as `lensllm select` ranks the saved curves.csv."""
+    (no load, no fine-tune), as `lensllm select` ranks the saved curves.csv. Another target
+    never overwrites the first one's ranking: its files are named by the target."""
     from lensllm_jax import models
 
     out_dir = tmp_path / "rerank"
     shutil.copytree(done["out_dir"], out_dir)
+    before = {n: (out_dir / n).read_bytes() for n in ("ranking.csv", "report.json")}
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded a model"))
     out_csv = tmp_path / "r.csv"
     extra = ["--target", "1000", "--methods", "AtS", "LensLLM", "--format", "csv"]
     assert cli.main(_argv(world, out_dir, "-q", *extra, "--out", str(out_csv))) == 0
     rows = _csv_rows(out_csv.read_text())
     assert [r["method"] for r in rows] == ["AtS"] * 3 + ["LensLLM"] * 3 + ["LensLLM-NTK"] * 3
-    assert out_csv.read_text() == (out_dir / "ranking.csv").read_text()
+    assert out_csv.read_text() == (out_dir / "ranking_target-1000.csv").read_text()
+    assert {n: (out_dir / n).read_bytes() for n in before} == before  # target 96 untouched
+    assert (out_dir / "plots_target-1000" / "curves.png").is_file()
     sel_csv = tmp_path / "s.csv"
     argv = ["select", str(out_dir / "curves.csv"), "--target", "1000", "--out", str(sel_csv)]
     assert cli.main([*argv, "--methods", "AtS", "LensLLM", "--format", "csv"]) == 0
     assert _csv_rows(sel_csv.read_text()) == rows[:6]
-    assert json.loads((out_dir / "report.json").read_text())["target"] == 1000.0
+    assert json.loads((out_dir / "report_target-1000.json").read_text())["target"] == 1000.0
+    # the first target again: its own files, rewritten in place
+    assert cli.main(_argv(world, out_dir, "-q", "--format", "csv", "--out", str(out_csv))) == 0
+    assert (out_dir / "ranking.csv").read_bytes() == before["ranking.csv"]
+    assert out_csv.read_text() == before["ranking.csv"].decode()
 
 
 @pytest.mark.slow
@@ -667,4 +685,6 @@ def test_hessian_by_size_measures_the_fine_tuned_params(world, tmp_path):
     by_size = report["candidates"][0]["hessian_by_size"]
     assert [e["size"] for e in by_size] == list(sizes)
     assert all(isinstance(e["power_phase"], bool) for e in by_size)
+    # 3 sizes: AtS fits all three and tests none, so "power" is its assumption, not a finding
+    assert [e["phase_tested"] for e in by_size] == [False, False, False]
     np.testing.assert_allclose([e["distance"] for e in by_size], r.ft_hessian_distance)

@@ -38,3 +38,4 @@ def test_ntk_example_runs_on_smollm2(smollm2_gguf):
     out = _run(BLOCKS[1]).splitlines()
     f_value, trace, stderr = (float(x) for x in out[0].split())
     assert f_value > 0 and stderr > 0 and abs(trace) < 1e9
+    assert out[1] == "32"  # a trace per layer (30), not per parameter kind, + embed and norm

@@ -9,6 +9,11 @@
                 [--mesh data=D,fsdp=F] [--distributed [--coordinator HOST:PORT
                 --num-processes N --process-id I]]
     lensllm plan MODEL [MODEL ...] [--devices N] [--device-memory BYTES] [--compile]
+    lensllm env
+
+``select --plot FILE``, ``env``, the progress display of ``run`` and the --help epilogs
+(examples, exit codes, environment variables) live in `cli.extras`; ``plan``, ``--mesh``
+and ``--distributed`` in `cli.scale`.
 
 Exit codes: 0 success; 2 bad input or an expected failure (one ``lensllm: error: ...``
 line on stderr, no traceback, `--out` untouched: a full disk, an unreadable file, input
@@ -34,6 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lensllm_jax.cli.extras as extras
 import lensllm_jax.cli.scale as scale
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
 from lensllm_jax.data._files import check_output_target, describe_os_error, write_atomic
@@ -64,6 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Pick the pretrained LLM to fine-tune, and know how sure to be.",
+        epilog=extras.EPILOGS["main"],
+        formatter_class=extras.HelpFormatter,
     )
     from lensllm_jax import __version__
 
@@ -80,6 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "package, or the folder in $LENSLLM_DATA) at budgets 1/8 ... 1/512 and score "
             "each ranking against the full-size losses."
         ),
+        epilog=extras.EPILOGS["reproduce"],
+        formatter_class=extras.HelpFormatter,
     )
     rep.add_argument(
         "--data",
@@ -101,6 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "'family') by the loss each method predicts at --target samples. Rank 1 is "
             "the model to fine-tune."
         ),
+        epilog=extras.EPILOGS["select"],
+        formatter_class=extras.HelpFormatter,
     )
     sel.add_argument("table", metavar="CSV", help="the curve table")
     sel.add_argument(
@@ -117,9 +129,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "holding it): adds LensLLM-NTK to the default methods",
     )
     _add_method_and_output_args(sel, default="LensLLM; with --ntk also LensLLM-NTK")
+    extras.add_plot_argument(sel)
     sel.set_defaults(handler=_cmd_select)
     _add_run_parser(sub)
     scale.add_plan_parser(sub)
+    extras.add_env_parser(sub)
     return parser
 
 
@@ -135,6 +149,8 @@ def _add_run_parser(sub: Any) -> None:
             "candidates by the loss predicted at --target samples. Results are saved in "
             "--out-dir as each candidate finishes; rerunning the same command resumes."
         ),
+        epilog=extras.EPILOGS["run"],
+        formatter_class=extras.HelpFormatter,
     )
     run.add_argument(
         "--models", nargs="+", action="extend", required=True, metavar="PATH", help="candidates"
@@ -203,7 +219,12 @@ def _add_run_parser(sub: Any) -> None:
         help="also measure the probe loss's Hessian (Hutchinson trace, 8 probes, and vᵀHv) "
         "at the pretrained weights and after each fine-tune",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="no estimate, progress bar or progress lines"
+    )
+    run.add_argument(
+        "--no-plots", action="store_true", help="do not draw the pictures in <out-dir>/plots"
+    )
     _add_method_and_output_args(run, default="LensLLM, plus LensLLM-NTK")
     scale.add_run_switches(run)
     run.set_defaults(handler=_cmd_run)
@@ -327,7 +348,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lensllm_jax.data.curves import read_curve_tables
 
     out = _check_out(args.out)
-    paths = resolve_data(args.data)
+    paths = resolve_data(args.data, fetcher=extras.announcing_fetcher())
     tables = read_curve_tables(paths)
     _enable_jit_cache()
     rows = _with_warnings_reported(lambda: protocol.run(tables, args.methods))
@@ -344,6 +365,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from lensllm_jax.selection import ranking as rank
 
     out = _check_out(args.out)
+    plot = extras.check_plot_argument(args.plot)
     path = Path(args.table)
     if not path.exists():
         raise LensLLMInputError("no such file", file=path, hint="give the curve table's path")
@@ -357,6 +379,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
         methods = methods or ["LensLLM", "LensLLM-NTK"]
     _enable_jit_cache()
     rows = _with_warnings_reported(lambda: rank.rank(table, args.target, methods))
+    if plot is not None:
+        extras.write_selection_plot(plot, table, rows, args.target)
     if args.format == "csv":
         return _emit(rank.rows_to_csv(rows), out)
     if args.format == "json":
@@ -382,9 +406,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     many = scale.run_switches(args)
     _enable_jit_cache()
 
-    def log(line: str) -> None:
-        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
-
     with scale.native_stdout_to_stderr(many["distributed"] is not False):
         result = _with_warnings_reported(
             lambda: job.run(
@@ -402,7 +423,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 ntk=not args.no_ntk,
                 ntk_chunk="auto" if args.ntk_chunk is None else args.ntk_chunk,
                 hessian_probes=args.hessian,
-                log=None if args.quiet else log,
+                progress=extras.progress_for(args.quiet),
+                plots=not args.no_plots,
                 **many,
             )
         )

@@ -39,8 +39,6 @@ def render_run(result: Any, *, color: bool = False) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    from lensllm_jax.runner.report import hessian_by_size
-
     def num(x: float, fmt: str = ".4g") -> str:
         return "-" if not math.isfinite(x) else format(x, fmt)
 
@@ -72,27 +70,62 @@ def render_run(result: Any, *, color: bool = False) -> str:
     console.print(table)
     measured = [r for r in result.diagnostics.values() if np.isfinite(r.ft_hessian_trace).any()]
     if measured:
-        phases = Table(
-            title="Hessian of the probe loss after fine-tuning on D samples "
-            "(v = θ_D − θ_0; phase by AtS's rule)",
-            title_justify="left",
-        )
-        for i, col in enumerate(("model", "D", "loss", "tr H ± s.e.", "vᵀHv", "phase")):
-            phases.add_column(col, justify="left" if i in (0, 5) else "right")
-        for r in measured:
-            for j, e in enumerate(hessian_by_size(r) or []):
-                phase = {True: "power", False: "pre-power", None: "-"}[e["power_phase"]]
-                phases.add_row(
-                    _esc(r.name) if j == 0 else "",
-                    str(e["size"]),
-                    num(float(r.losses[j]), ".4f"),
-                    "-" if e["trace"] is None else f"{e['trace']:.4g} ± {e['stderr']:.2g}",
-                    "-" if e["distance"] is None else f"{e['distance']:.4g}",
-                    phase,
-                )
-        console.print(phases)
-    console.print(f"results in {_esc(result.out_dir)}")
+        _hessian_table(console, measured, num)
+    for f in getattr(result, "files", ()):
+        if f.name.startswith(("ranking_target-", "report_target-")):
+            console.print(f"ranking for target {result.target:g} in {_esc(f, 400)}")
+            break
+    console.print(f"results in {_esc(result.out_dir, 400)}")
     return text + buf.getvalue()
+
+
+def _hessian_table(console: Any, measured: Sequence, num: Any) -> None:
+    """The two-phase table of `lensllm run --hessian`, with what its marks mean."""
+    from rich.table import Table
+
+    from lensllm_jax.runner.report import ATS_FITTED, hessian_by_size
+
+    phases = Table(
+        title="Hessian of the mean probe loss after fine-tuning on D samples "
+        "(v = θ_D − θ_0; phase by AtS's rule)",
+        title_justify="left",
+    )
+    for i, col in enumerate(("model", "D", "loss", "tr H ± s.e.", "vᵀHv", "phase")):
+        phases.add_column(col, justify="left" if i in (0, 5) else "right")
+    assumed = negative = False
+    for r in measured:
+        for j, e in enumerate(hessian_by_size(r) or []):
+            phase = {True: "power", False: "pre-power", None: "-"}[e["power_phase"]]
+            if e["power_phase"] and not e["phase_tested"]:
+                phase, assumed = "power*", True
+            dist = e["distance"]
+            negative |= dist is not None and dist < 0
+            phases.add_row(
+                _esc(r.name) if j == 0 else "",
+                str(e["size"]),
+                num(float(r.losses[j]), ".4f"),
+                "-" if e["trace"] is None else f"{e['trace']:.4g} ± {e['stderr']:.2g}",
+                "-" if dist is None else f"{dist:.4g}",
+                phase,
+            )
+    console.print(phases)
+    notes = [
+        "tr H: Hutchinson estimate of the trace of the Hessian of the mean probe loss, all "
+        "parameters."
+    ]
+    if assumed:
+        notes.append(
+            f"power*: one of the {ATS_FITTED} largest sizes, which AtS takes as power phase "
+            "without a test; give more --sizes to test smaller ones."
+        )
+    if negative:
+        notes.append(
+            "vᵀHv < 0: the Hessian at θ_D is indefinite and curves down along v = θ_D − θ_0 "
+            "(a saddle direction, not a minimum along the fine-tuning path); the PAC-Bayes "
+            "curvature term assumes vᵀHv >= 0."
+        )
+    for note in notes:
+        console.print(note)
 
 
 def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str:
@@ -125,9 +158,8 @@ def render_ranking(rows: Sequence, target: float, *, color: bool = False) -> str
             table.add_row(str(r.rank), _esc(r.model), score, *p_best, _esc(r.status))
         console.print(table)
         if sure:
-            console.print(
-                f"{_esc(credible_set_text(mine), 400)} (calibration: lensllm_jax/confidence.py)"
-            )
+            where = "calibration: lensllm_jax/selection/confidence.py"
+            console.print(f"{_esc(credible_set_text(mine), 400)} ({where})")
     return buf.getvalue()
 
 

@@ -221,7 +221,8 @@ def split_examples(n: int, *, num_test: int, num_probe: int, seed: int) -> Split
         )
     if n < num_test + num_probe + 1:
         raise LensLLMInputError(
-            f"{n} examples are too few for {num_test} test + {num_probe} probe examples and a "
+            f"{n} example{'s are' if n != 1 else ' is'} too few for {num_test} test + "
+            f"{num_probe} probe examples and a "
             f"non-empty fine-tuning pool",
             hint="provide more examples or lower the test/probe sizes",
         )

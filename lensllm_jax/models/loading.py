@@ -160,7 +160,8 @@ def inspect(
     if not p.is_dir():
         if p.exists():
             raise ModelLoadError(f"{p}: not a model directory or .gguf file")
-        if str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
+        looks_like_file = p.suffix.lower() in (".gguf", ".safetensors", ".json", ".bin")
+        if looks_like_file or str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
             raise ModelLoadError(f"{p}: no such file or folder")
         p = resolve_cached_repo(str(path), revision)
     cfg = _hf_config(p)

@@ -393,6 +393,7 @@ def finetune(
     config: FinetuneConfig,
     *,
     seed: int,
+    on_step: Callable[[int], None] | None = None,
     mesh: Any = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `params` on `train` with the recipe `config`.
@@ -402,7 +403,8 @@ def finetune(
     example is dropped and the step compiles once). Step s: θ ← θ − lr_s·u_s, with u_s the
     clipped (Adam) direction of ∇L (module docstring) and lr_s from `learning_rates`.
     A non-finite loss, or one above divergence_factor × the first, stops the run with status
-    "diverged" (checked every few steps; no exception).
+    "diverged" (checked every few steps; no exception). on_step(n), if given, is told of
+    every n steps finished, at each of those checks (progress).
 
     Cost: N steps of ≈ 6·P·B·T FLOPs; memory ≈ 2·P (input + working params) + 2·P Adam
     moments + one batch's activations. Deterministic given `seed`. With a `mesh`, the steps
@@ -432,6 +434,8 @@ def finetune(
         losses.append(loss)
         if len(losses) - checked >= _CHECK_EVERY or s == num_steps - 1:
             window = np.asarray(jax.device_get(losses[checked:]), np.float64)
+            if on_step is not None:
+                on_step(len(losses) - checked)
             checked = len(losses)
             first = window[0] if first is None else first
             limit = config.divergence_factor * max(first, 1.0)
@@ -477,6 +481,7 @@ def loss_curve(
     loss_unit: str = "nats_per_byte",
     on_point: Callable[[int, float, str, int], None] | None = None,
     on_params: Callable[[int, Any], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     mesh: Any = None,
 ) -> LossCurve:
     """Test loss of `params` fine-tuned on nested subsets of `pool` of each size.
@@ -489,7 +494,8 @@ def loss_curve(
     sizes: a curve can be computed (or resumed) one size at a time with identical results.
     on_point(size, loss, status, num_steps), if given, is called after each size (progress);
     on_params(size, fine_tuned_params), if given, after each size that did not diverge (to
-    measure the fine-tuned model, e.g. its Hessian, before its buffers are freed).
+    measure the fine-tuned model, e.g. its Hessian, before its buffers are freed);
+    on_step(n) as in `finetune`.
     mesh: a `jax.sharding.Mesh` (`lensllm_jax.parallel.make_mesh`) to run every step and
     evaluation sharded on (params placed by `parallel.shard_params`); None: one device.
 
@@ -509,7 +515,7 @@ def loss_curve(
     losses, ses, steps, status = [], [], [], []
     for size in sizes_arr:
         sub = nested_subset(index, int(size), seed=seed)
-        res = finetune(apply, params, pool.take(sub), config, seed=seed, mesh=mesh)
+        res = finetune(apply, params, pool.take(sub), config, seed=seed, on_step=on_step, mesh=mesh)
         loss = se = float("nan")
         if res.status == "ok":
             ev = evaluate(apply, res.params, test, batch_size=ebs, mesh=mesh)

@@ -34,6 +34,12 @@ Output folder::
     ntk_features.csv          each candidate's NTK spectrum (`data.spectra`)
     ranking.csv               method,rank,model,score,status,p_best
     report.json               settings, per-candidate curve and diagnostics, the ranking
+                              with each method's fitted parameters per candidate
+    plots/                    curves.png, ranking.png, ntk.png, hessian.png (`plots`)
+
+A rerun with another --target re-ranks without fine-tuning and never overwrites the first
+target's ranking: its files are ranking_target-<N>.csv, report_target-<N>.json and
+plots_target-<N>/ (`output_names`).
 
 Many devices (`lensllm_jax.parallel`): with `mesh=` (or more than one device), every
 candidate is loaded straight into its shards and fine-tuned, evaluated and measured by the
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 import warnings
@@ -64,11 +71,21 @@ from lensllm_jax.data._files import describe_os_error, write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
 from lensllm_jax.data.spectra import stack_spectra, write_spectra
 from lensllm_jax.errors import CurveFitWarning, LensLLMError, LensLLMInputError
+from lensllm_jax.runner.progress import LineProgress, Progress
 from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
 
-__all__ = ["RunPlan", "plan", "run"]
+__all__ = ["OutputNames", "RunPlan", "output_names", "plan", "run"]
 
 Log = Callable[[str], None]
+
+
+class OutputNames(NamedTuple):
+    """Where one target's ranking goes in the run folder (`output_names`)."""
+
+    ranking: str  # ranking.csv, or ranking_target-<N>.csv
+    report: str  # report.json, or report_target-<N>.json
+    plots: str  # plots, or plots_target-<N>
+    previous_target: float | None  # the target of report.json when it is another one
 
 
 class RunPlan(NamedTuple):
@@ -108,6 +125,8 @@ def run(
     ntk_chunk: int | str | None = "auto",
     hessian_probes: int = 0,
     log: Log | None = None,
+    progress: Progress | None = None,
+    plots: bool = True,
     mesh: Any = None,
     distributed: bool | dist.Cluster = False,
 ) -> RunResult:
@@ -128,7 +147,13 @@ def run(
         False.
       ntk_chunk: probe examples per Jacobian chunk ("auto": fit a memory budget, see
         `core.ntk.auto_chunk_size`). hessian_probes: 0 = no Hessian trace.
-      log: called with one progress line per step (e.g. print to stderr); in process 0 only.
+      log: called with one progress line per step (e.g. print to stderr), in process 0 only;
+        the lines carry the share of fine-tuning steps done and the time left once steps
+        are timed.
+      progress: a `runner.progress.Progress` instead of `log` (e.g. `RichProgress`, a
+        terminal bar); before any work it is given an estimate of the cost.
+      plots: write the pictures into the folder's plots/ (`plots.write_run_plots`) when
+        matplotlib is installed (without it: a warning, no plots).
       mesh: the device layout, "data=2,fsdp=4" (`parallel.make_mesh`) or a Mesh; None: one
         device when there is one, else the smallest fsdp size whose per-device memory fits
         (`parallel.plan.auto_layout`). Results equal the one-device run to f32 round-off.
@@ -144,7 +169,10 @@ def run(
     if distributed is not False:
         dist.initialize(distributed if isinstance(distributed, dist.Cluster) else dist.Cluster())
     writer = dist.is_writer()
-    log = (log if writer else None) or (lambda _line: None)
+    if not writer:  # the other processes compute in silence
+        log, progress = None, Progress()
+    if progress is None:
+        progress = Progress() if log is None else LineProgress(log)
     p = dist.agree(
         lambda: plan(
             models,
@@ -165,8 +193,11 @@ def run(
         )
     )
     layout = dist.agree(lambda: _layout(p, mesh))
-    results, resumed = _measure_all(p, log, layout)
-    return _rank_and_report(p, results, resumed, write=writer)
+    try:
+        results, resumed = _measure_all(p, progress, layout)
+    finally:
+        progress.close()
+    return _rank_and_report(p, results, resumed, progress.log, plots, write=writer)
 
 
 def _layout(p: RunPlan, mesh: Any) -> Any:
@@ -304,6 +335,10 @@ def _tokenize(text: Any, examples: Any, cand: Candidate, max_length: int) -> Any
     return td
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _saved(p: RunPlan, writer: bool) -> tuple[list[CandidateResult | None], list[str | None]]:
     """What an earlier run saved of each candidate for the same files (read by the writer,
     shared with every process), None where it must be measured; and why a saved result is
@@ -332,22 +367,33 @@ def _saved(p: RunPlan, writer: bool) -> tuple[list[CandidateResult | None], list
     return shared, stale
 
 
-def _measure_all(p: RunPlan, log: Log, mesh: Any = None) -> tuple[list[CandidateResult], list[str]]:
+def _measure_all(
+    p: RunPlan, progress: Progress, mesh: Any = None
+) -> tuple[list[CandidateResult], list[str]]:
     """Every candidate's results, read back when an earlier run saved them for the same
-    files, else measured and saved. The folder and manifest are created with the first
-    saved result (`store.start`); a failure after that says the run can be resumed. Only
-    the writer (process 0) touches the folder; the other processes get its reading."""
+    files, else measured and saved; prices the work still to do (`progress.estimate`)
+    before starting it. The folder and manifest are created with the first saved result
+    (`store.start`); a failure after that says the run can be resumed. Only the writer
+    (process 0) touches the folder; the other processes get its reading."""
+    from lensllm_jax.runner.finetune import num_train_steps
     from lensllm_jax.runner.measure import measure_candidate
 
     writer = dist.is_writer()
+    log = progress.log
     log(
-        f"{len(p.candidates)} candidates, {p.settings['data']['examples']} examples: pool "
-        f"{len(p.split.pool)}, test {len(p.split.test)}, probe {len(p.split.probe)}; sizes "
-        f"{list(p.sizes)}; target {p.target:g}" + ("; resuming" if p.resuming else "")
+        f"{_plural(len(p.candidates), 'candidate')}, {p.settings['data']['examples']} "
+        f"examples: pool {len(p.split.pool)}, test {len(p.split.test)}, probe "
+        f"{len(p.split.probe)}; sizes {list(p.sizes)}; target {p.target:g}"
+        + ("; resuming" if p.resuming else "")
     )
+    saved, stale = _saved(p, writer)
+    todo = [i for i, res in enumerate(saved) if res is None]
+    per_candidate = sum(num_train_steps(d, p.config) for d in p.sizes)
+    if todo and not progress.quiet:
+        _log_estimate(p, todo, log)
+    progress.start(per_candidate * len(todo))
     results: list[CandidateResult] = []
     resumed: list[str] = []
-    saved, stale = _saved(p, writer)
     started = p.resuming
     try:
         for i, (cand, td) in enumerate(zip(p.candidates, p.token_data, strict=True)):
@@ -360,6 +406,12 @@ def _measure_all(p: RunPlan, log: Log, mesh: Any = None) -> tuple[list[Candidate
             else:
                 if stale[i] is not None:
                     log(f"{prefix}: {stale[i]}; measuring it again")
+                done = [0]
+
+                def on_step(n: int, done: list[int] = done) -> None:
+                    done[0] += n
+                    progress.advance(n)
+
                 res = measure_candidate(
                     cand,
                     td,
@@ -372,8 +424,10 @@ def _measure_all(p: RunPlan, log: Log, mesh: Any = None) -> tuple[list[Candidate
                     hessian_probes=p.hessian_probes,
                     log=log,
                     prefix=prefix,
+                    on_step=on_step,
                     mesh=mesh,
                 )
+                progress.advance(max(per_candidate - done[0], 0))  # steps a divergence skipped
                 res = dataclasses.replace(res, digest=cand.digest)
                 if writer:
                     if not started:
@@ -412,11 +466,65 @@ def _stopped(err: BaseException, p: RunPlan, saved: int) -> LensLLMInputError:
     return LensLLMInputError(what, file=file, hint=hint)
 
 
+def _log_estimate(p: RunPlan, todo: Sequence[int], log: Log) -> None:
+    """One line pricing the candidates still to measure (`progress.estimate`)."""
+    from lensllm_jax.runner.progress import estimate, param_count
+
+    try:
+        counts = [param_count(p.candidates[i].location) for i in todo]
+    except Exception as err:  # an estimate is advice: never fail the run over it
+        log(f"no estimate ({type(err).__name__}: {checks.first_line(err)})")
+        return
+    est = estimate(
+        counts,
+        [int(p.token_data[i].tokens.shape[1]) for i in todo],
+        p.sizes,
+        p.config,
+        test_size=len(p.split.test),
+        probe_size=len(p.split.probe),
+        ntk=p.ntk,
+        hessian_probes=p.hessian_probes,
+    )
+    log(est.line(len(todo), p.sizes))
+    if est.seconds > 3600:
+        log(
+            "that is long: fewer or smaller --sizes, fewer --epochs or --min-steps, a shorter "
+            "--max-length, or an accelerator (pip install 'lensllm-jax[cuda12]') cut it"
+        )
+
+
+def _target_text(target: float) -> str:
+    return str(int(target)) if float(target).is_integer() else f"{target:g}"
+
+
+def output_names(out: Path, target: float) -> OutputNames:
+    """The files of the ranking for `target`: ranking.csv, report.json and plots/ when the
+    folder holds no ranking yet or one for the same target; else (report.json is for
+    another target) ranking_target-<N>.csv, report_target-<N>.json, plots_target-<N>/, so
+    a rerun with another --target never overwrites an earlier ranking."""
+    previous = None
+    try:
+        previous = float(json.loads((out / "report.json").read_text(encoding="utf-8"))["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no (readable) earlier ranking: the plain names are free
+    if previous is None or previous == float(target):
+        return OutputNames("ranking.csv", "report.json", "plots", None)
+    tag = f"target-{_target_text(target)}"
+    return OutputNames(f"ranking_{tag}.csv", f"report_{tag}.json", f"plots_{tag}", previous)
+
+
 def _rank_and_report(
-    p: RunPlan, results: list[CandidateResult], resumed: list[str], *, write: bool = True
+    p: RunPlan,
+    results: list[CandidateResult],
+    resumed: list[str],
+    log: Log,
+    plots: bool,
+    *,
+    write: bool = True,
 ) -> RunResult:
     """The curve table of the complete candidates (with their spectra), every method's
-    ranking (diverged candidates last), and the files of the output folder (`write`)."""
+    ranking (diverged candidates last), and the files of the output folder (named by
+    `output_names`; only when `write`)."""
     from lensllm_jax.core.ntk import NTKFeatures
     from lensllm_jax.runner.report import report_json
     from lensllm_jax.selection.ranking import rank, rows_to_csv
@@ -450,21 +558,29 @@ def _rank_and_report(
         loss_se=np.stack([r.loss_se for r in complete]),
         ntk=stack_spectra(models, spectra) if p.ntk else None,
     )
+    files: list[Path] = []
+    names = output_names(p.out, p.target) if write else None
     try:
         if write:
             write_curve_table(table, p.out / "curves.csv")
             if p.ntk:
                 write_spectra(p.out / "ntk_features.csv", spectra)
         rows = rank(table, p.target, p.methods, failed=incomplete)
-        if write:
-            write_atomic(p.out / "ranking.csv", rows_to_csv(rows))
+        if names is not None:
+            if names.previous_target is not None:
+                log(
+                    f"report.json holds the ranking for target {names.previous_target:g}; "
+                    f"this one (target {p.target:g}) goes to {names.ranking} and {names.report}"
+                )
+            write_atomic(p.out / names.ranking, rows_to_csv(rows))
             write_atomic(
-                p.out / "report.json",
+                p.out / names.report,
                 report_json(p.settings, p.data_path, p.target, results, rows, resumed),
             )
+            files = [p.out / names.ranking, p.out / names.report]
     except (LensLLMError, OSError) as err:
         raise _stopped(err, p, len(results)) from None
-    return RunResult(
+    result = RunResult(
         table=table,
         features={name: NTKFeatures(lam, c) for name, (lam, c, _) in spectra.items()},
         rows=rows,
@@ -473,3 +589,20 @@ def _rank_and_report(
         out_dir=p.out,
         resumed=tuple(resumed),
     )
+    if plots and names is not None:
+        files += _write_plots(result, p.out / names.plots, log)
+    return result._replace(files=tuple(files))
+
+
+def _write_plots(result: RunResult, folder: Path, log: Log) -> list[Path]:
+    """The run's pictures (`plots.write_run_plots`); without matplotlib a warning instead."""
+    from lensllm_jax.plots import require_matplotlib, write_run_plots
+
+    try:
+        require_matplotlib()
+    except LensLLMInputError as err:
+        warnings.warn(f"no plots: {err}", stacklevel=3)
+        return []
+    written = write_run_plots(result, folder)
+    log(f"plots in {folder}: {', '.join(w.name for w in written)}")
+    return written

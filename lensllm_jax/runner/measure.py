@@ -325,10 +325,12 @@ def measure_candidate(
     hessian_probes: int,
     log: Callable[[str], None],
     prefix: str,
+    on_step: Callable[[int], None] | None = None,
     mesh: Any = None,
 ) -> CandidateResult:
     """Load, fine-tune on every size, NTK step, Hessian trace: one candidate's results
-    (on the sharded programs when a `mesh` is given)."""
+    (on the sharded programs when a `mesh` is given). on_step(n): n more fine-tuning steps
+    are done (progress)."""
     from lensllm_jax import models
     from lensllm_jax.runner import finetune
 
@@ -381,9 +383,12 @@ def measure_candidate(
         loss_unit=LOSS_UNIT,
         on_point=on_point,
         on_params=on_params if hessian_probes else None,
+        on_step=on_step,
         mesh=mesh,
     )
     log(f"{prefix}: zero-shot test loss {curve.zero_shot:.4f} nats/byte")
+    if ntk:
+        log(f"{prefix}: measuring the NTK on {len(split.probe)} probe examples")
     kernel = _probe_kernel(m, probe, cand.name, ntk_chunk, log, prefix, mesh) if ntk else None
     h_mean = h_se = math.nan
     if hessian_probes:

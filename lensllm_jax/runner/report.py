@@ -15,27 +15,42 @@ import numpy as np
 from lensllm_jax.runner.result import CandidateResult
 from lensllm_jax.runner.store import LOSS_UNIT, json_default
 
-__all__ = ["hessian_by_size", "report_json"]
+__all__ = ["ATS_FITTED", "ats_phase", "hessian_by_size", "report_json"]
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def hessian_by_size(r: CandidateResult) -> list[dict[str, Any]] | None:
-    """Per fine-tuned size: the Hessian trace ± s.e. and vᵀHv (None when not measured), and
-    whether AtS's rule puts the size in the power phase (`baselines.ats_first_point` on
-    the curve): the two phases of the Hessian PAC-Bayes account, side by side."""
-    if not np.isfinite(r.ft_hessian_trace).any():
-        return None
+ATS_FITTED = 3  # AtS takes its 3 largest sizes as the power phase (k), untested
+
+
+def ats_phase(r: CandidateResult) -> tuple[int | None, bool]:
+    """Where AtS's rule (`baselines.ats_first_point`) puts the first power-phase size of
+    `r`'s curve: (its index, or None with fewer than 3 usable sizes; whether any size was
+    tested). AtS fits a line to the 3 largest sizes and tests smaller ones against it, so
+    with 3 sizes it tests none and "power" is an assumption, not a finding."""
     from lensllm_jax.selection.baselines import ats_first_point
 
     ok = np.isfinite(r.losses) & (r.losses > 0)
-    first = (
-        int(np.flatnonzero(ok)[ats_first_point(np.log(r.sizes[ok]), np.log(r.losses[ok]))])
-        if ok.sum() >= 3
-        else None
-    )
+    if ok.sum() < ATS_FITTED:
+        return None, False
+    where = np.flatnonzero(ok)
+    first = ats_first_point(np.log(r.sizes[ok]), np.log(r.losses[ok]), ATS_FITTED)
+    return int(where[first]), bool(ok.sum() > ATS_FITTED)
+
+
+def hessian_by_size(r: CandidateResult) -> list[dict[str, Any]] | None:
+    """Per fine-tuned size: the Hessian trace ± s.e. and vᵀHv (None when not measured), and
+    AtS's phase (`ats_phase`): power_phase (None when AtS cannot place the boundary) and
+    phase_tested (False for AtS's 3 largest sizes, power by assumption). The two phases
+    of the Hessian PAC-Bayes account, side by side. A negative vᵀHv means the Hessian at
+    θ_D is indefinite and curves down along v = θ_D − θ_0."""
+    if not np.isfinite(r.ft_hessian_trace).any():
+        return None
+    first, _ = ats_phase(r)
+    ok = np.isfinite(r.losses) & (r.losses > 0)
+    assumed = set(np.flatnonzero(ok)[-ATS_FITTED:].tolist())
     return [
         {
             "size": int(d),
@@ -43,6 +58,7 @@ def hessian_by_size(r: CandidateResult) -> list[dict[str, Any]] | None:
             "stderr": _finite_or_none(e),
             "distance": _finite_or_none(v),
             "power_phase": None if first is None else j >= first,
+            "phase_tested": first is not None and j not in assumed,
         }
         for j, (d, t, e, v) in enumerate(
             zip(

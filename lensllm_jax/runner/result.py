@@ -171,6 +171,8 @@ class RunResult(NamedTuple):
     diagnostics: name -> `CandidateResult` (curve, kernel diagnostics, Hessian trace).
     target: the data size the ranking is for. out_dir: the output folder.
     resumed: names of the candidates read back from an earlier run, not recomputed.
+    files: the ranking, report and plot files this call wrote (named by the target when
+      the folder already held another target's ranking: `job.output_names`).
     """
 
     table: CurveTable
@@ -180,3 +182,4 @@ class RunResult(NamedTuple):
     target: float
     out_dir: Path
     resumed: tuple[str, ...]
+    files: tuple[Path, ...] = ()

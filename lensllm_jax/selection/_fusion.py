@@ -43,6 +43,7 @@ class _Lines(NamedTuple):
     ats_cov: np.ndarray  # (M, 2, 2) OLS covariance of (level at x_top, slope)
     x_top: float
     ok: np.ndarray  # (M,) the law fit is usable
+    law_raw: np.ndarray | None = None  # (M, 4) the law's raw (log) parameters, for reports
 
 
 def _shrunk_variance(sse: np.ndarray, dof: np.ndarray, nu0: float = 0.5) -> np.ndarray:
@@ -110,7 +111,7 @@ def _compute_lines(
             a_sse[i], a_dof[i] = float(r @ r), xa.size - 2.0
             a_geo[i] = [[1 / xa.size + dx**2 / sxx, dx / sxx], [dx / sxx, 1 / sxx]]
     ats_cov = _shrunk_variance(a_sse, a_dof, nu0)[:, None, None] * a_geo
-    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok)
+    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok, raw)
 
 
 def _line_variance(cov: np.ndarray, dx: float) -> np.ndarray:
@@ -190,6 +191,7 @@ def fused_fit(
     centre: bool = True,
     calibrate: bool = True,
     trend: str = "size",
+    details: dict[str, np.ndarray] | None = None,
 ) -> Fused:
     """`lensllm.lensllm`'s log-space prediction with its choices exposed for the ablations in
     `benchmarks/lensllm_vs_ats.py`: `nu0` (pooling of residual variances), `centre` and
@@ -199,7 +201,13 @@ def fused_fit(
     The variance of log L̂(target) = ℓ + θ̂·Δx (Δx = log target − x_top) is that of the
     fused line: Var ℓ + 2Δx·Cov(ℓ, θ̂) + Δx²·Var θ̂, with the law's and AtS's (calibrated)
     covariances combined by the fusion weights (the two lines treated as independent) and
-    Var θ̂ the Fay-Herriot posterior variance. Cost O(M) on top of `_lines`."""
+    Var θ̂ the Fay-Herriot posterior variance. Cost O(M) on top of `_lines`.
+
+    A `details` dict, if given, receives (M,) arrays that redraw the prediction and its
+    variance at any D (dx = log D − log d_top): the law's B, beta, E, F; d_top; the fused
+    level (log L at d_top), slope and slope_var; pooled_slope; var_level, cov_level_slope
+    and var_pooled_slope, so that log L̂(D) = level + pooled_slope · dx and
+    Var log L̂(D) = var_level + 2·dx·cov_level_slope + dx²·var_pooled_slope."""
     sizes, _ = visible_curves(table, budget_size)
     lines = _lines(table, budget_size, nu0=nu0)
     k_law, k_ats = _calibration(table, budget_size, nu0, centre) if calibrate else (1.0, 1.0)
@@ -227,6 +235,19 @@ def fused_fit(
         shrink = np.where(v_slope > 0, v_pooled / v_slope, 1.0)  # (1 − B): the slope's share
         log_var = v_level + 2 * dx * shrink * c_ls + dx * dx * v_pooled
     ok = ok & np.isfinite(log_var) & (log_var > 0)
+    if details is not None and lines.law_raw is not None:
+        law = np.where(ok[:, None], np.exp(lines.law_raw), np.nan)
+        details.update(zip(("B", "beta", "E", "F"), law.T, strict=True))
+        details.update(
+            d_top=np.full(ok.size, float(sizes[-1])),
+            level=level,
+            slope=slope,
+            slope_var=v_slope,
+            pooled_slope=pooled,
+            var_level=v_level,
+            cov_level_slope=shrink * c_ls,
+            var_pooled_slope=v_pooled,
+        )
     return Fused(pred, ok, sizes, np.where(ok, log_var, np.nan), pooled, lines.x_top)
 
 

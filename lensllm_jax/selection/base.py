@@ -27,6 +27,7 @@ __all__ = [
     "all_ok",
     "fit_predict",
     "from_predictions",
+    "law_details",
     "visible_curves",
 ]
 
@@ -41,12 +42,16 @@ class Selection(NamedTuple):
       pearson_sign: the sign that turns `scores` into the feature Lin et al. correlate
         with the true loss (PearCorr): +1 for predicted losses, −1 for ModelSize (whose
         feature is log(size), higher = better). Use `metrics.selection_pearson_percent`.
+      details: what made each score, name -> (M,) array (e.g. a law's fitted B, beta, E;
+        LensLLM's fused level and slope), so the curve behind a score can be redrawn;
+        None for the methods that fit nothing.
     """
 
     scores: np.ndarray
     status: tuple[str, ...]
     finetuned_sizes: tuple[tuple[float, ...], ...]
     pearson_sign: float = 1.0
+    details: dict[str, np.ndarray] | None = None
 
 
 SelectionMethod: TypeAlias = Callable[[CurveTable, float, float], Selection]
@@ -71,8 +76,15 @@ def all_ok(scores: np.ndarray, sizes: tuple[float, ...], m: int, sign: float = 1
     return Selection(np.asarray(scores, np.float64), ("ok",) * m, (sizes,) * m, sign)
 
 
-def from_predictions(pred: np.ndarray, ok: np.ndarray, sizes: np.ndarray, name: str) -> Selection:
-    """Selection from predicted losses; a non-finite or failed prediction is a failure."""
+def from_predictions(
+    pred: np.ndarray,
+    ok: np.ndarray,
+    sizes: np.ndarray,
+    name: str,
+    details: dict[str, np.ndarray] | None = None,
+) -> Selection:
+    """Selection from predicted losses; a non-finite or failed prediction is a failure.
+    `details` (name -> (M,) array) is passed on as `Selection.details`."""
     ok = np.asarray(ok, bool) & np.isfinite(pred) & (pred > 0)
     if not ok.all():
         warnings.warn(
@@ -82,17 +94,25 @@ def from_predictions(pred: np.ndarray, ok: np.ndarray, sizes: np.ndarray, name: 
         )
     scores = np.where(ok, pred, np.nan)
     status = tuple("ok" if o else "failed" for o in ok)
-    return Selection(scores, status, (tuple(float(s) for s in sizes),) * ok.size)
+    return Selection(scores, status, (tuple(float(s) for s in sizes),) * ok.size, 1.0, details)
 
 
 def fit_predict(
     law: str, d: np.ndarray, losses: np.ndarray, target: float, **kw
 ) -> tuple[np.ndarray, np.ndarray, FitResult]:
     """Fit `law` to every curve (`core.fit.fit_law`) and predict L(target): (pred (M,),
-    ok (M,), the fit). jax is imported only here, when a law is fitted."""
+    ok (M,), the fit). jax is imported only here, when a law is fitted. `law_details(res)`
+    gives the fitted parameters as `Selection.details`."""
     from lensllm_jax.core import fit, laws
 
     res = fit.fit_law(law, np.broadcast_to(d, losses.shape), losses, **kw)
     with np.errstate(all="ignore"):
         pred = laws.predict(law, res.params, float(target), aux=kw.get("aux"))
     return np.asarray(pred, np.float64), np.asarray(res.ok), res
+
+
+def law_details(res: FitResult, ok: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A fit's natural parameters by name, each (M,) float64, NaN where the fit failed (or
+    where `ok` is False): the `Selection.details` of a law-based method."""
+    keep = np.asarray(res.ok if ok is None else ok, bool)
+    return {k: np.where(keep, np.asarray(v, np.float64), np.nan) for k, v in res.params.items()}

@@ -21,6 +21,7 @@ from lensllm_jax.selection.base import (
     all_ok,
     fit_predict,
     from_predictions,
+    law_details,
     visible_curves,
 )
 
@@ -64,8 +65,8 @@ def vanilla_fit(table: CurveTable, budget_size: float, target: float) -> Selecti
     """Fit the vanilla law L = B/D^β + E to every size D <= budget (MSE of log L, best of
     16 starts); score = L(target). Cost: one batched fit of M x 16 starts."""
     sizes, losses = visible_curves(table, budget_size)
-    pred, ok, _ = fit_predict("vanilla", sizes, losses, target, num_starts=16)
-    return from_predictions(pred, ok, sizes, "VanillaFit")
+    pred, ok, res = fit_predict("vanilla", sizes, losses, target, num_starts=16)
+    return from_predictions(pred, ok, sizes, "VanillaFit", law_details(res, ok))
 
 
 def rectified_fit(table: CurveTable, budget_size: float, target: float) -> Selection:
@@ -75,8 +76,8 @@ def rectified_fit(table: CurveTable, budget_size: float, target: float) -> Selec
     sizes, losses = visible_curves(table, budget_size)
     d = np.concatenate([[ZERO_SHOT_D], sizes])
     l_all = np.concatenate([np.asarray(table.zero_shot, np.float64)[:, None], losses], axis=1)
-    pred, ok, _ = fit_predict("rectified", d, l_all, target, num_starts=16)
-    return from_predictions(pred, ok, sizes, "RectifiedFit")
+    pred, ok, res = fit_predict("rectified", d, l_all, target, num_starts=16)
+    return from_predictions(pred, ok, sizes, "RectifiedFit", law_details(res, ok))
 
 
 def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -114,14 +115,19 @@ def ats(
     table: CurveTable, budget_size: float, target: float, k: int = 3, delta: float = 5.0
 ) -> Selection:
     """AtS (Lin et al.): find the power phase by `ats_first_point`, fit a line to
-    (log D, log L) on it, extrapolate to `target`. Cost O(M·S²)."""
+    (log D, log L) on it, extrapolate to `target`. Details: the line's slope and intercept
+    (log L = intercept + slope · log D) and power_from, the first size it was fitted on.
+    Cost O(M·S²)."""
     sizes, losses = visible_curves(table, budget_size)
     log_d = np.log(sizes)
     pred = np.empty(table.num_models)
+    details = {k: np.empty(table.num_models) for k in ("slope", "intercept", "power_from")}
     with np.errstate(all="ignore"):
         for m in range(table.num_models):
             log_l = np.log(losses[m])
             first = ats_first_point(log_d, log_l, k, delta)
             slope, icpt = line_fit(log_d[first:], log_l[first:])
             pred[m] = np.exp(slope * np.log(target) + icpt)
-    return from_predictions(pred, np.ones(table.num_models, bool), sizes, "AtS")
+            details["slope"][m], details["intercept"][m] = slope, icpt
+            details["power_from"][m] = sizes[first]
+    return from_predictions(pred, np.ones(table.num_models, bool), sizes, "AtS", details)

@@ -12,7 +12,13 @@ import numpy as np
 from lensllm_jax.data.curves import CurveTable
 from lensllm_jax.errors import LensLLMInputError
 from lensllm_jax.selection._fusion import LENSLLM_ZERO_D, fused_predict
-from lensllm_jax.selection.base import Selection, fit_predict, from_predictions, visible_curves
+from lensllm_jax.selection.base import (
+    Selection,
+    fit_predict,
+    from_predictions,
+    law_details,
+    visible_curves,
+)
 
 __all__ = ["lensllm", "lensllm_law_predictions", "lensllm_ntk"]
 
@@ -72,8 +78,9 @@ def lensllm(table: CurveTable, budget_size: float, target: float) -> Selection:
     Cost: two batched LM fits (M x 16 starts; budget and budget/2; one when memoised), M
     Laplace covariances (P = 4), O(M·S²) for AtS, O(M) for the pooling.
     """
-    pred, ok, sizes = fused_predict(table, budget_size, target)
-    return from_predictions(pred, ok, sizes, "LensLLM")
+    details: dict[str, np.ndarray] = {}
+    pred, ok, sizes = fused_predict(table, budget_size, target, details=details)
+    return from_predictions(pred, ok, sizes, "LensLLM", details)
 
 
 def lensllm_ntk(table: CurveTable, budget_size: float, target: float) -> Selection:
@@ -104,11 +111,18 @@ def lensllm_ntk(table: CurveTable, budget_size: float, target: float) -> Selecti
     have = np.asarray(spectra.available, bool)
     pred = np.full(table.num_models, np.nan)
     ok = np.zeros(table.num_models, bool)
+    details = {k: np.full(table.num_models, np.nan) for k in ("B", "beta", "E", "t", "F")}
     if have.any():
         aux = (
             np.asarray(spectra.eigenvalues, np.float64)[have],
             np.asarray(spectra.projected_residual, np.float64)[have],
             np.asarray(spectra.eta, np.float64)[have],
         )
-        pred[have], ok[have], _ = fit_predict("lensllm_ntk", d, l_all[have], target, aux=aux)
-    return from_predictions(pred, ok, sizes, "LensLLM-NTK")
+        pred[have], ok[have], res = fit_predict("lensllm_ntk", d, l_all[have], target, aux=aux)
+        for k, v in law_details(res, ok[have]).items():
+            details[k][have] = v
+        lam, c, eta = aux  # F(Θ, t) at the fitted t: the law's curvature term
+        with np.errstate(all="ignore"):
+            decay = np.exp(-2.0 * eta[:, None] * lam * details["t"][have][:, None])
+            details["F"][have] = np.sum(decay * c**2, axis=1)
+    return from_predictions(pred, ok, sizes, "LensLLM-NTK", details)

@@ -59,6 +59,9 @@ class RankRow(NamedTuple):
     # P(this candidate is truly the best at the target) for the methods with a calibrated
     # error model (`Method.calibrated`), NaN for the others and for failed fits.
     p_best: float = math.nan
+    # What made the score (`Selection.details`: a law's B, beta, E, ...; LensLLM's fused
+    # level and slope), None (null in JSON) where not finite; None for methods without.
+    details: dict[str, float | None] | None = None
 
 
 def rank(
@@ -122,8 +125,13 @@ def rank_selection(
             stacklevel=3,
         )
     p_best = np.full(scores.shape, np.nan)
+    details = sel.details
     if method.calibrated:
-        p_best = assess(table, float(target), scores).p_best
+        conf = assess(table, float(target), scores)
+        p_best = conf.p_best
+        # what P(best) used: σ_m at the target and the task's error per doubling c
+        spread = {"sigma": conf.sigmas, "per_doubling": np.full(scores.shape, conf.per_doubling)}
+        details = {**(details or {}), **spread}
     order = sorted(range(table.num_models), key=lambda i: (math.isnan(scores[i]), scores[i]))
     return [
         RankRow(
@@ -133,9 +141,20 @@ def rank_selection(
             float(scores[i]),
             status[i],
             float(p_best[i]),
+            _row_details(details, i),
         )
         for place, i in enumerate(order, start=1)
     ]
+
+
+def _row_details(details: dict[str, np.ndarray] | None, i: int) -> dict[str, float | None] | None:
+    if details is None:
+        return None
+    out: dict[str, float | None] = {}
+    for k, v in details.items():
+        x = float(np.asarray(v)[i])
+        out[k] = x if math.isfinite(x) else None
+    return out
 
 
 def rows_to_csv(rows: Sequence[RankRow]) -> str:
@@ -159,7 +178,9 @@ def credible_set_text(rows: Sequence[RankRow], level: float = 0.9) -> str:
     if not np.isfinite(p).any():
         return ""
     chosen = [r.model for r, keep in zip(rows, credible_set(p, level), strict=True) if keep]
-    names = chosen[0] if len(chosen) == 1 else f"{', '.join(chosen[:-1])} and {chosen[-1]}"
+    if len(chosen) == 1:
+        return f"{chosen[0]} is the best with probability >= {level:g}"
+    names = f"{', '.join(chosen[:-1])} and {chosen[-1]}"
     return f"{names} hold the best with probability >= {level:g}"
 
 
