@@ -27,6 +27,16 @@ from lensllm_jax.errors import LensLLMInputError
 GPT2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not `getrusage().ru_maxrss`: Linux
+    carries that over from the parent across fork and exec, so a child of a large pytest
+    worker would report the worker's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
 def main(d: Path) -> None:
     def folder(name: str, cfg_text: str, st: bytes = b"\0" * 16) -> Path:
         f = d / name
@@ -77,7 +87,7 @@ def main(d: Path) -> None:
             out = "ACCEPTED"
         except LensLLMInputError as err:
             out = "REFUSED " + str(err).replace("\n", " ")
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss_mib()
         print(json.dumps({"case": name, "out": out, "s": time.perf_counter() - t, "rss_mib": rss}))
 
 

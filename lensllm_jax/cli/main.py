@@ -42,7 +42,7 @@ from typing import Any, NoReturn
 import lensllm_jax.cli.extras as extras
 import lensllm_jax.cli.scale as scale
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
-from lensllm_jax.data._files import check_output_target, describe_os_error, write_atomic
+from lensllm_jax.data._files import check_output_file, describe_os_error, write_atomic
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
 
 __all__ = ["main"]
@@ -287,20 +287,7 @@ def _fail(message: str) -> int:
 def _check_out(out: str | None) -> Path | None:
     """Fail before any work if --out cannot be written, or is not a regular file (a
     symbolic link, FIFO, device or folder is never replaced)."""
-    if out is None:
-        return None
-    path = Path(out)
-    if path.is_dir() and not path.is_symlink():
-        raise LensLLMInputError("is a folder", file=path, hint="give --out a file name")
-    check_output_target(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise LensLLMInputError(
-            f"folder {str(parent)!r} does not exist", file=path, hint="create it first"
-        )
-    if not os.access(parent, os.W_OK):
-        raise LensLLMInputError(f"folder {str(parent)!r} is not writable", file=path)
-    return path
+    return None if out is None else check_output_file(out)
 
 
 def _enable_jit_cache() -> None:

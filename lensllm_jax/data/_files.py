@@ -273,6 +273,24 @@ def check_output_target(path: str | PathLike[str], *, flag: str = "--out") -> No
         )
 
 
+def check_output_file(path: str | PathLike[str], *, flag: str = "--out") -> Path:
+    """`path`, checked before any work as a file lensllm may write: not a folder, not
+    anything but a regular file where one exists (`check_output_target`), in an existing,
+    writable folder. Raises `LensLLMInputError` (one line) otherwise."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise LensLLMInputError("is a folder", file=path, hint=f"give {flag} a file name")
+    check_output_target(path, flag=flag)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LensLLMInputError(
+            f"folder {str(parent)!r} does not exist", file=path, hint="create it first"
+        )
+    if not os.access(parent, os.W_OK):
+        raise LensLLMInputError(f"folder {str(parent)!r} is not writable", file=path)
+    return path
+
+
 def write_atomic(path: str | PathLike[str], data: bytes | str) -> Path:
     """Write `data` (text is UTF-8, newlines as given) to `path` so that a reader never sees
     a partial file: a temp file beside it, flushed and fsynced, then renamed over it. On any

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lensllm_jax.data._files import check_output_file
 from lensllm_jax.errors import LensLLMInputError
 
 if TYPE_CHECKING:
@@ -93,16 +94,7 @@ def check_plot_path(path: str | os.PathLike[str]) -> Path:
             file=p,
             hint="name the plot file .png, .svg or .pdf",
         )
-    if p.is_dir():
-        raise LensLLMInputError("is a folder", file=p, hint="give the plot a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise LensLLMInputError(
-            f"folder {str(parent)!r} does not exist", file=p, hint="create it first"
-        )
-    if not os.access(parent, os.W_OK):
-        raise LensLLMInputError(f"folder {str(parent)!r} is not writable", file=p)
-    return p
+    return check_output_file(p, flag="--plot")
 
 
 def save(fig: Figure, path: str | os.PathLike[str]) -> Path:

@@ -39,7 +39,7 @@ Output folder::
 
 A rerun with another --target re-ranks without fine-tuning and never overwrites the first
 target's ranking: its files are ranking_target-<N>.csv, report_target-<N>.json and
-plots_target-<N>/ (`output_names`).
+plots_target-<N>/ (`report.output_names`).
 
 Many devices (`lensllm_jax.parallel`): with `mesh=` (or more than one device), every
 candidate is loaded straight into its shards and fine-tuned, evaluated and measured by the
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 import warnings
@@ -66,26 +65,18 @@ import numpy as np
 
 import lensllm_jax.runner.checks as checks
 import lensllm_jax.runner.distributed as dist
+import lensllm_jax.runner.report as report
 import lensllm_jax.runner.store as store
 from lensllm_jax.data._files import describe_os_error, write_atomic
 from lensllm_jax.data.curves import CurveTable, write_curve_table
 from lensllm_jax.data.spectra import stack_spectra, write_spectra
 from lensllm_jax.errors import CurveFitWarning, LensLLMError, LensLLMInputError
-from lensllm_jax.runner.progress import LineProgress, Progress
+from lensllm_jax.runner.progress import LineProgress, Progress, log_estimate
 from lensllm_jax.runner.result import Candidate, CandidateResult, RunResult
 
-__all__ = ["OutputNames", "RunPlan", "output_names", "plan", "run"]
+__all__ = ["RunPlan", "plan", "run"]
 
 Log = Callable[[str], None]
-
-
-class OutputNames(NamedTuple):
-    """Where one target's ranking goes in the run folder (`output_names`)."""
-
-    ranking: str  # ranking.csv, or ranking_target-<N>.csv
-    report: str  # report.json, or report_target-<N>.json
-    plots: str  # plots, or plots_target-<N>
-    previous_target: float | None  # the target of report.json when it is another one
 
 
 class RunPlan(NamedTuple):
@@ -390,7 +381,7 @@ def _measure_all(
     todo = [i for i, res in enumerate(saved) if res is None]
     per_candidate = sum(num_train_steps(d, p.config) for d in p.sizes)
     if todo and not progress.quiet:
-        _log_estimate(p, todo, log)
+        log_estimate(p, todo, log)
     progress.start(per_candidate * len(todo))
     results: list[CandidateResult] = []
     resumed: list[str] = []
@@ -466,53 +457,6 @@ def _stopped(err: BaseException, p: RunPlan, saved: int) -> LensLLMInputError:
     return LensLLMInputError(what, file=file, hint=hint)
 
 
-def _log_estimate(p: RunPlan, todo: Sequence[int], log: Log) -> None:
-    """One line pricing the candidates still to measure (`progress.estimate`)."""
-    from lensllm_jax.runner.progress import estimate, param_count
-
-    try:
-        counts = [param_count(p.candidates[i].location) for i in todo]
-    except Exception as err:  # an estimate is advice: never fail the run over it
-        log(f"no estimate ({type(err).__name__}: {checks.first_line(err)})")
-        return
-    est = estimate(
-        counts,
-        [int(p.token_data[i].tokens.shape[1]) for i in todo],
-        p.sizes,
-        p.config,
-        test_size=len(p.split.test),
-        probe_size=len(p.split.probe),
-        ntk=p.ntk,
-        hessian_probes=p.hessian_probes,
-    )
-    log(est.line(len(todo), p.sizes))
-    if est.seconds > 3600:
-        log(
-            "that is long: fewer or smaller --sizes, fewer --epochs or --min-steps, a shorter "
-            "--max-length, or an accelerator (pip install 'lensllm-jax[cuda12]') cut it"
-        )
-
-
-def _target_text(target: float) -> str:
-    return str(int(target)) if float(target).is_integer() else f"{target:g}"
-
-
-def output_names(out: Path, target: float) -> OutputNames:
-    """The files of the ranking for `target`: ranking.csv, report.json and plots/ when the
-    folder holds no ranking yet or one for the same target; else (report.json is for
-    another target) ranking_target-<N>.csv, report_target-<N>.json, plots_target-<N>/, so
-    a rerun with another --target never overwrites an earlier ranking."""
-    previous = None
-    try:
-        previous = float(json.loads((out / "report.json").read_text(encoding="utf-8"))["target"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no (readable) earlier ranking: the plain names are free
-    if previous is None or previous == float(target):
-        return OutputNames("ranking.csv", "report.json", "plots", None)
-    tag = f"target-{_target_text(target)}"
-    return OutputNames(f"ranking_{tag}.csv", f"report_{tag}.json", f"plots_{tag}", previous)
-
-
 def _rank_and_report(
     p: RunPlan,
     results: list[CandidateResult],
@@ -526,7 +470,6 @@ def _rank_and_report(
     ranking (diverged candidates last), and the files of the output folder (named by
     `output_names`; only when `write`)."""
     from lensllm_jax.core.ntk import NTKFeatures
-    from lensllm_jax.runner.report import report_json
     from lensllm_jax.selection.ranking import rank, rows_to_csv
 
     complete = [r for r in results if r.complete]
@@ -559,7 +502,7 @@ def _rank_and_report(
         ntk=stack_spectra(models, spectra) if p.ntk else None,
     )
     files: list[Path] = []
-    names = output_names(p.out, p.target) if write else None
+    names = report.output_names(p.out, p.target) if write else None
     try:
         if write:
             write_curve_table(table, p.out / "curves.csv")
@@ -575,7 +518,7 @@ def _rank_and_report(
             write_atomic(p.out / names.ranking, rows_to_csv(rows))
             write_atomic(
                 p.out / names.report,
-                report_json(p.settings, p.data_path, p.target, results, rows, resumed),
+                report.report_json(p.settings, p.data_path, p.target, results, rows, resumed),
             )
             files = [p.out / names.ranking, p.out / names.report]
     except (LensLLMError, OSError) as err:
@@ -590,19 +533,5 @@ def _rank_and_report(
         resumed=tuple(resumed),
     )
     if plots and names is not None:
-        files += _write_plots(result, p.out / names.plots, log)
+        files += report.write_plots(result, p.out / names.plots, log)
     return result._replace(files=tuple(files))
-
-
-def _write_plots(result: RunResult, folder: Path, log: Log) -> list[Path]:
-    """The run's pictures (`plots.write_run_plots`); without matplotlib a warning instead."""
-    from lensllm_jax.plots import require_matplotlib, write_run_plots
-
-    try:
-        require_matplotlib()
-    except LensLLMInputError as err:
-        warnings.warn(f"no plots: {err}", stacklevel=3)
-        return []
-    written = write_run_plots(result, folder)
-    log(f"plots in {folder}: {', '.join(w.name for w in written)}")
-    return written

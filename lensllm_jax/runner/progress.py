@@ -28,6 +28,7 @@ __all__ = [
     "RichProgress",
     "estimate",
     "format_seconds",
+    "log_estimate",
     "matmul_flops_per_second",
     "param_count",
 ]
@@ -228,3 +229,31 @@ def estimate(
             flops += per * (len(sizes) + 1)
     rate = matmul_flops_per_second() if flops_per_second is None else flops_per_second
     return Estimate(steps_one * len(params), flops, tuple(params), rate, flops / rate)
+
+
+def log_estimate(p: Any, todo: Sequence[int], log: Callable[[str], None]) -> None:
+    """One line pricing the candidates `todo` of the run plan `p` (`job.RunPlan`) still to
+    measure (`estimate`), and advice when that exceeds an hour."""
+    from lensllm_jax.runner.checks import first_line
+
+    try:
+        counts = [param_count(p.candidates[i].location) for i in todo]
+    except Exception as err:  # an estimate is advice: never fail the run over it
+        log(f"no estimate ({type(err).__name__}: {first_line(err)})")
+        return
+    est = estimate(
+        counts,
+        [int(p.token_data[i].tokens.shape[1]) for i in todo],
+        p.sizes,
+        p.config,
+        test_size=len(p.split.test),
+        probe_size=len(p.split.probe),
+        ntk=p.ntk,
+        hessian_probes=p.hessian_probes,
+    )
+    log(est.line(len(todo), p.sizes))
+    if est.seconds > 3600:
+        log(
+            "that is long: fewer or smaller --sizes, fewer --epochs or --min-steps, a shorter "
+            "--max-length, or an accelerator (pip install 'lensllm-jax[cuda12]') cut it"
+        )

@@ -1,21 +1,32 @@
 """What `lensllm run` reports: ``report.json`` (settings, per-candidate curve and
-diagnostics, the ranking) and the Hessian's two-phase table.
+diagnostics, the ranking), the Hessian's two-phase table, where a target's ranking goes
+in the run folder (`output_names`) and its pictures (`write_plots`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from lensllm_jax.errors import LensLLMInputError
 from lensllm_jax.runner.result import CandidateResult
 from lensllm_jax.runner.store import LOSS_UNIT, json_default
 
-__all__ = ["ATS_FITTED", "ats_phase", "hessian_by_size", "report_json"]
+__all__ = [
+    "ATS_FITTED",
+    "OutputNames",
+    "ats_phase",
+    "hessian_by_size",
+    "output_names",
+    "report_json",
+    "write_plots",
+]
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -125,3 +136,46 @@ def report_json(
         "ranking": ranking,
     }
     return json.dumps(body, indent=1, default=json_default) + "\n"
+
+
+class OutputNames(NamedTuple):
+    """Where one target's ranking goes in the run folder (`output_names`)."""
+
+    ranking: str  # ranking.csv, or ranking_target-<N>.csv
+    report: str  # report.json, or report_target-<N>.json
+    plots: str  # plots, or plots_target-<N>
+    previous_target: float | None  # the target of report.json when it is another one
+
+
+def _target_text(target: float) -> str:
+    return str(int(target)) if float(target).is_integer() else f"{target:g}"
+
+
+def output_names(out: Path, target: float) -> OutputNames:
+    """The files of the ranking for `target`: ranking.csv, report.json and plots/ when the
+    folder holds no ranking yet or one for the same target; else (report.json is for
+    another target) ranking_target-<N>.csv, report_target-<N>.json, plots_target-<N>/, so
+    a rerun with another --target never overwrites an earlier ranking."""
+    previous = None
+    try:
+        previous = float(json.loads((out / "report.json").read_text(encoding="utf-8"))["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no (readable) earlier ranking: the plain names are free
+    if previous is None or previous == float(target):
+        return OutputNames("ranking.csv", "report.json", "plots", None)
+    tag = f"target-{_target_text(target)}"
+    return OutputNames(f"ranking_{tag}.csv", f"report_{tag}.json", f"plots_{tag}", previous)
+
+
+def write_plots(result: Any, folder: Path, log: Callable[[str], None]) -> list[Path]:
+    """The run's pictures (`plots.write_run_plots`); without matplotlib a warning instead."""
+    from lensllm_jax.plots import require_matplotlib, write_run_plots
+
+    try:
+        require_matplotlib()
+    except LensLLMInputError as err:
+        warnings.warn(f"no plots: {err}", stacklevel=3)
+        return []
+    written = write_run_plots(result, folder)
+    log(f"plots in {folder}: {', '.join(w.name for w in written)}")
+    return written

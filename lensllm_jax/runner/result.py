@@ -172,7 +172,7 @@ class RunResult(NamedTuple):
     target: the data size the ranking is for. out_dir: the output folder.
     resumed: names of the candidates read back from an earlier run, not recomputed.
     files: the ranking, report and plot files this call wrote (named by the target when
-      the folder already held another target's ranking: `job.output_names`).
+      the folder already held another target's ranking: `report.output_names`).
     """
 
     table: CurveTable
