@@ -41,8 +41,9 @@ from typing import Any, NoReturn
 
 import lensllm_jax.cli.extras as extras
 import lensllm_jax.cli.scale as scale
+from lensllm_jax.cli._output import check_out, emit
 from lensllm_jax.cli.render import render_ranking, render_run, render_table
-from lensllm_jax.data._files import check_output_file, describe_os_error, write_atomic
+from lensllm_jax.data._files import describe_os_error
 from lensllm_jax.errors import LensLLMError, LensLLMInputError
 
 __all__ = ["main"]
@@ -284,12 +285,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _check_out(out: str | None) -> Path | None:
-    """Fail before any work if --out cannot be written, or is not a regular file (a
-    symbolic link, FIFO, device or folder is never replaced)."""
-    return None if out is None else check_output_file(out)
-
-
 def _enable_jit_cache() -> None:
     """Point JAX's persistent compilation cache at the lensllm cache (CLI only)."""
     if os.environ.get("LENSLLM_JIT_CACHE", "1") == "0":
@@ -319,31 +314,21 @@ def _with_warnings_reported(fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _emit(text: str, out: Path | None) -> int:
-    """Write the finished output to stdout, or atomically to --out."""
-    if out is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        write_atomic(out, text)
-    return 0
-
-
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lensllm_jax.benchmark import protocol
     from lensllm_jax.benchmark.download import resolve_data
     from lensllm_jax.data.curves import read_curve_tables
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     paths = resolve_data(args.data, fetcher=extras.announcing_fetcher())
     tables = read_curve_tables(paths)
     _enable_jit_cache()
     rows = _with_warnings_reported(lambda: protocol.run(tables, args.methods))
     if args.format == "csv":
-        return _emit(protocol.rows_to_csv(rows), out)
+        return emit(protocol.rows_to_csv(rows), out)
     if args.format == "json":
-        return _emit(protocol.rows_to_json(rows), out)
-    return _emit(render_table(rows, color=out is None and sys.stdout.isatty()), out)
+        return emit(protocol.rows_to_json(rows), out)
+    return emit(render_table(rows, color=out is None and sys.stdout.isatty()), out)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -351,7 +336,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from lensllm_jax.data.spectra import read_spectra, with_spectra
     from lensllm_jax.selection import ranking as rank
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     plot = extras.check_plot_argument(args.plot)
     path = Path(args.table)
     if not path.exists():
@@ -369,18 +354,18 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if plot is not None:
         extras.write_selection_plot(plot, table, rows, args.target)
     if args.format == "csv":
-        return _emit(rank.rows_to_csv(rows), out)
+        return emit(rank.rows_to_csv(rows), out)
     if args.format == "json":
-        return _emit(rank.rows_to_json(rows), out)
+        return emit(rank.rows_to_json(rows), out)
     color = out is None and sys.stdout.isatty()
-    return _emit(render_ranking(rows, args.target, color=color), out)
+    return emit(render_ranking(rows, args.target, color=color), out)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from lensllm_jax.runner import finetune, job
     from lensllm_jax.selection import ranking as rank
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     recipe = {
         "learning_rate": args.lr,
         "epochs": args.epochs,
@@ -420,11 +405,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not is_writer():
         return 0  # process 0 alone prints and writes
     if args.format == "csv":
-        return _emit(rank.rows_to_csv(result.rows), out)
+        return emit(rank.rows_to_csv(result.rows), out)
     if args.format == "json":
-        return _emit(rank.rows_to_json(result.rows), out)
+        return emit(rank.rows_to_json(result.rows), out)
     color = out is None and sys.stdout.isatty()
-    return _emit(render_run(result, color=color), out)
+    return emit(render_run(result, color=color), out)
 
 
 if __name__ == "__main__":

@@ -124,11 +124,11 @@ def add_plan_parser(sub: Any) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from lensllm_jax.cli.main import _check_out, _emit
+    from lensllm_jax.cli._output import check_out, emit
     from lensllm_jax.core.ntk import parse_bytes
     from lensllm_jax.errors import NTKError
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     try:
         device_bytes = parse_bytes(str(args.device_memory), "--device-memory")
     except NTKError as err:
@@ -148,8 +148,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         for name in args.models
     ]
     if args.format == "json":
-        return _emit(json.dumps(report, indent=1) + "\n", out)
-    return _emit(plan_text(report, device_bytes), out)
+        return emit(json.dumps(report, indent=1) + "\n", out)
+    return emit(plan_text(report, device_bytes), out)
 
 
 def _virtual_cpus(n: int) -> None:

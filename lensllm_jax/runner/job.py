@@ -533,5 +533,19 @@ def _rank_and_report(
         resumed=tuple(resumed),
     )
     if plots and names is not None:
-        files += report.write_plots(result, p.out / names.plots, log)
+        files += _write_plots(result, p.out / names.plots, log)
     return result._replace(files=tuple(files))
+
+
+def _write_plots(result: RunResult, folder: Path, log: Log) -> list[Path]:
+    """The run's pictures (`plots.write_run_plots`); without matplotlib a warning instead."""
+    from lensllm_jax.plots import require_matplotlib, write_run_plots
+
+    try:
+        require_matplotlib()
+    except LensLLMInputError as err:
+        warnings.warn(f"no plots: {err}", stacklevel=3)
+        return []
+    written = write_run_plots(result, folder)
+    log(f"plots in {folder}: {', '.join(w.name for w in written)}")
+    return written

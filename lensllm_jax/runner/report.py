@@ -1,20 +1,18 @@
 """What `lensllm run` reports: ``report.json`` (settings, per-candidate curve and
-diagnostics, the ranking), the Hessian's two-phase table, where a target's ranking goes
-in the run folder (`output_names`) and its pictures (`write_plots`).
+diagnostics, the ranking), the Hessian's two-phase table, and where a target's ranking goes
+in the run folder (`output_names`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from lensllm_jax.errors import LensLLMInputError
 from lensllm_jax.runner.result import CandidateResult
 from lensllm_jax.runner.store import LOSS_UNIT, json_default
 
@@ -25,7 +23,6 @@ __all__ = [
     "hessian_by_size",
     "output_names",
     "report_json",
-    "write_plots",
 ]
 
 
@@ -165,17 +162,3 @@ def output_names(out: Path, target: float) -> OutputNames:
         return OutputNames("ranking.csv", "report.json", "plots", None)
     tag = f"target-{_target_text(target)}"
     return OutputNames(f"ranking_{tag}.csv", f"report_{tag}.json", f"plots_{tag}", previous)
-
-
-def write_plots(result: Any, folder: Path, log: Callable[[str], None]) -> list[Path]:
-    """The run's pictures (`plots.write_run_plots`); without matplotlib a warning instead."""
-    from lensllm_jax.plots import require_matplotlib, write_run_plots
-
-    try:
-        require_matplotlib()
-    except LensLLMInputError as err:
-        warnings.warn(f"no plots: {err}", stacklevel=3)
-        return []
-    written = write_run_plots(result, folder)
-    log(f"plots in {folder}: {', '.join(w.name for w in written)}")
-    return written
