@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,37 +99,53 @@ def _limits(mem: int, fsize: int | None):
 def _spawn(
     cmd: list[str], cwd: Path, env: dict[str, str], timeout: float, mem: int, fsize: int | None
 ) -> Result:
-    out, err = cwd / ".stdout", cwd / ".stderr"
+    """Run one case in its own session under the limits. Its output comes back through
+    pipes, never files: RLIMIT_FSIZE (the imitated full disk) applies to every regular file
+    the process writes, so a captured stderr file would itself be "full" and turn a clean
+    one-line refusal into a failed flush at exit (status 120)."""
     t0 = time.perf_counter()
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=fo,
-            stderr=fe,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_limits(mem, fsize),
-            start_new_session=True,
-        )
-        hang, status, usage = False, 0, None
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - t0 > timeout:
-                hang = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_limits(mem, fsize),
+        start_new_session=True,
+    )
+    streams: dict[str, bytes] = {}
+
+    def drain(name: str, pipe: Any) -> None:
+        streams[name] = pipe.read()
+        pipe.close()
+
+    readers = [
+        threading.Thread(target=drain, args=(name, pipe), daemon=True)
+        for name, pipe in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for r in readers:
+        r.start()
+    hang, status, usage = False, 0, None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - t0 > timeout:
+            hang = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for r in readers:
+        r.join(timeout=10)  # a grandchild still holding the pipe must not stall the driver
     seconds = time.perf_counter() - t0
     rss = usage.ru_maxrss / 1024 if usage is not None else float("nan")
     return Result(
         None if hang else proc.returncode,
-        out.read_text(errors="replace"),
-        err.read_text(errors="replace"),
+        streams.get("out", b"").decode(errors="replace"),
+        streams.get("err", b"").decode(errors="replace"),
         seconds,
         rss,
         hang,
