@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lensllm_jax.data.text import python_doc_paragraphs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,18 +38,6 @@ def smollm2() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def paragraphs(n: int) -> list[str]:
-    import pydoc_data.topics
-
-    out = []
-    for text in pydoc_data.topics.topics.values():
-        for para in text.split("\n\n"):
-            para = " ".join(para.split())
-            if 80 < len(para) < 240:
-                out.append(para)
-    return sorted(set(out))[:n]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -56,7 +46,7 @@ def main() -> None:
     gguf = smollm2()
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     data = work / "python_docs.txt"
-    data.write_text("\n".join(paragraphs(72)) + "\n", encoding="utf-8")
+    data.write_text("\n".join(python_doc_paragraphs(72)) + "\n", encoding="utf-8")
     argv = [
         sys.executable,
         "-m",

@@ -23,17 +23,7 @@ from typing import Any
 from _common import load_average
 from bench_ntk_real import smollm2_path
 
-
-def paragraphs(n: int) -> list[str]:
-    import pydoc_data.topics
-
-    out = set()
-    for text in pydoc_data.topics.topics.values():
-        for para in text.split("\n\n"):
-            para = " ".join(para.split())
-            if 80 < len(para) < 240:
-                out.add(para)
-    return sorted(out)[:n]
+from lensllm_jax.data.text import python_doc_paragraphs
 
 
 def main() -> None:
@@ -48,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "python_docs.txt"
-        data.write_text("\n".join(paragraphs(args.paragraphs)) + "\n", encoding="utf-8")
+        data.write_text("\n".join(python_doc_paragraphs(args.paragraphs)) + "\n", encoding="utf-8")
         argv = [
             "run", "--models", str(smollm2_path()), "--data", str(data), "--sizes", *args.sizes,
             "--test-size", args.test_size, "--probe-size", args.probe_size, "--max-length",

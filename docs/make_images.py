@@ -20,6 +20,7 @@ from pathlib import Path
 import lensllm_jax as ll
 from lensllm_jax import plots
 from lensllm_jax.benchmark.download import embedded_dir
+from lensllm_jax.data.text import python_doc_paragraphs
 
 IMG = Path(__file__).resolve().parent / "img"
 DPI = 72
@@ -36,18 +37,6 @@ def select_image() -> None:
     table = ll.read_curve_table(embedded_dir() / "flan.csv").up_to(6400)
     rows = ll.rank(table, 1_638_400, ["LensLLM", "AtS", "RectifiedFit"])
     _save(plots.selection_figure(table, rows, 1_638_400, max_panels=8), "select.png")
-
-
-def _paragraphs(n: int) -> list[str]:
-    import pydoc_data.topics
-
-    out = set()
-    for text in pydoc_data.topics.topics.values():
-        for para in text.split("\n\n"):
-            para = " ".join(para.split())
-            if 80 < len(para) < 240:
-                out.add(para)
-    return sorted(out)[:n]
 
 
 def run_images(work: Path | None = None) -> None:
@@ -75,7 +64,7 @@ def run_images(work: Path | None = None) -> None:
         model.save_pretrained(str(work / "random-64x2"))
         tok.save_pretrained(str(work / "random-64x2"))
     data = work / "python_docs.txt"
-    data.write_text("\n".join(_paragraphs(64)) + "\n", encoding="utf-8")
+    data.write_text("\n".join(python_doc_paragraphs(64)) + "\n", encoding="utf-8")
     result = ll.run(
         [str(gguf), str(work / "random-64x2")],
         data,

@@ -12,22 +12,11 @@ import numpy as np
 import pytest
 
 from lensllm_jax import cli
+from lensllm_jax.data.text import python_doc_paragraphs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
-
-
-def _paragraphs(n: int) -> list[str]:
-    import pydoc_data.topics
-
-    out = []
-    for text in pydoc_data.topics.topics.values():
-        for para in text.split("\n\n"):
-            para = " ".join(para.split())
-            if 80 < len(para) < 240:
-                out.append(para)
-    return sorted(set(out))[:n]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +43,7 @@ def world(tmp_path_factory, smollm2_gguf):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(rand))
     tok.save_pretrained(str(rand))
     data = root / "python_docs.txt"
-    data.write_text("\n".join(_paragraphs(72)) + "\n", encoding="utf-8")
+    data.write_text("\n".join(python_doc_paragraphs(72)) + "\n", encoding="utf-8")
     out_dir = root / "run"
     argv = [
         "run", "--models", str(smollm2_gguf), str(rand), "--data", str(data),

@@ -282,3 +282,17 @@ def test_tokenize_with_the_smollm2_tokenizer(monkeypatch, smollm2_gguf):
         kept = cut.tokens[row][cut.loss_mask[row] == 1]
         assert cut.target_bytes[row] == len(tok.decode(kept.tolist()).encode())
         assert 0 < cut.target_bytes[row] < full.target_bytes[row]
+
+
+def test_python_doc_paragraphs_are_distinct_sorted_one_line_paragraphs_of_pydoc():
+    import pydoc_data.topics
+
+    from lensllm_jax.data.text import python_doc_paragraphs
+
+    paras = python_doc_paragraphs(50)
+    assert len(paras) == 50 and paras == sorted(set(paras))
+    topics = pydoc_data.topics.topics.values()
+    whole = {" ".join(p.split()) for t in topics for p in t.split("\n\n")}
+    for p in paras:
+        assert 80 < len(p) < 240 and "\n" not in p and p in whole
+    assert python_doc_paragraphs(10) == paras[:10]  # nested: a prefix of the sorted list

@@ -28,6 +28,7 @@ __all__ = [
     "Split",
     "TokenData",
     "nested_subset",
+    "python_doc_paragraphs",
     "read_examples",
     "split_examples",
     "tokenize",
@@ -385,3 +386,19 @@ def tokenize(
         attention[i, :end] = 1
         loss_mask[i, first:end] = 1
     return TokenData(tokens, loss_mask, attention, nbytes)
+
+
+def python_doc_paragraphs(n: int) -> list[str]:
+    """The first `n` (sorted, distinct) paragraphs of 80-240 characters of Python's own
+    documentation (`pydoc_data.topics`, on every Python install): real English text for
+    demos, notebooks, tests and benchmarks without a download. Whitespace is collapsed, so
+    each paragraph is one line of a .txt data file. Cost: one pass over ~1 MB of text."""
+    import pydoc_data.topics
+
+    out: set[str] = set()
+    for text in pydoc_data.topics.topics.values():
+        for para in text.split("\n\n"):
+            para = " ".join(para.split())
+            if 80 < len(para) < 240:
+                out.add(para)
+    return sorted(out)[:n]
