@@ -17,7 +17,6 @@ import fcntl
 import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_fixtures import LETTERS, task_lines
 
 from lensllm_jax import cli
 from lensllm_jax.data import curves
@@ -39,7 +39,6 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 REPO = Path(__file__).resolve().parents[1]
-LETTERS = "abcdefgh"
 N_EXAMPLES, TEST, PROBE = 120, 16, 8  # pool = 96, the default target
 SIZES = ("8", "16", "32", "64")
 
@@ -95,15 +94,9 @@ def _candidate(folder: Path, arch: str, tok_kind: str, seed: int) -> Path:
 
 
 def _task(path: Path, n: int = N_EXAMPLES, seed: int = 0) -> Path:
-    """prompt "c a h b =>", completion " d b a c": every letter shifted by one."""
-    rng = random.Random(seed)
-    shift = {c: LETTERS[(i + 1) % len(LETTERS)] for i, c in enumerate(LETTERS)}
-    lines = []
-    for _ in range(n):
-        w = [rng.choice(LETTERS) for _ in range(4)]
-        prompt, completion = " ".join(w) + " =>", " " + " ".join(shift[c] for c in w)
-        lines.append(json.dumps({"prompt": prompt, "completion": completion}))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    """prompt "c a h b =>", completion " d b a c": every letter shifted by one
+    (`hostile_fixtures.task_lines`, the task the hostile-input suite runs too)."""
+    path.write_text("\n".join(task_lines(n, seed)) + "\n", encoding="utf-8")
     return path
 
 
