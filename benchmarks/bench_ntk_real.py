@@ -18,9 +18,12 @@ Per route: the plan (`core.ntk.plan_ntk`: chunk, gradient passes, tangent passes
 cost and memory), compile time, median time and time / floor per round, in wall time and in
 process CPU time (the CPU seconds the call used, all threads: on a machine other jobs share,
 wall time swings with their load, CPU time much less), XLA's buffer
-accounting of the compiled program (`memory_analysis`: temporaries + outputs) and the process
-max RSS after it. The budget is what `lensllm run` uses (`runner.measure.ntk_memory_budget`:
-half the host memory available, or $LENSLLM_NTK_MEMORY), unless --budget is given, and the
+accounting of the compiled program (`memory_analysis`: temporaries + outputs), the process
+max RSS after it and each call's own peak RSS (`call_peak_rss_gib`: VmHWM reset before the
+call; the model's parameters and the other outputs alive are included). Jacobian blocks of
+several chunks are timed as `lensllm run` calls them, outside jit (the host-driven schedule).
+The budget is what `lensllm run` uses (`runner.measure.ntk_memory_budget`:
+a quarter of the host memory available, or $LENSLLM_NTK_MEMORY), unless --budget is given, and the
 plans count each example's activations as lensllm run does (`runner.measure.activation_bytes`).
 
 Usage: nice -n 10 python benchmarks/bench_ntk_real.py --n 8 32 --out ntk_real.json
@@ -66,6 +69,27 @@ def probe(n: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux: "5" to /proc/self/clear_refs resets VmHWM), so
+    that each call's own peak can be read; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_gib() -> float | None:
+    """VmHWM (peak resident set since the last `reset_peak`), GiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def compile_fn(fn, *args) -> tuple[Any, dict[str, Any]]:
@@ -158,6 +182,15 @@ def main() -> None:
                     return kfn._run(p, b, with_bound=True)[:2]
                 return kfn(p, b)
 
+            if route == "jacobian_contraction" and (plan.chunk or n) < n:
+                # Several blocks: timed as `lensllm run` calls it, outside jit (the host-driven
+                # schedule, one compiled step); the first call compiles it.
+                t0 = time.perf_counter()
+                jax.block_until_ready(kfn(params, batch))
+                first = round(time.perf_counter() - t0, 2)
+                entry.update(schedule="host-driven", first_call_s=first)
+                fns[route] = kfn
+                continue
             try:
                 fns[route], info = compile_fn(kernel, params, batch)
                 entry.update(info)
@@ -172,11 +205,17 @@ def main() -> None:
         outputs: dict[str, Any] = {}
         for _ in range(args.rounds):
             for name, fn in fns.items():
+                outputs.pop(name, None)  # the previous round's output is not part of this peak
+                reset = reset_peak()
                 t0, c0 = time.perf_counter(), time.process_time()
                 outputs[name] = jax.block_until_ready(fn(params, batch))
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
                 row[name]["rss_after_gib"] = round(rss_gib(), 3)
+                peak = peak_gib()
+                if reset and peak is not None:  # this call's own peak RSS (params included)
+                    old = row[name].get("call_peak_rss_gib", 0.0)
+                    row[name]["call_peak_rss_gib"] = round(max(old, peak), 3)
             dump(res, out)
         for name, ts in times.items():
             r = row[name]

@@ -78,6 +78,69 @@ def test_auto_route_matches_dense_reference(budget_gradients):
 
 
 @pytest.mark.slow
+def test_blocks_outside_jit_equal_dense_and_the_in_program_schedule():
+    """Several Jacobian blocks called eagerly run the host-driven schedule (one compiled
+    step, two blocks alive); it equals the dense float64 jacrev reference and the in-program
+    (unrolled / scanned) schedule that a call under `jit` takes, for nb = 3 and 4, with
+    padding (7 examples in blocks of 2 and 3)."""
+    from lensllm_jax.core import _ntk_blocks
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), lm_init(jax.random.key(52)))
+        toks = jax.random.randint(jax.random.key(53), (7, 6), 0, 11)
+        ref = dense_ntk(per_example_loss, params, toks, toks, None)
+        calls = []
+        real = _ntk_blocks.symmetric_kernel_host
+        for chunk in (3, 2):  # nb = 3 (unrolled in the program), 4 (scanned)
+            kfn = ntk.empirical_ntk_fn(
+                per_example_loss, implementation="jacobian_contraction", chunk_size=chunk
+            )
+            try:
+                _ntk_blocks.symmetric_kernel_host = lambda *a, **k: calls.append(1) or real(*a, **k)
+                eager = kfn(params, toks)
+            finally:
+                _ntk_blocks.symmetric_kernel_host = real
+            traced = jax.jit(kfn)(params, toks)
+            np.testing.assert_allclose(eager, ref, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(eager, traced, rtol=1e-10, atol=1e-13)
+            assert len(calls) == 1 and eager.shape == (7, 7)
+            calls.clear()
+
+
+@pytest.mark.slow
+def test_host_blocks_keep_a_scanned_stack_in_its_natural_layout():
+    """A model whose layers run in a `lax.scan` (6 > UNROLL_MAX_LAYERS): its stacked leaves'
+    per-example gradients keep the example axis at 1 (no transposed copy), and the kernel in
+    blocks of 2 equals the dense jacrev reference of the per-example loss."""
+    from lensllm_jax import models
+    from lensllm_jax.core import _ntk_layout
+    from lensllm_jax.models.lm_probe import probe_loss_fn
+
+    cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+           "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "max_position_embeddings": 16}  # fmt: skip
+    with jax.enable_x64(True):
+        m = models.from_config(cfg, 0)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), m.params)
+        rng = np.random.default_rng(0)
+        n, t = 5, 8
+        batch = {
+            "tokens": rng.integers(0, 32, (n, t)).astype(np.int32),
+            "loss_mask": np.ones((n, t), np.int32),
+            "attention_mask": np.ones((n, t), np.int32),
+            "nats_per_byte": np.full(n, 0.25),
+        }
+        loss = probe_loss_fn(m.apply)
+        _, axes = _ntk_layout.per_example_grads(loss, params, batch)
+        assert set(jax.tree.leaves(axes["layers"])) == {1}
+        assert set(jax.tree.leaves({k: v for k, v in axes.items() if k != "layers"})) == {0}
+        kfn = ntk.empirical_ntk_fn(loss, implementation="jacobian_contraction", chunk_size=2)
+        ref = dense_ntk(loss, params, batch, batch, None)
+        # the model computes in float32 whatever its params: agreement to float32 round-off
+        np.testing.assert_allclose(kfn(params, batch), ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
 def test_matrix_free_logit_kernel_cross_and_untraced():
     """Matrix-free with several outputs per example (positions untraced), cross batches, and
     a column chunk that does not divide N2: equal to the dense reference."""

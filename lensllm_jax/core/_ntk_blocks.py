@@ -9,16 +9,24 @@ visited from the last down to i + 1; the last column computed (i + 1) is promote
 row, so the kernel costs 1 + nb (nb - 1) / 2 chunk Jacobians instead of the nb^2 of a naive
 double loop (exactly nb when nb <= 2). For nb <= UNROLL_MAX_BLOCKS the schedule is unrolled;
 beyond that it runs inside one `lax.scan`, so the model appears once in the program.
+
+Called outside `jit` on a scalar-per-example f (the loss kernel of `lensllm run`), the same
+schedule runs from Python over two compiled programs (`host_symmetric_kernel`) on per-example
+gradients in the layout the backward pass leaves them (a scanned stack's leaves keep their
+example axis at 1): inside one program, vmap's transposes to the front, the Gram's copies and
+the scan's carry held about two chunks of gradients more than the two the plan counts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lensllm_jax.core._ntk_layout import per_example_grads
 
 PyTree = Any
 # Up to this many blocks the schedule is unrolled at trace time (the model appears
@@ -137,3 +145,104 @@ def cross_kernel(
 
     theta = jax.lax.map(row, x1b)  # (nb1, nb2, c, c, A, B)
     return _unblock(theta, n1, n2)
+
+
+def gram_at_axes(t1: PyTree, t2: PyTree, axes: PyTree, acc_dtype: Any, precision: Any = None):
+    """Σ_leaves ⟨g1_i, g2_j⟩ -> (c1, c2) for per-example gradients whose example axis is
+    `axes` (per leaf, `_ntk_layout.per_example_grads`): the axes before it are dot_general
+    batch axes (summed after), the ones after it contracted; no transposed copy."""
+    total = None
+    for l1, l2, k in zip(*(jax.tree.leaves(t) for t in (t1, t2, axes)), strict=True):
+        a1, a2 = l1.reshape(*l1.shape[: k + 1], -1), l2.reshape(*l2.shape[: k + 1], -1)
+        batch = tuple(range(k))
+        g = jax.lax.dot_general(
+            a1, a2, (((k + 1,), (k + 1,)), (batch, batch)),
+            precision=precision, preferred_element_type=acc_dtype,
+        )  # fmt: skip
+        g = g.sum(batch) if k else g
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+class HostPrograms(NamedTuple):
+    """The two compiled programs of the host-driven schedule (`symmetric_kernel_host`)."""
+
+    first: Callable  # (params, x_chunk) -> (Θ_CC, G_C)
+    step: Callable  # (params, g_r, x_chunk) -> (Θ_RC, Θ_CC, G_C)
+
+
+def host_programs(grads_fn: Callable, axes: PyTree, acc_dtype: Any, precision: Any) -> HostPrograms:
+    """Compiled steps over per-example gradients in their natural layout (`grads_fn`, `axes`
+    from `_ntk_layout.per_example_grads`). Cost of a step: one chunk of per-example gradients
+    + two c x c Gram blocks; memory: G_R (an input) + G_C + one chunk's activations."""
+
+    @jax.jit
+    def first(params: PyTree, x_chunk: PyTree):
+        g_c = grads_fn(params, x_chunk)
+        return gram_at_axes(g_c, g_c, axes, acc_dtype, precision), g_c
+
+    @jax.jit
+    def step(params: PyTree, g_r: PyTree, x_chunk: PyTree):
+        g_c = grads_fn(params, x_chunk)
+        g_rc = gram_at_axes(g_r, g_c, axes, acc_dtype, precision)
+        return g_rc, gram_at_axes(g_c, g_c, axes, acc_dtype, precision), g_c
+
+    return HostPrograms(first, step)
+
+
+def symmetric_kernel_host(
+    programs: HostPrograms, params: PyTree, x: PyTree, n: int, chunk: int
+) -> np.ndarray:
+    """Θ(x, x) (N, N) of a scalar-per-example f by the promoted-row schedule of
+    `symmetric_kernel`, driven from Python over two compiled programs (`host_programs`):
+    buffers die with their Python references, so at most two chunks of per-example gradients
+    are alive, in the layout the backward pass leaves them (inside one program, the default
+    layout's transposes and the scan's copies had held about two chunks more). Outside `jit`
+    only. The same 1 + nb (nb − 1) / 2 chunk gradients (nb when nb <= 2)."""
+    treedef = jax.tree.structure(x)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(x)]
+    nb = -(-n // chunk)
+    if nb * chunk > n:  # pad with the last example, as `pad_and_block`
+        leaves = [np.concatenate([a, np.repeat(a[-1:], nb * chunk - n, 0)]) for a in leaves]
+
+    def take(i: int) -> PyTree:
+        return jax.tree.unflatten(treedef, [a[i * chunk : (i + 1) * chunk] for a in leaves])
+
+    blocks: dict[tuple[int, int], np.ndarray] = {}
+    diag, g_r = programs.first(params, take(0))
+    blocks[0, 0] = np.asarray(diag)
+    if nb == 1:
+        return blocks[0, 0][:n, :n]
+    for i in range(nb - 1):
+        for j in range(nb - 1, i, -1):  # the last column visited (i + 1) becomes the next row
+            g, diag, g_c = programs.step(params, g_r, take(j))
+            blocks[i, j] = np.asarray(g)
+            blocks[j, i] = blocks[i, j].T
+            if j == i + 1:
+                blocks[j, j], g_r = np.asarray(diag), g_c
+            del g_c  # the column's gradients go now, unless promoted
+    rows = [np.concatenate([blocks[i, j] for j in range(nb)], axis=1) for i in range(nb)]
+    return np.concatenate(rows, axis=0)[:n, :n]
+
+
+def _shapes_key(tree: PyTree) -> tuple:
+    """A hashable key of a pytree's structure, shapes and dtypes."""
+    leaves = jax.tree.leaves(tree)
+    dtypes = (getattr(a, "dtype", None) or np.result_type(a) for a in leaves)
+    return jax.tree.structure(tree), tuple(zip((np.shape(a) for a in leaves), dtypes, strict=True))
+
+
+def host_symmetric_kernel(
+    f_scalar: Callable, cache: dict, params: PyTree, x: PyTree, n: int, chunk: int,
+    acc_dtype: Any, precision: Any, key: Any = None,
+) -> np.ndarray:  # fmt: skip
+    """Θ(x, x) (N, N) of `f_scalar(params, batch) -> (N,)` by `symmetric_kernel_host`; the
+    programs (and the per-example gradients' natural axes, one extra trace) are built once
+    per shapes and `key` and kept in `cache`."""
+    x0 = jax.tree.map(lambda leaf: np.asarray(leaf)[:chunk], x)
+    k = (_shapes_key(params), _shapes_key(x0), key)
+    if k not in cache:
+        grads_fn, axes = per_example_grads(f_scalar, params, x0)
+        cache[k] = host_programs(grads_fn, axes, acc_dtype, precision)
+    return symmetric_kernel_host(cache[k], params, x, n, chunk)

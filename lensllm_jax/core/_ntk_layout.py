@@ -72,3 +72,35 @@ def per_example_jacobian(f, params: PyTree, lay: OutputLayout, jacobian_dtype: A
         return j
 
     return jac
+
+
+def _moved_to_front(eqn: Any) -> int:
+    """k if `eqn` is a transpose moving axis k to the front (vmap's moveaxis), else 0."""
+    if eqn is None or eqn.primitive.name != "transpose":
+        return 0
+    perm = tuple(eqn.params["permutation"])
+    k = perm[0]
+    return k if perm == (k, *range(k), *range(k + 1, len(perm))) else 0
+
+
+def per_example_grads(f, params: PyTree, x_chunk: PyTree) -> tuple[Any, PyTree]:
+    """For a scalar-per-example f: `(grads_fn, axes)`, `grads_fn(params, x_chunk)` the
+    per-example gradients with each leaf's example axis where the backward pass leaves it
+    (`axes`, a pytree of ints like params): 1 for the leaves a `lax.scan` over layers stacks
+    (L, c, ...), 0 elsewhere. Moving it to the front, as `vmap` does by default, copies every
+    stacked leaf (for a scanned LM, most of the c·P entries). The axes are read from the
+    jaxpr of the default `vmap` (an extra trace, no compile)."""
+
+    def one(p, xi):
+        return f(p, jax.tree.map(lambda leaf: leaf[None], xi))[0]
+
+    grad = jax.grad(one)
+    jaxpr = jax.make_jaxpr(lambda p, x: jax.vmap(grad, in_axes=(None, 0))(p, x))(params, x_chunk)
+    producer = {v: e for e in jaxpr.jaxpr.eqns for v in e.outvars}
+    axes = [_moved_to_front(producer.get(v)) for v in jaxpr.jaxpr.outvars]
+    axes_tree = jax.tree.unflatten(jax.tree.structure(params), axes)
+
+    def grads_fn(p: PyTree, x: PyTree) -> PyTree:
+        return jax.vmap(grad, in_axes=(None, 0), out_axes=axes_tree)(p, x)
+
+    return grads_fn, axes_tree

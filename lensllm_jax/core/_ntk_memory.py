@@ -68,7 +68,7 @@ def memory_budget(
 
     The first rule that applies:
       1. `memory_budget_bytes` when given (`lensllm run` passes $LENSLLM_NTK_MEMORY, or on a
-         CPU half the host memory available now, measured outside the core);
+         CPU a quarter of the host memory available now, measured outside the core);
       2. `fraction` (default 0.5) of the device's free memory, bytes_limit − bytes_in_use of
          `device.memory_stats()` (GPU / TPU; default device `jax.devices()[0]`): the other half
          is left for the activations of a chunk, the Gram and XLA's temporaries;

@@ -202,6 +202,14 @@ def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
     return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(n)
 
 
+@jax.jit
+def _summaries(samples: dict) -> tuple[dict, jax.Array, tuple[jax.Array, jax.Array]]:
+    """Per-group (mean, stderr), the total samples and their (mean, stderr), in one program
+    (eager, each reduction compiled a program of its own)."""
+    total = functools.reduce(operator.add, samples.values())
+    return {g: _mean_se(s) for g, s in samples.items()}, total, _mean_se(total)
+
+
 # ----------------------------------------------------------------------------- HVP + probes
 
 
@@ -357,14 +365,16 @@ def _power_program(loss_fn, linearize, num_iters, chunk=None):
 @_CACHE
 def _distance_program(loss_fn, grouping: tuple, blocks: bool = True, chunk=None):
     @jax.jit
-    def run(at, batch, v):
+    def run(at, batch, pre, ft):
+        # v inside the program: an eager per-leaf subtraction compiled one program per shape
+        v = jax.tree.map(lambda a, b: b - a, pre, ft)
         matvec = _hvp_operator(loss_fn, at, batch, False, chunk)
         per_group = _group_dots(v, matvec(v), list(grouping))
         block = {}
         for g in per_group if blocks else ():
             vg = _mask_group(v, list(grouping), g)
             block[g] = sum(_leaf_dots(vg, matvec(vg)))
-        return per_group, block
+        return functools.reduce(operator.add, per_group.values()), per_group, block
 
     return run
 
@@ -403,9 +413,7 @@ def hutchinson_trace(
         loss_fn, draw, _grouping_key(grouping), linearize and chunk is None, batch_size, chunk
     )
     samples = run(params, batch, jax.random.split(key, num_probes))
-    per_group = {g: _mean_se(s) for g, s in samples.items()}
-    total = functools.reduce(operator.add, samples.values())
-    mean, se = _mean_se(total)
+    per_group, total, (mean, se) = _summaries(samples)
     _check_finite(mean, "Hutchinson trace", name)
     return TraceEstimate(
         mean,
@@ -543,13 +551,9 @@ def hessian_distance(
             )
     at = params_finetuned if hessian_at is None else hessian_at
     _check_loss_and_params(_bound(loss_fn, batch), at, name)
-    v = jax.tree.map(
-        lambda a, b: jnp.asarray(b) - jnp.asarray(a), params_pretrained, params_finetuned
-    )
     grouping = _grouping(at, group_by, stacked)
     chunk = _example_chunk(example_chunk, batch, name)
     program = _distance_program(loss_fn, _grouping_key(grouping), bool(blocks), chunk)
-    per_group, block = program(at, batch, v)
-    total = functools.reduce(operator.add, per_group.values())
+    total, per_group, block = program(at, batch, params_pretrained, params_finetuned)
     _check_finite(total, "vᵀHv", name)
     return HessianDistance(total, per_group, block)

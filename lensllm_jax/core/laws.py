@@ -384,7 +384,7 @@ def tangent(law: str | Law, raw: Any, d_top: float) -> tuple[np.ndarray, ...]:
     law = get_law(law)
     with jax.enable_x64(True):
         x = jnp.asarray(np.log(float(d_top)), jnp.float64)
-        out = _tangent_batch(law.name, jnp.asarray(raw, jnp.float64), x)
+        out = _tangent_batch(law.name, np.asarray(raw, np.float64), x)
         return tuple(np.asarray(a) for a in out)
 
 

@@ -332,9 +332,24 @@ def empirical_ntk_fn(
         )  # fmt: skip
         return plan, lay, n1, n2
 
+    host_cache: dict[tuple, _ntk_blocks.HostPrograms] = {}
+
     def run(params, x1, x2=None, *, name=None, with_bound=False, seed=None):
         """(Θ, stderr bound or None, plan); the bound only for the sketch with with_bound."""
         plan, lay, n1, n2 = resolve(params, x1, x2, name)
+        scalar_blocks = plan.route == "jacobian_contraction" and x2 is None
+        scalar_blocks &= lay.n_untraced * lay.n_traced == 1 and jacobian_dtype is None
+        if scalar_blocks and _is_concrete((params, x1)):
+            # Outside jit, a scalar-per-example kernel (the loss kernel): blocks driven from
+            # Python over per-example gradients in their natural layout (the plan's memory).
+            scalar = lambda p, x: _as_ac(f(p, x), lay)[:, 0, 0]  # noqa: E731
+            theta = _ntk_blocks.host_symmetric_kernel(
+                scalar, host_cache, params, x1, n1, plan.chunk or n1, _acc_dtype(params),
+                precision, key=lay,
+            )  # fmt: skip
+            theta = jnp.asarray(_finish(theta[:, :, None, None], lay))  # type: ignore[arg-type]
+            _check_finite(theta, "empirical NTK", name)
+            return theta, None, plan
         key = jax.random.key(sketch_seed if seed is None else seed)
         with_bound = with_bound and plan.route == "sketch"
         out = compiled(

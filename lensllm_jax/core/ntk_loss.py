@@ -57,6 +57,7 @@ def _sym(theta: jax.Array) -> jax.Array:
     return 0.5 * (theta + jnp.swapaxes(theta, -1, -2))
 
 
+@jax.jit  # one program: eager, each of its operations compiled a program of its own
 def features(theta: jax.Array, residual: jax.Array) -> NTKFeatures:
     """Eigendecompose the symmetrised kernel once: O(N³) FLOPs, O(N²) memory; jittable.
 
@@ -119,6 +120,7 @@ def _check_loss_args(theta: Any, residual: Any, t: Any, eta: Any) -> None:
             raise NTKError(f"{what} must be finite and >= 0, got {v!r:.40}")
 
 
+@jax.jit  # one program, as `features`
 def kernel_diagnostics(theta: jax.Array) -> KernelDiagnostics:
     """Asymmetry and negative-eigenvalue mass of a kernel (jittable; O(N³))."""
     theta = jnp.asarray(theta)
@@ -146,7 +148,8 @@ def check_kernel(
     if rtol is None:
         rtol = 1e-8 if arr.dtype == np.float64 else 1e-4
     diag = kernel_diagnostics(jnp.asarray(arr))
-    asym, clipped = float(np.max(diag.asymmetry)), float(np.max(diag.clipped))
+    asym = float(np.max(np.asarray(diag.asymmetry)))  # on the host: no program per reduction
+    clipped = float(np.max(np.asarray(diag.clipped)))
     if asym > rtol:
         raise NTKError(
             f"kernel{_where(name)} is not symmetric (relative asymmetry {asym:.2e} > {rtol:.0e}); "

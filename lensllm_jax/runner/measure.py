@@ -63,7 +63,10 @@ __all__ = [
 MEMORY_ENV = "LENSLLM_NTK_MEMORY"  # bytes for the NTK's Jacobian blocks, e.g. "8GiB" or "5e8"
 ROUTE_ENV = "LENSLLM_NTK_ROUTE"  # auto (default), exact, sketch, jacobian_contraction, ...
 ROUTES = ("auto", "exact", "sketch", "jacobian_contraction", "ntk_vector_products")
-HOST_MEMORY_FRACTION = 0.5  # of the host memory available now; the rest: activations, others
+# Of the host memory available now. A quarter, not more: the rest of a run (model, optimizer
+# state, Hessian micro-batches) and other jobs share the host, and running out kills the run
+# while fewer blocks only cost gradient passes; $LENSLLM_NTK_MEMORY spends more.
+HOST_MEMORY_FRACTION = 0.25
 HESSIAN_TOKENS = 512  # tokens per Hessian-vector-product micro-batch (memory ∝ this, not N·T)
 
 
