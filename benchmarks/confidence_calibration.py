@@ -21,12 +21,16 @@ For every dataset (FLAN, Gigaword), pseudo-target (1,638,400 / 819,200 / 409,600
   task L -> L^2.4 (every log-loss error x ~2.4, the scale ratio the issue measured on a
   task never seen here), with and without the in-data scale;
 - `robustness`: LensLLM against AtS at the official target (7-budget means of PearCorr,
-  RelAcc, Kendall τ): win rate and mean difference over replicates under 0.3 % and 1 %
-  noise and over random 20-of-30 subsets.
+  RelAcc, Kendall τ): win, tie and loss rates and the mean difference over replicates under
+  0.3 % and 1 % noise and over random 20-of-30 subsets; `robustness_before`: the same for
+  LensLLM as shipped before the shared residual and the between-method variance
+  (`fused_fit(common_passes=0, heterogeneity=False)`), same replicates.
 
-    python benchmarks/confidence_calibration.py [--data DIR] [--reps N] [--quick] [--out F]
+    python benchmarks/confidence_calibration.py [--data DIR] [--reps N] [--quick]
+        [--robustness-only] [--out F]
 
-`--quick` skips `stress` and `robustness` (the notebook's figure needs neither).
+`--quick` skips `stress` and `robustness` (the notebook's figure needs neither);
+`--robustness-only` runs only `robustness` and `robustness_before` (~3 min).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import math
 import os
 import platform
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -46,7 +51,7 @@ import numpy as np
 from lensllm_jax.benchmark import calibration, metrics
 from lensllm_jax.benchmark.download import resolve_data
 from lensllm_jax.data.curves import CurveTable, read_curve_tables
-from lensllm_jax.selection import baselines, confidence, lensllm
+from lensllm_jax.selection import _fusion, baselines, confidence, lensllm
 
 DATASETS = ("flan", "gigaword")
 BEFORE_C = 0.0145  # the scale shipped before this report (one σ for all, no in-data term)
@@ -226,9 +231,18 @@ def _means(table: CurveTable, method) -> np.ndarray:
     return np.mean(vals, axis=0)
 
 
+def lensllm_before(table: CurveTable, budget: float, target: float) -> types.SimpleNamespace:
+    """LensLLM as shipped before issue 11's robustness pass: no shared residual removed, no
+    between-method variance (`_fusion.fused_fit(common_passes=0, heterogeneity=False)`)."""
+    pred, _, _ = _fusion.fused_predict(table, budget, target, common_passes=0, heterogeneity=False)
+    return types.SimpleNamespace(scores=pred)
+
+
 def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
-    """LensLLM − AtS on the 7-budget means, per replicate: win rate (difference > 0) and
-    mean difference (± its standard error), for each perturbation and dataset."""
+    """LensLLM − AtS on the 7-budget means, per replicate: win rate (difference > 0), tie
+    and loss rates (|difference| <= 1e-9, < 0), and mean difference (± its standard error),
+    for each perturbation and dataset. The replicates depend only on the seed, not on
+    `method`, so two methods' tables are paired."""
     out: dict = {}
     for name, table in tables.items():
         out[name] = {"unperturbed": dict(zip(METRIC_NAMES, _diff(table, method), strict=True))}
@@ -244,7 +258,9 @@ def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
             d = np.array([_diff(make(table), method) for _ in range(reps)])
             out[name][tag] = {
                 m: {
-                    "win_rate": round(float(np.mean(d[:, k] > 0)), 3),
+                    "win_rate": round(float(np.mean(d[:, k] > 1e-9)), 3),
+                    "tie_rate": round(float(np.mean(np.abs(d[:, k]) <= 1e-9)), 3),
+                    "loss_rate": round(float(np.mean(d[:, k] < -1e-9)), 3),
                     "mean_diff": round(float(d[:, k].mean()), 2),
                     "se": round(float(d[:, k].std(ddof=1) / math.sqrt(reps)), 2),
                 }
@@ -258,6 +274,28 @@ def _diff(table: CurveTable, method) -> list[float]:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def robustness_report(data=None, *, robust_reps: int = 100) -> dict:
+    """`robustness` of LensLLM as shipped and as shipped before (`lensllm_before`)."""
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    tables = _tables(data)
+    return {
+        "machine": _machine(),
+        "robustness": robustness(tables, robust_reps),
+        "robustness_before": robustness(tables, robust_reps, method=lensllm_before),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def report(data=None, *, reps: int = 20, robust_reps: int = 100, quick: bool = False) -> dict:
@@ -278,12 +316,7 @@ def report(data=None, *, reps: int = 20, robust_reps: int = 100, quick: bool = F
     other = {n: max(optimum[o] for o in by_ds if o != n) for n in by_ds if len(by_ds) > 1}
     out: dict = {
         "what": "LensLLM ranking confidence: reliability report on the FTS benchmark",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": _machine(),
         "error_model": {
             "pairwise_optimal_per_doubling": {n: round(c, 5) for n, c in optimum.items()},
             "prior_per_doubling_c0": round(c0, 5),
@@ -315,6 +348,7 @@ def report(data=None, *, reps: int = 20, robust_reps: int = 100, quick: bool = F
     if not quick and other:
         out["stress"] = stress(tables, other, reps)
         out["robustness"] = robustness(tables, robust_reps)
+        out["robustness_before"] = robustness(tables, robust_reps, method=lensllm_before)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -325,9 +359,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20, help="stress replicates per kind")
     parser.add_argument("--robust-reps", type=int, default=100, help="robustness replicates")
     parser.add_argument("--quick", action="store_true", help="skip stress and robustness")
+    parser.add_argument(
+        "--robustness-only", action="store_true", help="only LensLLM vs AtS robustness"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    out = report(args.data, reps=args.reps, robust_reps=args.robust_reps, quick=args.quick)
+    if args.robustness_only:
+        out = robustness_report(args.data, robust_reps=args.robust_reps)
+    else:
+        out = report(args.data, reps=args.reps, robust_reps=args.robust_reps, quick=args.quick)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

@@ -46,9 +46,13 @@ Fusion study (`fusion_study`, key `fusion_study_PearCorr_RelAcc_means`; targets 
   ivf_tangent_ats_backtest_calibrated  the same, variances scaled by each method's
                     mean squared standardised error in a one-doubling backtest
   ens_quadratic_ats quadratic in (log D, log L) on AtS's power phase, averaged with AtS
-  lensllm_shipped   `lensllm.lensllm`: tangent + AtS lines fused by centred-backtest-
-                    calibrated variances, slopes pooled by Fay-Herriot EB toward a trend in
-                    log(model size); lensllm_<ablation>: one choice changed (`ABLATIONS`)
+  lensllm_shipped   `lensllm.lensllm`: the task-wide shared residual removed (two
+                    backfitting passes), tangent + AtS lines fused by centred-backtest-
+                    calibrated variances plus half the DerSimonian-Laird between-method
+                    variance each, slopes pooled by Fay-Herriot EB toward a trend in
+                    log(model size); lensllm_<ablation>: one choice changed (`ABLATIONS`;
+                    before_issue_11: the method shipped before the shared residual and the
+                    between-method variance)
 """
 
 from __future__ import annotations
@@ -259,6 +263,11 @@ ABLATIONS = {
     "nu0_0.25": {"nu0": 0.25},
     "nu0_1": {"nu0": 1.0},
     "nu0_2": {"nu0": 2.0},
+    "no_shared_residual": {"common_passes": 0},
+    "shared_residual_1_pass": {"common_passes": 1},
+    "shared_residual_3_passes": {"common_passes": 3},
+    "no_between_method_variance": {"heterogeneity": False},
+    "before_issue_11": {"common_passes": 0, "heterogeneity": False},
 }
 
 

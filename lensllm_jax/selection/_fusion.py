@@ -44,6 +44,7 @@ class _Lines(NamedTuple):
     x_top: float
     ok: np.ndarray  # (M,) the law fit is usable
     law_raw: np.ndarray | None = None  # (M, 4) the law's raw (log) parameters, for reports
+    law_resid: np.ndarray | None = None  # (M, S_b + 1) log L − law fit, zero-shot point first
 
 
 def _shrunk_variance(sse: np.ndarray, dof: np.ndarray, nu0: float = 0.5) -> np.ndarray:
@@ -89,7 +90,8 @@ def _compute_lines(
     y, jac = laws.value_and_jac("lensllm", raw, d)
     level, slope, g_level, g_slope = laws.tangent("lensllm", raw, sizes[-1])
     g = np.stack([g_level, g_slope], axis=1)  # (M, 2, 4)
-    sse = np.where(ok, np.sum((y - np.log(l_all)) ** 2, axis=1), np.nan)
+    resid = np.log(l_all) - y
+    sse = np.where(ok, np.sum(resid**2, axis=1), np.nan)
     s2 = _shrunk_variance(sse, np.full(ok.size, d.size - 4.0), nu0)
     info_inv = np.linalg.pinv(np.einsum("msp,msq->mpq", jac, jac))
     law_cov = s2[:, None, None] * np.einsum("mip,mpq,mjq->mij", g, info_inv, g)
@@ -111,12 +113,70 @@ def _compute_lines(
             a_sse[i], a_dof[i] = float(r @ r), xa.size - 2.0
             a_geo[i] = [[1 / xa.size + dx**2 / sxx, dx / sxx], [dx / sxx, 1 / sxx]]
     ats_cov = _shrunk_variance(a_sse, a_dof, nu0)[:, None, None] * a_geo
-    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok, raw)
+    law_resid = np.where(ok[:, None], resid, np.nan)
+    return _Lines(ls[:, 0], ls[:, 1], law_cov, a_level, a_slope, ats_cov, x_top, ok, raw, law_resid)
 
 
 def _line_variance(cov: np.ndarray, dx: float) -> np.ndarray:
     """Var(level + slope·dx) from a (M, 2, 2) covariance."""
     return cov[:, 0, 0] + 2 * dx * cov[:, 0, 1] + dx * dx * cov[:, 1, 1]
+
+
+def _common_residual(table: CurveTable, budget_size: float, nu0: float = 0.5) -> np.ndarray:
+    """(S_b + 1,) the task-wide residual of the law fits at every visible point (zero-shot
+    point first): c(D) = median over the usable candidates of log L_m(D) − log L̂_m(D).
+
+    Every candidate is fine-tuned on the same nested subsets and scored on the same test
+    set, so log L_m(D) = c(D) + g_m(D) + ε_m,D with c shared: a draw of a subset or a shape
+    the law family misses on this task. c(target) is the same for every candidate, so it
+    does not change any ranking; left in, it bends each candidate's fit, and so its tangent
+    and the fusion weights, differently. The median (not the mean) keeps one abnormal
+    curve from defining c. Zeros when fewer than 3 candidates are usable. Cost: one
+    `_lines` (memoised) and O(M·S)."""
+    lines = _lines(table, budget_size, nu0=nu0)
+    resid = lines.law_resid
+    if resid is None or int(lines.ok.sum()) < 3:
+        return np.zeros(int(np.sum(table.sizes <= budget_size * (1 + 1e-12))) + 1)
+    with np.errstate(all="ignore"):
+        c = np.nanmedian(resid[lines.ok], axis=0)
+    return np.where(np.isfinite(c), c, 0.0)
+
+
+def _without_common(
+    table: CurveTable, budget_size: float, passes: int = 2, nu0: float = 0.5
+) -> tuple[CurveTable, float]:
+    """(the table with every visible loss and the zero-shot loss divided by exp c(D),
+    c(D_top)): the shared residual removed from what the fits see, by backfitting the
+    additive model log L_m(D) = c(D) + law_m(D) + ε: c += `_common_residual` of the table
+    with the current c removed, `passes` times (each pass refits the laws). Columns above
+    the budget are left as they are (nothing reads them). Cost: `passes` batched law fits
+    (`_lines`, memoised) and O(passes·M·S)."""
+    import dataclasses
+
+    keep = table.sizes <= budget_size * (1 + 1e-12)
+    total = np.zeros(int(keep.sum()) + 1)
+    out = table
+    for _ in range(passes):
+        total = total + _common_residual(out, budget_size, nu0)
+        losses = np.array(table.losses, np.float64)
+        losses[:, keep] = losses[:, keep] * np.exp(-total[1:])
+        zero_shot = np.asarray(table.zero_shot, np.float64) * np.exp(-total[0])
+        out = dataclasses.replace(table, losses=losses, zero_shot=zero_shot)
+    return out, float(total[-1])
+
+
+def _between_methods(diff: np.ndarray, var: np.ndarray) -> float:
+    """DerSimonian-Laird τ² of the law-minus-AtS differences d_m with variances v_m
+    (calibrated, both methods): Q = Σ w(d − d̄)², w = 1/v, d̄ = Σwd/Σw;
+    τ² = max(0, (Q − (n − 1)) / (Σw − Σw²/Σw)). The spread of the disagreement beyond what
+    the two stated variances allow: a between-method (bias) variance the per-candidate
+    variances miss. 0 with < 3 usable candidates. Cost O(M)."""
+    use = np.isfinite(diff) & np.isfinite(var) & (var > 0)
+    if int(use.sum()) < 3:
+        return 0.0
+    d, w = diff[use], 1 / var[use]
+    q = float(np.sum(w * (d - np.sum(w * d) / w.sum()) ** 2))
+    return max(0.0, (q - (d.size - 1)) / float(w.sum() - np.sum(w**2) / w.sum()))
 
 
 def _calibration(
@@ -191,28 +251,56 @@ def fused_fit(
     centre: bool = True,
     calibrate: bool = True,
     trend: str = "size",
+    common_passes: int = 2,
+    heterogeneity: bool = True,
     details: dict[str, np.ndarray] | None = None,
 ) -> Fused:
     """`lensllm.lensllm`'s log-space prediction with its choices exposed for the ablations in
     `benchmarks/lensllm_vs_ats.py`: `nu0` (pooling of residual variances), `centre` and
     `calibrate` (backtest calibration), `trend` ("size": pool slopes toward a trend in
-    log(model size); "mean": toward the task mean; "none": no pooling).
+    log(model size); "mean": toward the task mean; "none": no pooling), `common_passes`
+    (backfitting passes that remove the residual every candidate shares, `_without_common`;
+    0: none) and `heterogeneity` (the between-method variance, `_between_methods`).
+
+    With `common_passes` > 0 both lines are fitted to the curves with the shared residual
+    c(D) removed and c(D_top) is added back to every level: the same constant for every
+    candidate, so it changes no ranking (and c(target), unknown, would not either).
+    With `heterogeneity`, τ²_ℓ and τ²_s, the DerSimonian-Laird variances of the
+    law-minus-AtS levels and slopes across the task, are added half to each method's
+    calibrated variance before fusing: where the two lines disagree more than their own
+    variances allow, neither gets all the weight.
 
     The variance of log L̂(target) = ℓ + θ̂·Δx (Δx = log target − x_top) is that of the
     fused line: Var ℓ + 2Δx·Cov(ℓ, θ̂) + Δx²·Var θ̂, with the law's and AtS's (calibrated)
     covariances combined by the fusion weights (the two lines treated as independent) and
-    Var θ̂ the Fay-Herriot posterior variance. Cost O(M) on top of `_lines`.
+    Var θ̂ the Fay-Herriot posterior variance. Cost O(M) on top of `_lines` (1 + passes
+    batched law fits at the budget and one at budget/2 for the calibration).
 
     A `details` dict, if given, receives (M,) arrays that redraw the prediction and its
-    variance at any D (dx = log D − log d_top): the law's B, beta, E, F; d_top; the fused
+    variance at any D (dx = log D − log d_top): the law's B, beta, E, F (fitted to the
+    curves without the shared residual); d_top; the fused
     level (log L at d_top), slope and slope_var; pooled_slope; var_level, cov_level_slope
     and var_pooled_slope, so that log L̂(D) = level + pooled_slope · dx and
     Var log L̂(D) = var_level + 2·dx·cov_level_slope + dx²·var_pooled_slope."""
     sizes, _ = visible_curves(table, budget_size)
+    c_top = 0.0
+    if common_passes > 0:
+        table, c_top = _without_common(table, budget_size, common_passes, nu0)
     lines = _lines(table, budget_size, nu0=nu0)
     k_law, k_ats = _calibration(table, budget_size, nu0, centre) if calibrate else (1.0, 1.0)
     ok = lines.ok
     cov_t, cov_a = lines.law_cov * k_law, lines.ats_cov * k_ats
+    if heterogeneity:
+        with np.errstate(all="ignore"):
+            h = [
+                _between_methods(np.where(ok, law - ats, np.nan), cov_t[:, i, i] + cov_a[:, i, i])
+                for i, law, ats in (
+                    (0, lines.law_level, lines.ats_level),
+                    (1, lines.law_slope, lines.ats_slope),
+                )
+            ]
+        extra = np.diag(h) / 2  # the between-method variance, half to each method
+        cov_t, cov_a = cov_t + extra, cov_a + extra
     with np.errstate(all="ignore"):
         vs_t, vs_a = cov_t[:, 1, 1], cov_a[:, 1, 1]
         vl_t, vl_a = cov_t[:, 0, 0], cov_a[:, 0, 0]
@@ -230,6 +318,7 @@ def fused_fit(
             cols.append(np.log(np.asarray(table.n_params, np.float64)[ok]))
         pooled[ok], v_pooled[ok] = _fay_herriot(slope[ok], v_slope[ok], np.column_stack(cols))
     dx = float(np.log(target)) - lines.x_top
+    level = level + c_top  # the shared residual at D_top back: the same for every candidate
     with np.errstate(all="ignore"):
         pred = np.exp(level + pooled * dx)
         shrink = np.where(v_slope > 0, v_pooled / v_slope, 1.0)  # (1 − B): the slope's share

@@ -51,6 +51,11 @@ def lensllm(table: CurveTable, budget_size: float, target: float) -> Selection:
     """LENSLLM from curves only: the LENSLLM law's local line and AtS's line, fused by
     their calibrated variances, with the extrapolation slope pooled across the task.
 
+    0. Shared residual (`_fusion._without_common`): every candidate is fine-tuned on the
+       same subsets and scored on the same test set, so log L_m(D) = c(D) + g_m(D) + ε.
+       c, the median across candidates of the law fits' residuals at each size, is
+       removed (two backfitting passes: fit, remove c, refit, remove the rest) before
+       the lines below are fitted; c(target) is common to all, so no ranking needs it.
     1. Law: B/(F + D^β) + E fitted to the zero-shot point (D = 0) and every size <= budget
        (`lensllm_law_predictions`); its tangent at x_top = log D_top (level ℓ_T, slope s_T)
        with the Laplace covariance s²·gᵀ(JᵀJ)⁺g (g = ∂(ℓ, s)/∂θ, closed-form J). Using the
@@ -62,7 +67,10 @@ def lensllm(table: CurveTable, budget_size: float, target: float) -> Selection:
        multiplied by k >= 1, its mean squared standardised backtest error one doubling
        back (task-wide mean error removed).
     4. Per model, inverse-variance fusion: s = (s_T/v_T + s_A/v_A)/(1/v_T + 1/v_A), v_s its
-       variance; the level ℓ likewise.
+       variance; the level ℓ likewise. Both v_T and v_A first get half of τ², the
+       DerSimonian-Laird between-method variance of s_T − s_A (ℓ_T − ℓ_A) across the task
+       (`_fusion._between_methods`): disagreement beyond the stated variances is bias
+       neither line's own fit can see.
     5. Partial pooling (the paper's "β is the task's learning difficulty", made soft): the
        fused slopes are shrunk by Fay-Herriot empirical Bayes toward a linear trend in
        log(model size), s_m ~ N(θ_m, v_s,m), θ_m ~ N(γ₀ + γ₁ log n_m, τ²), τ² estimated.
@@ -72,11 +80,12 @@ def lensllm(table: CurveTable, budget_size: float, target: float) -> Selection:
     Nothing is tuned per dataset; only sizes <= budget, the zero-shot losses and the
     parameter counts enter. `benchmarks/lensllm_vs_ats.py` measures it against AtS on the
     benchmark (and every ablation of these choices); the figures are in README.
-    The law fit and lines are memoised on the visible data, so the budget/2 backtest fit
-    is shared with the next budget ratio.
+    The law fits and lines are memoised on the data they see (a repeated call is free).
     A model whose law fit fails is "failed" (NaN, ranks last, `CurveFitWarning`).
-    Cost: two batched LM fits (M x 16 starts; budget and budget/2; one when memoised), M
-    Laplace covariances (P = 4), O(M·S²) for AtS, O(M) for the pooling.
+    Cost: four batched LM fits (M x 16 starts: at the budget, one per pass of the shared
+    residual and one for the lines; at budget/2 for the calibration), M Laplace
+    covariances (P = 4) each,
+    O(M·S²) for AtS, O(M) for the pooling.
     """
     details: dict[str, np.ndarray] = {}
     pred, ok, sizes = fused_predict(table, budget_size, target, details=details)
