@@ -20,8 +20,9 @@ process CPU time (the CPU seconds the call used, all threads: on a machine other
 wall time swings with their load, CPU time much less), XLA's buffer
 accounting of the compiled program (`memory_analysis`: temporaries + outputs), the process
 max RSS after it and each call's own peak RSS (`call_peak_rss_gib`: VmHWM reset before the
-call; the model's parameters and the other outputs alive are included). Jacobian blocks of
-several chunks are timed as `lensllm run` calls them, outside jit (the host-driven schedule).
+call; the model's parameters and the other outputs alive are included). Jacobian blocks are
+timed as `lensllm run` calls them, outside jit (the host-driven schedule, two programs: no
+XLA buffer accounting).
 The budget is what `lensllm run` uses (`runner.measure.ntk_memory_budget`:
 a quarter of the host memory available, or $LENSLLM_NTK_MEMORY), unless --budget is given, and the
 plans count each example's activations as lensllm run does (`runner.measure.activation_bytes`).
@@ -182,9 +183,9 @@ def main() -> None:
                     return kfn._run(p, b, with_bound=True)[:2]
                 return kfn(p, b)
 
-            if route == "jacobian_contraction" and (plan.chunk or n) < n:
-                # Several blocks: timed as `lensllm run` calls it, outside jit (the host-driven
-                # schedule, one compiled step); the first call compiles it.
+            if route == "jacobian_contraction":
+                # Timed as `lensllm run` calls it, outside jit: the blocks scheduled from Python
+                # over per-example gradients in their natural layout; the first call compiles.
                 t0 = time.perf_counter()
                 jax.block_until_ready(kfn(params, batch))
                 first = round(time.perf_counter() - t0, 2)

@@ -36,7 +36,7 @@ ENVIRONMENT = {
     "(default: $XDG_CACHE_HOME/lensllm_jax, else ~/.cache/lensllm_jax)",
     "LENSLLM_JIT_CACHE": "0 turns off JAX's persistent compilation cache ($LENSLLM_CACHE/jax)",
     "LENSLLM_NTK_MEMORY": "bytes for the NTK's Jacobian blocks in 'run', e.g. 8GiB "
-    "(default: sized from the device's memory)",
+    "(default: a quarter of the host's available memory on a CPU, else from the device)",
 }
 
 _EXIT_CODES = (
