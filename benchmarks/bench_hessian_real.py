@@ -10,7 +10,11 @@ Modes (each a child process: load the model, compile, run once, report its peak 
   hutchinson_linearize the same with linearize=True (the former default: `jax.linearize` of
                        the gradient, its residuals alive across the probes);
   hutchinson_chunked   the same over micro-batches of --chunk examples (`example_chunk`);
-  distance             vᵀHv (`hessian_distance`, blocks=False, as lensllm run calls it).
+  distance             vᵀHv (`hessian_distance`, blocks=False, as lensllm run calls it);
+  hutchpp              `hutchpp_trace` with 3 x --probes HVPs (it keeps --probes sketch
+                       vectors and their orthonormal basis: parameter-sized each, by design);
+  top_eigenvalue       `top_eigenvalue`, 10 power iterations.
+Peak RSS is the child's own VmHWM (not `ru_maxrss`, which carries the parent's peak).
 The batch: --n examples of --seq random tokens (the cost does not depend on them).
 
 Usage: nice -n 10 python benchmarks/bench_hessian_real.py --out hessian_real.json
@@ -20,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
-MODES = ("grad", "hvp", "hutchinson", "hutchinson_linearize", "hutchinson_chunked", "distance")
+MODES = ("grad", "hvp", "hutchinson", "hutchinson_linearize", "hutchinson_chunked", "distance",
+         "hutchpp", "top_eigenvalue")  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
@@ -38,8 +42,10 @@ def child(args: argparse.Namespace) -> None:
     from lensllm_jax.core import hessian
     from lensllm_jax.models.lm_probe import mean_probe_loss_fn
 
-    def rss() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    def rss() -> float:  # this process's own peak (VmHWM), GiB
+        with open("/proc/self/status", encoding="ascii") as fh:
+            line = next(ln for ln in fh if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
 
     m = models.load(str(smollm2_path()))
     after_load = rss()
@@ -58,6 +64,12 @@ def child(args: argparse.Namespace) -> None:
         moved = jax.tree.map(lambda x: x * 1.001, m.params)
         d = hessian.hessian_distance(f, m.params, moved, batch=batch, blocks=False)
         out["vthv"] = float(d.total)
+    elif mode == "hutchpp":
+        est = hessian.hutchpp_trace(f, m.params, key, 3 * args.probes, batch=batch)
+        out.update(trace=float(est.mean), stderr=float(est.stderr))
+    elif mode == "top_eigenvalue":
+        eig = hessian.top_eigenvalue(f, m.params, key, 10, batch=batch)
+        out.update(eigenvalue=float(eig.eigenvalue))
     else:
         est = hessian.hutchinson_trace(
             f, m.params, key, args.probes, group_by="top", batch=batch,

@@ -385,3 +385,22 @@ def test_micro_batched_hvps_equal_the_whole_batch_and_dense():
                 lambda p, b: loss_b(p, b) + b["z"].sum(), p1, key, 4,
                 batch={**batch, "z": jnp.ones(3)}, example_chunk=2,
             )  # fmt: skip
+
+
+def test_orthonormal_rows_against_numpy_qr():
+    """Hutch++'s in-place orthonormalisation: orthonormal rows spanning the same subspace as
+    numpy's QR (equal projectors), and a row in the span of the others (rank < k) set to 0."""
+    from lensllm_jax.core._orthonormal import orthonormal_rows
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 40)) * np.array([1e3, 1.0, 1e-2, 5.0, 0.3])[:, None]
+    q = np.asarray(orthonormal_rows(jnp.asarray(a, jnp.float32)), np.float64)
+    np.testing.assert_allclose(q @ q.T, np.eye(5), atol=2e-5)
+    ref, _ = np.linalg.qr(a.T)
+    np.testing.assert_allclose(q.T @ q, ref @ ref.T, atol=2e-5)
+    b = a.copy()
+    b[3] = 2 * a[0] - a[1]  # rank 4
+    qb = np.asarray(orthonormal_rows(jnp.asarray(b, jnp.float32)), np.float64)
+    assert np.abs(qb[3]).max() == 0.0
+    ref_b, _ = np.linalg.qr(np.delete(b, 3, axis=0).T)
+    np.testing.assert_allclose(qb.T @ qb, ref_b @ ref_b.T, atol=2e-5)

@@ -3,11 +3,14 @@ layer), group-wise dot products and masks. See `hessian` for `group_by` and `sta
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lensllm_jax.errors import HessianError
 
@@ -73,3 +76,17 @@ def _mask_group(v: PyTree, grouping: Grouping, group: str) -> PyTree:
         else:
             masked.append(x if lab == group else jnp.zeros_like(x))
     return jax.tree.unflatten(tree, masked)
+
+
+def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and standard error over the probe axis 0."""
+    n = samples.shape[0]
+    return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(n)
+
+
+@jax.jit
+def _summaries(samples: dict) -> tuple[dict, jax.Array, tuple[jax.Array, jax.Array]]:
+    """Per-group (mean, stderr), the total samples and their (mean, stderr), in one program
+    (eager, each reduction compiled a program of its own)."""
+    total = functools.reduce(operator.add, samples.values())
+    return {g: _mean_se(s) for g, s in samples.items()}, total, _mean_se(total)

@@ -55,7 +55,10 @@ from lensllm_jax.core._hessian_groups import (
     _group_dots,
     _grouping,
     _mask_group,
+    _mean_se,
+    _summaries,
 )
+from lensllm_jax.core._orthonormal import orthonormal_rows
 from lensllm_jax.core.probes import SAMPLERS, gaussian, rademacher
 from lensllm_jax.errors import HessianError
 
@@ -197,19 +200,6 @@ def _check_finite(x: Any, what: str, name: str | None) -> None:
             )
 
 
-def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
-    n = samples.shape[0]
-    return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(n)
-
-
-@jax.jit
-def _summaries(samples: dict) -> tuple[dict, jax.Array, tuple[jax.Array, jax.Array]]:
-    """Per-group (mean, stderr), the total samples and their (mean, stderr), in one program
-    (eager, each reduction compiled a program of its own)."""
-    total = functools.reduce(operator.add, samples.values())
-    return {g: _mean_se(s) for g, s in samples.items()}, total, _mean_se(total)
-
-
 # ----------------------------------------------------------------------------- HVP + probes
 
 
@@ -326,14 +316,17 @@ def _hutchpp_program(loss_fn, draw, linearize, k, chunk=None):
         def mv(v):
             return ravel_pytree(matvec(unravel(v)))[0]
 
+        # Probes drawn where used (never stored); H S orthonormalised in place; one HVP at a time
         ks, kg = jax.random.split(key)
-        s = jax.lax.map(probe, jax.random.split(ks, k))  # (k, P) rows are probes
-        g = jax.lax.map(probe, jax.random.split(kg, k))
-        hs = jax.lax.map(mv, s)
-        q, _ = jnp.linalg.qr(hs.T)  # (P, min(P, k)) orthonormal columns
-        low_rank = jnp.sum(jax.lax.map(lambda qi: jnp.vdot(qi, mv(qi)), q.T))
-        g_perp = g - (g @ q) @ q.T  # project the probes off the sketched subspace
-        return low_rank, jax.lax.map(lambda gi: jnp.vdot(gi, mv(gi)), g_perp)
+        q = orthonormal_rows(jax.lax.map(lambda kk: mv(probe(kk)), jax.random.split(ks, k)))
+        low_rank = jnp.sum(jax.lax.map(lambda qi: jnp.vdot(qi, mv(qi)), q))
+
+        def residual(kk):
+            g = probe(kk)
+            g = g - (q @ g) @ q  # off the sketched subspace
+            return jnp.vdot(g, mv(g))
+
+        return low_rank, jax.lax.map(residual, jax.random.split(kg, k))
 
     return run
 
@@ -463,8 +456,9 @@ def hutchpp_trace(
 
     k = num_matvecs // 3: Q = orth(H S) for a P x k probe block S; tr(H) ≈ tr(Qᵀ H Q) +
     (1/k) Σ_i g_iᵀ (I − QQᵀ) H (I − QQᵀ) g_i. Error O(1/m) instead of O(1/√m) for PSD H; exact
-    when k >= rank(H). Cost: 3k HVPs + O(P k²) for the QR; memory: 2 P x k blocks (the sketch
-    and Q), so use it where k parameter-sized vectors fit. stderr is that of the residual
+    when k >= rank(H). Cost: 3k HVPs + O(P k²) for the orthonormalisation; memory: one P x k
+    block (H S, orthonormalised in place into Q; the probes are drawn where used) and one
+    HVP, so use it where k parameter-sized vectors fit. stderr is that of the residual
     Hutchinson term; per-group traces are not returned. `linearize`, `example_chunk`: as in
     `hutchinson_trace`.
     """
