@@ -302,3 +302,17 @@ def section(res: dict[str, Any], key: str, out: str | None, fn) -> Any:
         val = None
     dump(res, out)
     return val
+
+
+def status_gib(field: str = "VmHWM") -> float | None:
+    """A memory field of /proc/self/status in GiB: VmHWM (this process's own peak RSS) or
+    VmRSS; None off Linux. Not `ru_maxrss`: Linux carries the parent's peak into a child
+    across fork and exec, so a child of a large process would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None

@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from _common import CompileCounter, interleaved, load_average, machine, torch_setup
+from _common import CompileCounter, interleaved, load_average, machine, status_gib, torch_setup
 
 from lensllm_jax import models
 from lensllm_jax.data.text import TokenData
@@ -119,20 +119,9 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _status_gib(field: str) -> float:
-    """A /proc/self/status field (VmRSS, VmHWM) in GiB. Not `ru_maxrss`: Linux carries the
-    parent's peak into a child across fork and exec, so a child of a large process would
-    report the parent's peak."""
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def child(args: argparse.Namespace) -> None:
     """One side alone: build, --steps steps, peak RSS (VmHWM; JSON on stdout)."""
-    rss0 = _status_gib("VmRSS")
+    rss0 = status_gib("VmRSS")
     run = jax_step(args.preset, args.batch, args.seq)[0] if args.child == "jax" else None
     if args.child == "torch":
         torch_setup()
@@ -140,7 +129,7 @@ def child(args: argparse.Namespace) -> None:
     assert run is not None
     for _ in range(args.steps):
         run()
-    peak = _status_gib("VmHWM")
+    peak = status_gib("VmHWM")
     print(json.dumps({"peak_rss_gib": round(peak, 3),
                       "rss_before_model_gib": round(rss0, 3)}))  # fmt: skip
 

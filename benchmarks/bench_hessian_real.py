@@ -36,6 +36,7 @@ MODES = ("grad", "hvp", "hutchinson", "hutchinson_linearize", "hutchinson_chunke
 def child(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
+    from _common import status_gib
     from bench_ntk_real import probe, smollm2_path
 
     from lensllm_jax import models
@@ -43,9 +44,7 @@ def child(args: argparse.Namespace) -> None:
     from lensllm_jax.models.lm_probe import mean_probe_loss_fn
 
     def rss() -> float:  # this process's own peak (VmHWM), GiB
-        with open("/proc/self/status", encoding="ascii") as fh:
-            line = next(ln for ln in fh if ln.startswith("VmHWM:"))
-        return int(line.split()[1]) / 2**20
+        return status_gib("VmHWM") or float("nan")
 
     m = models.load(str(smollm2_path()))
     after_load = rss()

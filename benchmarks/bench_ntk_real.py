@@ -43,7 +43,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from _common import dump, load_average, machine
+from _common import dump, load_average, machine, status_gib
 
 from lensllm_jax import models
 from lensllm_jax.core import ntk
@@ -84,13 +84,7 @@ def reset_peak() -> bool:
 
 def peak_gib() -> float | None:
     """VmHWM (peak resident set since the last `reset_peak`), GiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
+    return status_gib("VmHWM")
 
 
 def compile_fn(fn, *args) -> tuple[Any, dict[str, Any]]:
