@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensllm_jax.core._ntk_layout import per_example_grads
+from lensllm_jax.core._pytree import signature
 
 PyTree = Any
 # Up to this many blocks the schedule is unrolled at trace time (the model appears
@@ -72,8 +73,8 @@ def pad_and_block(x: PyTree, chunk: int) -> tuple[PyTree, int]:
     return jax.tree.map(blk, x), nb
 
 
-def _unblock(theta_blocks: jax.Array, n1: int, n2: int) -> jax.Array:
-    """(nb1, nb2, c1, c2, A, B) -> (n1, n2, A, B)."""
+def _unblock(theta_blocks: Any, n1: int, n2: int) -> Any:
+    """(nb1, nb2, c1, c2, A, B) -> (n1, n2, A, B); a jax or a numpy array."""
     nb1, nb2, c1, c2 = theta_blocks.shape[:4]
     t = theta_blocks.transpose(0, 2, 1, 3, 4, 5).reshape(
         nb1 * c1, nb2 * c2, *theta_blocks.shape[4:]
@@ -209,28 +210,18 @@ def symmetric_kernel_host(
     def take(i: int) -> PyTree:
         return jax.tree.unflatten(treedef, [a[i * chunk : (i + 1) * chunk] for a in leaves])
 
-    blocks: dict[tuple[int, int], np.ndarray] = {}
     diag, g_r = programs.first(params, take(0))
-    blocks[0, 0] = np.asarray(diag)
-    if nb == 1:
-        return blocks[0, 0][:n, :n]
+    theta = np.zeros((nb, nb, *np.shape(diag)), np.asarray(diag).dtype)
+    theta[0, 0] = np.asarray(diag)
     for i in range(nb - 1):
         for j in range(nb - 1, i, -1):  # the last column visited (i + 1) becomes the next row
             g, diag, g_c = programs.step(params, g_r, take(j))
-            blocks[i, j] = np.asarray(g)
-            blocks[j, i] = blocks[i, j].T
+            theta[i, j] = np.asarray(g)
+            theta[j, i] = theta[i, j].T
             if j == i + 1:
-                blocks[j, j], g_r = np.asarray(diag), g_c
+                theta[j, j], g_r = np.asarray(diag), g_c
             del g_c  # the column's gradients go now, unless promoted
-    rows = [np.concatenate([blocks[i, j] for j in range(nb)], axis=1) for i in range(nb)]
-    return np.concatenate(rows, axis=0)[:n, :n]
-
-
-def _shapes_key(tree: PyTree) -> tuple:
-    """A hashable key of a pytree's structure, shapes and dtypes."""
-    leaves = jax.tree.leaves(tree)
-    dtypes = (getattr(a, "dtype", None) or np.result_type(a) for a in leaves)
-    return jax.tree.structure(tree), tuple(zip((np.shape(a) for a in leaves), dtypes, strict=True))
+    return _unblock(theta[..., None, None], n, n)[:, :, 0, 0]
 
 
 def host_symmetric_kernel(
@@ -241,7 +232,7 @@ def host_symmetric_kernel(
     programs (and the per-example gradients' natural axes, one extra trace) are built once
     per shapes and `key` and kept in `cache`."""
     x0 = jax.tree.map(lambda leaf: np.asarray(leaf)[:chunk], x)
-    k = (_shapes_key(params), _shapes_key(x0), key)
+    k = (signature(params), signature(x0), key)
     if k not in cache:
         grads_fn, axes = per_example_grads(f_scalar, params, x0)
         cache[k] = host_programs(grads_fn, axes, acc_dtype, precision)

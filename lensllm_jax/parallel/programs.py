@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from lensllm_jax.core._pytree import signature
 from lensllm_jax.parallel.rules import batch_sharding, param_shardings, replicated
 
 __all__ = ["put", "sharded_eval_sums", "sharded_train_step", "signature"]
@@ -46,18 +47,6 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(arr, sharding)  # one transfer call (cheaper for small arrays)
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
-
-
-def signature(tree: PyTree) -> tuple:
-    """Hashable (structure, shapes, dtypes) of a pytree: the key of a compiled program."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), str(_dtype(x))) for x in leaves)
-
-
-def _dtype(x: Any) -> np.dtype:
-    """The dtype of an array, ShapeDtypeStruct or host value (asking a jax Array for
-    `.dtype`, not handing the array to numpy as if it were a dtype)."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
 def _shapes(sig: tuple) -> PyTree:

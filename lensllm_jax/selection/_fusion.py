@@ -10,6 +10,7 @@ method, and `benchmark.ablations` turns its choices on and off.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -151,8 +152,6 @@ def _without_common(
     with the current c removed, `passes` times (each pass refits the laws). Columns above
     the budget are left as they are (nothing reads them). Cost: `passes` batched law fits
     (`_lines`, memoised) and O(passes·M·S)."""
-    import dataclasses
-
     keep = table.sizes <= budget_size * (1 + 1e-12)
     total = np.zeros(int(keep.sum()) + 1)
     out = table
