@@ -151,7 +151,7 @@ def main() -> None:
         b = _batch(rng, bsz, seq, vocab)
         args3 = (b["tokens"], b["loss_mask"], b["attention_mask"])
         plain = jax.jit(finetune.example_nll_fn(m.apply))
-        sharded = sharded_eval_sums(m.apply, mesh)
+        sharded = sharded_eval_sums(finetune.example_nll_fn(m.apply), mesh)
         return _rounds(
             lambda: jax.block_until_ready(plain(m.params, *args3)),
             lambda: jax.block_until_ready(sharded(sharded_params, *args3)),

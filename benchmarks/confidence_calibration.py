@@ -216,11 +216,13 @@ RATIOS = (8, 16, 32, 64, 128, 256, 512)
 METRIC_NAMES = ("PearCorr", "RelAcc", "KendallTau")
 
 
-def _means(table: CurveTable, method) -> np.ndarray:
+def _per_budget(table: CurveTable, method) -> tuple[np.ndarray, np.ndarray]:
+    """((len(RATIOS), 3) PearCorr, RelAcc, Kendall τ at each budget T/r, (len(RATIOS), M)
+    log predicted losses) of `method` towards the official target."""
     truth = table.column(TARGET)
-    vals = []
+    vals, logs = [], []
     for r in RATIOS:
-        s = method(table, TARGET / r, TARGET).scores
+        s = np.asarray(method(table, TARGET / r, TARGET).scores, np.float64)
         vals.append(
             (
                 metrics.pearson_percent(s, truth),
@@ -228,7 +230,19 @@ def _means(table: CurveTable, method) -> np.ndarray:
                 metrics.kendall_tau_percent(s, truth),
             )
         )
-    return np.mean(vals, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs.append(np.log(s))
+    return np.array(vals), np.array(logs)
+
+
+def _verdict(mean: float, se: float) -> str:
+    """'win' / 'loss' when the mean difference is more than 2 standard errors from 0, else
+    'tie' (the replicates cannot tell the two methods apart)."""
+    if mean > 2 * se:
+        return "win"
+    if mean < -2 * se:
+        return "loss"
+    return "tie"
 
 
 def lensllm_before(table: CurveTable, budget: float, target: float) -> types.SimpleNamespace:
@@ -240,12 +254,19 @@ def lensllm_before(table: CurveTable, budget: float, target: float) -> types.Sim
 
 def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
     """LensLLM − AtS on the 7-budget means, per replicate: win rate (difference > 0), tie
-    and loss rates (|difference| <= 1e-9, < 0), and mean difference (± its standard error),
-    for each perturbation and dataset. The replicates depend only on the seed, not on
-    `method`, so two methods' tables are paired."""
+    and loss rates (|difference| <= 1e-9, < 0), mean difference (± its standard error) and
+    its `verdict` (`_verdict`), for each perturbation and dataset; `by_budget`: the mean
+    difference at each budget ratio (where a 7-budget difference comes from); for the noise
+    perturbations `prediction_spread`: per budget, the standard deviation over replicates
+    of each model's log predicted loss, averaged over models, for both methods (how far the
+    same noise moves each method's predictions), and `noisy_minus_unperturbed`: each
+    method's 7-budget mean over the noisy copies minus its score on the data as they are.
+    The replicates depend only on the seed, not on `method`, so two methods' tables are
+    paired."""
     out: dict = {}
     for name, table in tables.items():
-        out[name] = {"unperturbed": dict(zip(METRIC_NAMES, _diff(table, method), strict=True))}
+        clean = _diff(table, method)
+        out[name] = {"unperturbed": dict(zip(METRIC_NAMES, clean[0], strict=True))}
         rng = np.random.default_rng(2)
         conds = {
             "noise_0.003": lambda t, rng=rng: noisy(t, 0.003, rng),
@@ -255,22 +276,54 @@ def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
             ),
         }
         for tag, make in conds.items():
-            d = np.array([_diff(make(table), method) for _ in range(reps)])
-            out[name][tag] = {
-                m: {
+            runs = [_diff(make(table), method) for _ in range(reps)]
+            per_budget = np.array([r[1] for r in runs])  # (reps, R, 3)
+            d = per_budget.mean(axis=1)
+            cell: dict = {}
+            for k, m in enumerate(METRIC_NAMES):
+                mean, se = float(d[:, k].mean()), float(d[:, k].std(ddof=1) / math.sqrt(reps))
+                cell[m] = {
                     "win_rate": round(float(np.mean(d[:, k] > 1e-9)), 3),
                     "tie_rate": round(float(np.mean(np.abs(d[:, k]) <= 1e-9)), 3),
                     "loss_rate": round(float(np.mean(d[:, k] < -1e-9)), 3),
-                    "mean_diff": round(float(d[:, k].mean()), 2),
-                    "se": round(float(d[:, k].std(ddof=1) / math.sqrt(reps)), 2),
+                    "mean_diff": round(mean, 2),
+                    "se": round(se, 2),
+                    "verdict": _verdict(mean, se),
+                    "by_budget": {
+                        f"T/{r}": round(float(v), 2)
+                        for r, v in zip(RATIOS, per_budget[:, :, k].mean(axis=0), strict=True)
+                    },
                 }
-                for k, m in enumerate(METRIC_NAMES)
-            }
+            if tag.startswith("noise"):
+                spread = {}
+                for j, who in enumerate(("LensLLM", "AtS")):
+                    logs = np.array([r[2][j] for r in runs])  # (reps, R, M)
+                    sd = np.nanmean(logs.std(axis=0, ddof=1), axis=1)
+                    spread[who] = {
+                        f"T/{r}": round(float(v), 5) for r, v in zip(RATIOS, sd, strict=True)
+                    }
+                cell["prediction_spread"] = spread
+                # each method's mean over the noisy copies minus its score on the data as
+                # they are: a method chosen on the unperturbed data loses its luck here
+                cell["noisy_minus_unperturbed"] = {
+                    who: {
+                        m: round(float(np.mean([r[3][j][k] for r in runs]) - clean[3][j][k]), 2)
+                        for k, m in enumerate(METRIC_NAMES)
+                    }
+                    for j, who in enumerate(("LensLLM", "AtS"))
+                }
+            out[name][tag] = cell
     return out
 
 
-def _diff(table: CurveTable, method) -> list[float]:
-    return [round(float(v), 3) for v in _means(table, method) - _means(table, baselines.ats)]
+def _diff(table: CurveTable, method) -> tuple[list[float], np.ndarray, tuple, tuple]:
+    """(the 7-budget mean differences method − AtS, per budget differences (R, 3), (method's,
+    AtS's) log predictions (R, M), (method's, AtS's) 7-budget means (3,))."""
+    ours, our_logs = _per_budget(table, method)
+    theirs, their_logs = _per_budget(table, baselines.ats)
+    d = ours - theirs
+    means = (ours.mean(axis=0), theirs.mean(axis=0))
+    return [round(float(v), 3) for v in d.mean(axis=0)], d, (our_logs, their_logs), means
 
 
 # --------------------------------------------------------------------------- main

@@ -81,8 +81,8 @@ def test_auto_route_matches_dense_reference(budget_gradients):
 def test_blocks_outside_jit_equal_dense_and_the_in_program_schedule():
     """Several Jacobian blocks called eagerly run the host-driven schedule (one compiled
     step, two blocks alive); it equals the dense float64 jacrev reference and the in-program
-    (unrolled / scanned) schedule that a call under `jit` takes, for nb = 3 and 4, with
-    padding (7 examples in blocks of 2 and 3)."""
+    (scanned) schedule that a call under `jit` takes, for nb = 3 and 4, with padding (7
+    examples in blocks of 2 and 3)."""
     from lensllm_jax.core import _ntk_blocks
 
     with jax.enable_x64(True):
@@ -91,7 +91,7 @@ def test_blocks_outside_jit_equal_dense_and_the_in_program_schedule():
         ref = dense_ntk(per_example_loss, params, toks, toks, None)
         calls = []
         real = _ntk_blocks.symmetric_kernel_host
-        for chunk in (3, 2):  # nb = 3 (unrolled in the program), 4 (scanned)
+        for chunk in (3, 2):  # nb = 3 and 4 (scanned in the program)
             kfn = ntk.empirical_ntk_fn(
                 per_example_loss, implementation="jacobian_contraction", chunk_size=chunk
             )
@@ -111,7 +111,8 @@ def test_blocks_outside_jit_equal_dense_and_the_in_program_schedule():
 def test_host_blocks_keep_a_scanned_stack_in_its_natural_layout():
     """A model whose layers run in a `lax.scan` (6 > UNROLL_MAX_LAYERS): its stacked leaves'
     per-example gradients keep the example axis at 1 (no transposed copy), and the kernel in
-    blocks of 2 equals the dense jacrev reference of the per-example loss."""
+    blocks of 2, eager (host schedule) and under `jit` (in one program), equals the dense
+    jacrev reference of the per-example loss."""
     from lensllm_jax import models
     from lensllm_jax.core import _ntk_layout
     from lensllm_jax.models.lm_probe import probe_loss_fn
@@ -138,6 +139,7 @@ def test_host_blocks_keep_a_scanned_stack_in_its_natural_layout():
         ref = dense_ntk(loss, params, batch, batch, None)
         # the model computes in float32 whatever its params: agreement to float32 round-off
         np.testing.assert_allclose(kfn(params, batch), ref, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(jax.jit(kfn)(params, batch), ref, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.slow

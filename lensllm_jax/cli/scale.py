@@ -171,6 +171,10 @@ def plan_model(
 
     from lensllm_jax.errors import ModelLoadError
     from lensllm_jax.parallel import plan
+    from lensllm_jax.runner import finetune
+
+    def recipe(apply: Any) -> tuple[Any, ...]:  # the run's default fine-tuning step
+        return finetune.train_fns(apply, finetune.FinetuneConfig(batch_size=work.batch_size))
 
     try:
         cfg = plan.model_config(name)
@@ -189,7 +193,7 @@ def plan_model(
         }
         if compile_too:
             if len(jax.devices("cpu")) >= n:
-                row["compiled"] = plan.compiled(cfg, 1, n, work, backend="cpu")
+                row["compiled"] = plan.compiled(cfg, 1, n, work, train_fns=recipe, backend="cpu")
             else:
                 row["compiled"] = None  # not enough devices to compile this mesh
         row["fits"] = max(row["estimate"].values()) <= 0.9 * device_bytes

@@ -9,6 +9,11 @@ visited from the last down to i + 1; the last column computed (i + 1) is promote
 row, so the kernel costs 1 + nb (nb - 1) / 2 chunk Jacobians instead of the nb^2 of a naive
 double loop (exactly nb when nb <= 2). For nb <= UNROLL_MAX_BLOCKS the schedule is unrolled;
 beyond that it runs inside one `lax.scan`, so the model appears once in the program.
+A scalar per example (the loss kernel) takes its per-example gradients in the layout the
+backward pass leaves them (`_ntk_layout.per_example_grads`, contracted by `gram_at_axes`),
+scanned from two blocks on: unrolled, XLA merged the two identical computations of block 2
+at nb = 3 and ran independent blocks side by side (about 5 chunks of gradients alive
+instead of the 2 the plan counts, on a 30-layer scanned toy LM; `benchmarks/bench_ntk.py`).
 
 Called outside `jit` on a scalar-per-example f (the loss kernel of `lensllm run`), the same
 schedule runs from Python over two compiled programs (`host_symmetric_kernel`) on per-example
@@ -31,7 +36,7 @@ from lensllm_jax.core._pytree import signature
 
 PyTree = Any
 # Up to this many blocks the schedule is unrolled at trace time (the model appears
-# 1 + nb (nb - 1) / 2 times in the program); beyond it a `lax.scan` keeps one copy.
+# 1 + nb (nb − 1) / 2 times in the program); beyond it a `lax.scan` keeps one copy.
 UNROLL_MAX_BLOCKS = 3
 JacFn = Callable[
     [PyTree], PyTree
@@ -83,44 +88,59 @@ def _unblock(theta_blocks: Any, n1: int, n2: int) -> Any:
 
 
 def symmetric_kernel(
-    jac: JacFn, x: PyTree, n: int, chunk: int, shape_ab: tuple[int, int], acc_dtype: Any, precision
+    jac: JacFn,
+    x: PyTree,
+    n: int,
+    chunk: int,
+    shape_ab: tuple[int, int],
+    acc_dtype: Any,
+    precision,
+    pair_gram: Callable[[PyTree, PyTree], jax.Array] | None = None,
+    unroll_max_blocks: int = UNROLL_MAX_BLOCKS,
 ) -> jax.Array:
-    """Θ(x, x) with the promoted-row schedule described in the module docstring."""
+    """Θ(x, x) with the promoted-row schedule described in the module docstring.
+    `pair_gram(j1, j2) -> (c, c, A, B)` contracts two chunks of `jac`'s output (default
+    `gram`, for the (c, A, C, *leaf) layout of `_ntk_layout.per_example_jacobian`); up to
+    `unroll_max_blocks` blocks the schedule is unrolled, beyond it scanned."""
+    if pair_gram is None:
+        pair_gram = lambda j1, j2: gram(j1, j2, acc_dtype, precision)  # noqa: E731
     xb, nb = pad_and_block(x, chunk)
     a, b = shape_ab
     take = lambda i: jax.tree.map(lambda leaf: leaf[i], xb)  # noqa: E731
-    r0 = jac(take(0))
     theta = jnp.zeros((nb, nb, chunk, chunk, a, b), acc_dtype)
-    theta = theta.at[0, 0].set(gram(r0, r0, acc_dtype, precision))
     steps = [(i, j, j == i + 1) for i in range(nb - 1) for j in range(nb - 1, i, -1)]
-    if nb <= UNROLL_MAX_BLOCKS:
-        # Few blocks: the schedule unrolled (no scan carry or cond copying the Jacobians).
-        r_jac = r0
+    if nb <= unroll_max_blocks:
+        r_jac = jac(take(0))
+        theta = theta.at[0, 0].set(pair_gram(r_jac, r_jac))
         for i, j, prom in steps:
             c_jac = jac(take(j))
-            g = gram(r_jac, c_jac, acc_dtype, precision)
+            g = pair_gram(r_jac, c_jac)
             theta = theta.at[i, j].set(g).at[j, i].set(g.transpose(1, 0, 3, 2))
             if prom:
-                theta = theta.at[j, j].set(gram(c_jac, c_jac, acc_dtype, precision))
+                theta = theta.at[j, j].set(pair_gram(c_jac, c_jac))
                 r_jac = c_jac
         return _unblock(theta, n, n)
-    rows, cols, promote = (np.asarray(s) for s in zip(*steps, strict=True))
+    # Block 0 is the scan's first step too (against a zero row, promoted at once), so the
+    # model appears once in the program and every block's backward pass reuses one set of
+    # temporaries.
+    rows, cols, promote = (np.asarray(s) for s in zip((0, 0, True), *steps, strict=True))
+    zero_row = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(jac, take(0)))
 
     def body(carry, step):
         r_jac, th = carry
         i, j, prom = step
         c_jac = jac(take(j))
-        g = gram(r_jac, c_jac, acc_dtype, precision)
+        g = pair_gram(r_jac, c_jac)
         th = th.at[i, j].set(g).at[j, i].set(g.transpose(1, 0, 3, 2))
         # Promote C to be the next row block: its diagonal block is needed exactly then.
         r_jac, th = jax.lax.cond(
             prom,
-            lambda: (c_jac, th.at[j, j].set(gram(c_jac, c_jac, acc_dtype, precision))),
+            lambda: (c_jac, th.at[j, j].set(pair_gram(c_jac, c_jac))),
             lambda: (r_jac, th),
         )
         return (r_jac, th), None
 
-    (_, theta), _ = jax.lax.scan(body, (r0, theta), (rows, cols, promote))
+    (_, theta), _ = jax.lax.scan(body, (zero_row, theta), (rows, cols, promote))
     return _unblock(theta, n, n)
 
 

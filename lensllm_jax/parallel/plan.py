@@ -28,7 +28,7 @@ mesh (seconds for small models, minutes for 8B on a CPU).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -178,20 +178,27 @@ def _memory(compiled_program: Any) -> int:
 
 
 def compiled(
-    cfg: Any, data: int, fsdp: int, work: Workload = RUN_DEFAULTS, *, backend: str | None = None
+    cfg: Any,
+    data: int,
+    fsdp: int,
+    work: Workload = RUN_DEFAULTS,
+    *,
+    train_fns: Callable[[Any], tuple[Callable, Callable]],
+    backend: str | None = None,
 ) -> dict[str, int]:
     """Per-device bytes XLA assigns to the run's sharded programs for this model on a
     (data, fsdp) mesh of `backend`'s devices (default backend if None; a CPU can have
-    `jax_num_cpu_devices` of them). Adds what the run holds outside each program: the
-    pretrained params beside the fine-tuning step, a second Jacobian block beside the NTK
-    block program, the other parameter set beside the Hessian program."""
+    `jax_num_cpu_devices` of them). `train_fns(apply) -> (init_fn, step_fn)` is the
+    recipe's pure fine-tuning step (`runner.finetune.train_fns` with the run's config).
+    Adds what the run holds outside each program: the pretrained params beside the
+    fine-tuning step, a second Jacobian block beside the NTK block program, the other
+    parameter set beside the Hessian program."""
     from lensllm_jax.models.lm_probe import mean_probe_loss_fn, probe_loss_fn
     from lensllm_jax.models.loading import _make_apply
     from lensllm_jax.parallel import hessian as ph
     from lensllm_jax.parallel import ntk as pntk
     from lensllm_jax.parallel import programs
     from lensllm_jax.parallel.mesh import make_mesh
-    from lensllm_jax.runner.finetune import FinetuneConfig, make_train_step
 
     devices = jax.devices(backend)[: data * fsdp]
     mesh = make_mesh({"data": data, "fsdp": fsdp}, devices)
@@ -205,9 +212,8 @@ def compiled(
     def tokens(n: int) -> Any:
         return jax.ShapeDtypeStruct((n, t), i32)
 
-    config = FinetuneConfig(batch_size=work.batch_size)
-    init_fn, _ = make_train_step(apply, config)
-    _, step, _, _ = programs._train_programs(apply, config, mesh, sig, work.batch_size)
+    init_fn, step_fn = train_fns(apply)
+    _, step, _, _ = programs._train_programs(init_fn, step_fn, mesh, sig, work.batch_size)
     opt = jax.eval_shape(init_fn, shapes)
     lr = jax.ShapeDtypeStruct((), f32)
     b = work.batch_size

@@ -1,8 +1,11 @@
-"""Sharded fine-tuning and evaluation: the pure functions of `runner.finetune`, compiled with
-explicit NamedSharding in/out shardings on a ("data", "fsdp") mesh.
+"""Sharded fine-tuning and evaluation: pure step functions (`runner.finetune` passes its own),
+compiled with explicit NamedSharding in/out shardings on a ("data", "fsdp") mesh.
 
-    init, step = sharded_train_step(apply, config, mesh)   # same contract as make_train_step
-    sums = sharded_eval_sums(apply, mesh)(params, tokens, loss_mask, attention_mask)
+    init, step = sharded_train_step(init_fn, step_fn, mesh)  # make_train_step's contract
+    sums = sharded_eval_sums(nll_fn, mesh)(params, tokens, loss_mask, attention_mask)
+
+This room knows meshes and shardings, not recipes: the functions come in as arguments
+(`runner.finetune.train_fns` / `example_nll_fn`), so imports run one way, runner -> parallel.
 
 The step is FSDP + data parallel: parameters and both Adam moments are split along ``fsdp``
 by `rules` (in and out, so they never leave their shards between steps; params and state
@@ -55,18 +58,16 @@ def _shapes(sig: tuple) -> PyTree:
 
 
 @functools.lru_cache(maxsize=32)
-def _train_programs(apply: Callable, config: Any, mesh: Mesh, sig: tuple, batch_size: int):
-    """(init, step) compiled for one model structure, recipe, mesh and batch size."""
-    from lensllm_jax.runner import finetune
-
-    init_fn, _ = finetune.make_train_step(apply, config)
+def _train_programs(init_fn: Callable, step_fn: Callable, mesh: Mesh, sig: tuple, batch_size: int):
+    """(init, step) compiled for one pair of step functions, model structure, mesh and batch
+    size (the functions are cache keys: pass the same objects to reuse the programs)."""
     params = _shapes(sig)
     p_sh = param_shardings(params, mesh)
     o_sh = param_shardings(jax.eval_shape(init_fn, params), mesh)
     b_sh, rep = batch_sharding(batch_size, mesh), replicated(mesh)
     init = jax.jit(init_fn, in_shardings=(p_sh,), out_shardings=o_sh)
     step = jax.jit(
-        finetune.train_step_fn(apply, config),
+        step_fn,
         in_shardings=(p_sh, o_sh, b_sh, b_sh, b_sh, rep),
         out_shardings=(p_sh, o_sh, rep),
         donate_argnums=(0, 1),
@@ -74,20 +75,22 @@ def _train_programs(apply: Callable, config: Any, mesh: Mesh, sig: tuple, batch_
     return init, step, b_sh, rep
 
 
-def sharded_train_step(apply: Callable, config: Any, mesh: Mesh):
+def sharded_train_step(init_fn: Callable, step_fn: Callable, mesh: Mesh):
     """(init, step) with the contract of `runner.finetune.make_train_step`, sharded on
     `mesh`: `opt_state = init(params)`, `params, opt_state, loss = step(params, opt_state,
-    batch, lr)`. `params` must lie on `mesh` by the rules (`rules.shard_params`, or
-    `models.load(..., mesh=mesh)`); they and `opt_state` are donated. Compiled once per
-    (model structure, recipe, mesh, batch size)."""
+    batch, lr)`, from the pure `init_fn(params) -> opt_state` and
+    `step_fn(params, opt_state, tokens, loss_mask, attention_mask, lr) -> (params,
+    opt_state, loss)` (`runner.finetune.train_fns`). `params` must lie on `mesh` by the
+    rules (`rules.shard_params`, or `models.load(..., mesh=mesh)`); they and `opt_state`
+    are donated. Compiled once per (functions, model structure, mesh, batch size)."""
 
     def init(params: PyTree) -> PyTree:
-        return _train_programs(apply, config, mesh, signature(params), 1)[0](params)
+        return _train_programs(init_fn, step_fn, mesh, signature(params), 1)[0](params)
 
     def step(params: PyTree, opt_state: PyTree, batch: Mapping[str, Any], lr: float):
         tokens = np.asarray(batch["tokens"], np.int32)
         _, prog, b_sh, rep = _train_programs(
-            apply, config, mesh, signature(params), int(tokens.shape[0])
+            init_fn, step_fn, mesh, signature(params), int(tokens.shape[0])
         )
         return prog(
             params,
@@ -102,28 +105,26 @@ def sharded_train_step(apply: Callable, config: Any, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_program(apply: Callable, mesh: Mesh, sig: tuple, batch_size: int):
-    from lensllm_jax.runner import finetune
-
+def _eval_program(nll_fn: Callable, mesh: Mesh, sig: tuple, batch_size: int):
     p_sh = param_shardings(_shapes(sig), mesh)
     b_sh = batch_sharding(batch_size, mesh)
     prog = jax.jit(
-        finetune.example_nll_fn(apply),
+        nll_fn,
         in_shardings=(p_sh, b_sh, b_sh, b_sh),
         out_shardings=replicated(mesh),
     )
     return prog, b_sh
 
 
-def sharded_eval_sums(apply: Callable, mesh: Mesh) -> Callable[..., jax.Array]:
+def sharded_eval_sums(nll_fn: Callable, mesh: Mesh) -> Callable[..., jax.Array]:
     """(params, tokens, loss_mask, attention_mask) -> (B,) Σ NLL over each example's target
-    tokens (`finetune.example_nll_fn`), examples split as `rules.batch_spec`, the result
-    replicated (every process can read it). Cost: one forward pass, ≈ 2·P·B·T / (D·F)
-    FLOPs per device."""
+    tokens by the pure `nll_fn` (`runner.finetune.example_nll_fn`), examples split as
+    `rules.batch_spec`, the result replicated (every process can read it).
+    Cost: one forward pass, ≈ 2·P·B·T / (D·F) FLOPs per device."""
 
     def sums(params: PyTree, tokens: Any, loss_mask: Any, attention_mask: Any) -> jax.Array:
         tokens = np.asarray(tokens, np.int32)
-        prog, b_sh = _eval_program(apply, mesh, signature(params), int(tokens.shape[0]))
+        prog, b_sh = _eval_program(nll_fn, mesh, signature(params), int(tokens.shape[0]))
         return prog(
             params,
             put(tokens, b_sh),

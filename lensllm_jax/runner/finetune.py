@@ -264,12 +264,25 @@ def _start(spec, params):
 
 # --- hooks for `lensllm_jax.parallel` (sharded programs): the pure functions it compiles with
 # explicit shardings, and the `mesh=` switches below. Keep them when the kernels change.
+# Cached so that one (apply, recipe) gives the same function objects: they key the sharded
+# program caches.
+@functools.lru_cache(maxsize=32)
+def train_fns(
+    apply: ApplyFn, config: FinetuneConfig
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(init_fn, step_fn), the pure, unjitted functions that `make_train_step` compiles:
+    init_fn(params) -> opt_state; step_fn(params, opt_state, tokens, loss_mask,
+    attention_mask, lr) -> (params, opt_state, loss)."""
+    spec = _transform_spec(config)
+    return _transform(spec).init, functools.partial(_step, apply, spec)
+
+
 def train_step_fn(apply: ApplyFn, config: FinetuneConfig) -> Callable[..., Any]:
-    """The pure, unjitted step that `make_train_step` compiles:
-    (params, opt_state, tokens, loss_mask, attention_mask, lr) -> (params, opt_state, loss)."""
-    return functools.partial(_step, apply, _transform_spec(config))
+    """`train_fns`'s step_fn."""
+    return train_fns(apply, config)[1]
 
 
+@functools.lru_cache(maxsize=32)
 def example_nll_fn(apply: ApplyFn) -> Callable[..., Any]:
     """The pure per-example NLL sums that `evaluate` compiles:
     (params, tokens, loss_mask, attention_mask) -> (B,)."""
@@ -287,7 +300,8 @@ def make_train_step(apply: ApplyFn, config: FinetuneConfig, *, mesh: Any = None)
     if mesh is not None:
         from lensllm_jax.parallel.programs import sharded_train_step
 
-        return sharded_train_step(apply, config, mesh)
+        init_fn, step_fn = train_fns(apply, config)
+        return sharded_train_step(init_fn, step_fn, mesh)
     spec = _transform_spec(config)
 
     def init(params: Any) -> Any:
@@ -358,7 +372,7 @@ def evaluate(
     if mesh is not None:
         from lensllm_jax.parallel.programs import sharded_eval_sums
 
-        sums_fn = sharded_eval_sums(apply, mesh)
+        sums_fn = sharded_eval_sums(example_nll_fn(apply), mesh)
     sums = []
     for idx in order.reshape(-1, bs):
         b = _padded_batch(data, idx)
