@@ -144,6 +144,24 @@ def symmetric_kernel(
     return _unblock(theta, n, n)
 
 
+def scalar_symmetric_kernel(
+    f_scalar: Callable, params: PyTree, x: PyTree, n: int, chunk: int, acc_dtype: Any, precision
+) -> jax.Array:
+    """Θ(x, x) (N, N) of `f_scalar(params, batch) -> (N,)` in one program (under `jit`):
+    `symmetric_kernel` on per-example gradients in the layout the backward pass leaves them
+    (`_ntk_layout.per_example_grads`), contracted where they lie (`gram_at_axes`), scanned
+    from two blocks on (see the module docstring). Cost as `symmetric_kernel`."""
+    spec = lambda a, shape=None: jax.ShapeDtypeStruct(shape or a.shape, a.dtype)  # noqa: E731
+    x0 = jax.tree.map(lambda a: spec(a, (chunk, *a.shape[1:])), x)
+    grads_fn, axes = per_example_grads(f_scalar, jax.tree.map(spec, params), x0)
+    theta = symmetric_kernel(
+        lambda xc: grads_fn(params, xc), x, n, chunk, (1, 1), acc_dtype, precision,
+        pair_gram=lambda g1, g2: gram_at_axes(g1, g2, axes, acc_dtype, precision)[..., None, None],
+        unroll_max_blocks=1,
+    )  # fmt: skip
+    return theta[:, :, 0, 0]
+
+
 def cross_kernel(
     jac: JacFn,
     x1: PyTree,

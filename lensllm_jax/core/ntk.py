@@ -69,7 +69,7 @@ from lensllm_jax.core._ntk_layout import acc_dtype as _acc_dtype
 from lensllm_jax.core._ntk_layout import as_ac as _as_ac
 from lensllm_jax.core._ntk_layout import finish as _finish
 from lensllm_jax.core._ntk_layout import layout as _layout
-from lensllm_jax.core._ntk_layout import per_example_grads, per_example_jacobian
+from lensllm_jax.core._ntk_layout import per_example_jacobian
 from lensllm_jax.core._ntk_memory import (
     DEVICE_MEMORY_FRACTION,
     HOST_MEMORY_BUDGET,
@@ -188,21 +188,10 @@ def _ntk_jacobian_contraction(
     acc = _acc_dtype(params)
     chunk = min(chunk_size or max(n1, n2), max(n1, n2))
     if x2 is None and lay.n_untraced * lay.n_traced == 1 and jacobian_dtype is None:
-        # A scalar per example (the loss kernel): per-example gradients in the layout the
-        # backward pass leaves them, contracted where they lie (no transposed copies).
+        # The loss kernel: per-example gradients where the backward pass leaves them.
         scalar = lambda p, x: _as_ac(f(p, x), lay)[:, 0, 0]  # noqa: E731
-        shape = lambda a, s: jax.ShapeDtypeStruct(s or a.shape, a.dtype)  # noqa: E731
-        x0 = jax.tree.map(lambda a: shape(a, (chunk, *a.shape[1:])), x1)
-        grads_fn, axes = per_example_grads(
-            scalar, jax.tree.map(lambda a: shape(a, None), params), x0
-        )
-        return _ntk_blocks.symmetric_kernel(
-            lambda xc: grads_fn(params, xc), x1, n1, chunk, (1, 1), acc, precision,
-            pair_gram=lambda g1, g2: _ntk_blocks.gram_at_axes(g1, g2, axes, acc, precision)[
-                :, :, None, None
-            ],
-            unroll_max_blocks=1,
-        )  # fmt: skip
+        theta = _ntk_blocks.scalar_symmetric_kernel(scalar, params, x1, n1, chunk, acc, precision)
+        return theta[:, :, None, None]
     jac = per_example_jacobian(f, params, lay, jacobian_dtype)
     if x2 is None:
         return _ntk_blocks.symmetric_kernel(
