@@ -49,7 +49,7 @@ def _time(cmd: list[str], env: dict[str, str], label: str = "") -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument(
         "--data",
         default=os.environ.get("LENSLLM_DATA") or str(REPO.parent / "shared" / "data" / "fts"),

@@ -165,7 +165,7 @@ def bench_curve(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

@@ -64,7 +64,7 @@ from lensllm_jax.core import hessian
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--probe-batch", type=int, default=None, help="probes vmapped at once")

@@ -86,7 +86,7 @@ def parse_chunk(text: str) -> int | str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     add_config_args(ap)
     ap.add_argument(
         "--chunk",

@@ -35,7 +35,7 @@ def _temp_bytes(fn, *args) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--n", type=int, default=12, help="examples (N)")
     ap.add_argument("--seq", type=int, default=16)

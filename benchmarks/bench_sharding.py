@@ -97,7 +97,7 @@ def _rounds(plain, sharded, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--mesh", default="data=1,fsdp=1", help="layout of the sharded side")
     ap.add_argument("--rounds", type=int, default=10)

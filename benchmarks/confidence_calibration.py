@@ -407,7 +407,7 @@ def report(data=None, *, reps: int = 20, robust_reps: int = 100, quick: bool = F
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--data", action="append", help="FTS csv or directory")
     parser.add_argument("--reps", type=int, default=20, help="stress replicates per kind")
     parser.add_argument("--robust-reps", type=int, default=100, help="robustness replicates")

@@ -445,7 +445,7 @@ def _pooled(parts):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="folder with flan.csv, gigaword.csv")
     ap.add_argument("--quick", action="store_true", help="skip the scipy reference")
     ap.add_argument("--fusion-only", action="store_true", help="run only the fusion study")

@@ -476,7 +476,7 @@ def stage_assemble(p: dict, work: Path, out: Path, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(zp.PRESETS), default="smoke")
     ap.add_argument(
         "--stages", nargs="+", default=["corpus", "pretrain", "measure", "assemble", "verdict"]

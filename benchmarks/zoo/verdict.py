@@ -292,7 +292,7 @@ def decide(result: dict[str, Any], ratios: list[int]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--ratios", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--bootstrap", type=int, default=200)
