@@ -56,11 +56,14 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     py = sys.executable
     cli = [py, "-m", "lensllm_jax.cli", "reproduce", "--format", "csv"]
     base = {**os.environ, "LENSLLM_DATA": args.data}
     first, cached, nocache = [], [], []
+    jit_files = 0
     for _ in range(args.repeat):
         cache = tempfile.mkdtemp(prefix="lensllm-bench-")
         env = {**base, "LENSLLM_CACHE": cache}

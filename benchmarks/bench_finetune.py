@@ -130,6 +130,8 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.steps):
         run()
     peak = status_gib("VmHWM")
+    if peak is None or rss0 is None:
+        raise SystemExit("bench_finetune: --child needs /proc/self/status (Linux) for its RSS")
     print(json.dumps({"peak_rss_gib": round(peak, 3),
                       "rss_before_model_gib": round(rss0, 3)}))  # fmt: skip
 

@@ -31,7 +31,10 @@ from lensllm_jax.models.lm_probe import probe_loss_fn
 
 
 def _temp_bytes(fn, *args) -> int:
-    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if ma is None:
+        raise RuntimeError("this backend reports no XLA memory analysis (temporaries)")
+    return int(ma.temp_size_in_bytes)
 
 
 def main() -> None:

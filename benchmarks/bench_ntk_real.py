@@ -93,8 +93,9 @@ def compile_fn(fn, *args) -> tuple[Any, dict[str, Any]]:
     info: dict[str, Any] = {"compile_s": round(time.perf_counter() - t0, 2)}
     try:
         ma = compiled.memory_analysis()
-        info["xla_temp_gib"] = round(ma.temp_size_in_bytes / 2**30, 3)
-        info["xla_output_gib"] = round(ma.output_size_in_bytes / 2**30, 3)
+        if ma is not None:  # None where the backend has no analysis: the keys are left out
+            info["xla_temp_gib"] = round(ma.temp_size_in_bytes / 2**30, 3)
+            info["xla_output_gib"] = round(ma.output_size_in_bytes / 2**30, 3)
     except Exception:  # not every backend reports it
         pass
     return compiled, info
