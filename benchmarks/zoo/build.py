@@ -153,7 +153,9 @@ def stage_pretrain(p: dict, work: Path, clock: Clock, log) -> dict:
         total = max(run["checkpoints"])
         done = [s for s in run["checkpoints"] if (folder / f"step{s}.npz").exists()]
         meta_path = folder / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"train_loss": {}}
+        meta: dict[str, Any] = (
+            json.loads(meta_path.read_text()) if meta_path.exists() else {"train_loss": {}}
+        )
         if len(done) == len(run["checkpoints"]):
             out[run["name"]] = meta
             continue

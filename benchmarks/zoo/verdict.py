@@ -218,7 +218,7 @@ def run(
         result["arms"][a] = {"group": ARMS[a][1]}
         for r in ratios:
             pt = metric_values(point[a][r], truth)
-            cell = {"failed": int(np.sum(~np.isfinite(point[a][r])))}
+            cell: dict[str, Any] = {"failed": int(np.sum(~np.isfinite(point[a][r])))}
             for name in METRIC_NAMES:
                 vals = np.array([x[name] for x in boot[a][r]])
                 vals = vals[np.isfinite(vals)]
