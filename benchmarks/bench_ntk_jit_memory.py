@@ -19,6 +19,7 @@ Usage: python benchmarks/bench_ntk_jit_memory.py [--layers 30] [--n 12] [--out F
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import jax
@@ -94,6 +95,7 @@ def main() -> None:
             "temp_over_chunk": round(_temp_bytes(vfn, m.params, batch) / (4 * unit), 3),
         }
     dump(res, args.out)
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

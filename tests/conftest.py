@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,40 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FTS_DIR = Path(os.environ.get("LENSLLM_DATA", REPO.parent / "shared" / "data" / "fts"))
 PUBLISHED = REPO.parent / "shared" / "reference" / "published_fts.csv"
+
+
+# ------------------------------------------------- one compilation cache for the session
+# XLA compiles the same programs in many processes of one run: both pytest-xdist workers,
+# the notebook kernels, the `lensllm` children (SmolLM2's train step, NTK and evaluation at
+# the same shapes; a killed and restarted run). JAX's persistent compilation cache in a
+# folder of this session (set here, before any worker or child starts, so all inherit it)
+# compiles each once. Every program still compiles at least once per session, and the cache
+# only replays XLA's own output, so no test sees other numbers. A size limit turns on JAX's
+# file lock, so two processes never read an entry half-written. The folder is removed at the
+# end; a JAX_COMPILATION_CACHE_DIR of the caller's own, or LENSLLM_TEST_JIT_CACHE=0, wins.
+_JIT_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+_jit_dir_key = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (
+        os.environ.get("PYTEST_XDIST_WORKER")  # a worker inherits the controller's folder
+        or _JIT_DIR_ENV in os.environ
+        or os.environ.get("LENSLLM_TEST_JIT_CACHE", "1") == "0"
+    ):
+        return
+    folder = tempfile.mkdtemp(prefix="lensllm-test-jit-")
+    config.stash[_jit_dir_key] = folder
+    os.environ[_JIT_DIR_ENV] = folder
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)  # enables the file lock
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_jit_dir_key, None)
+    if folder is not None:
+        os.environ.pop(_JIT_DIR_ENV, None)
+        os.environ.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

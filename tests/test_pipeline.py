@@ -11,12 +11,9 @@ code 2, nothing written.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hostile_fixtures import LETTERS, task_lines
+from session_tools import shared_dir as _shared_dir
 
 from lensllm_jax import cli
 from lensllm_jax.data import curves
@@ -98,23 +96,6 @@ def _task(path: Path, n: int = N_EXAMPLES, seed: int = 0) -> Path:
     (`hostile_fixtures.task_lines`, the task the hostile-input suite runs too)."""
     path.write_text("\n".join(task_lines(n, seed)) + "\n", encoding="utf-8")
     return path
-
-
-@contextlib.contextmanager
-def _shared_dir(tmp_path_factory, name: str):
-    """A folder every pytest-xdist worker of this session shares, held under a lock while
-    the body runs, so the expensive run below happens once per session, not per worker."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the session's folder, above each worker's own
-    folder = base / name
-    folder.mkdir(exist_ok=True)
-    with open(base / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield folder
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from session_tools import shared_dir
 
 from lensllm_jax import cli
 from lensllm_jax.data.text import python_doc_paragraphs
@@ -21,13 +22,25 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, smollm2_gguf):
+    """The run, once per session: a worker that gets the other test reads the same folder."""
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("LENSLLM_JIT_CACHE", "0")
-    root = tmp_path_factory.mktemp("smollm2_run")
-    tok = transformers.AutoTokenizer.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, local_files_only=True
-    )
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, local_files_only=True
+        )
+        with shared_dir(tmp_path_factory, "smollm2_run") as root:
+            data, out_dir = root / "python_docs.txt", root / "run"
+            if not (root / "ready").exists():
+                _run(smollm2_gguf, tok, root, data, out_dir)
+                (root / "ready").touch()
+        yield {"gguf": smollm2_gguf, "tok": tok, "data": data, "out_dir": out_dir, "root": root}
+    finally:
+        mp.undo()
+
+
+def _run(smollm2_gguf, tok, root, data, out_dir) -> None:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=len(tok),
@@ -42,9 +55,7 @@ def world(tmp_path_factory, smollm2_gguf):
     rand = root / "random-init"
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(rand))
     tok.save_pretrained(str(rand))
-    data = root / "python_docs.txt"
     data.write_text("\n".join(python_doc_paragraphs(72)) + "\n", encoding="utf-8")
-    out_dir = root / "run"
     argv = [
         "run", "--models", str(smollm2_gguf), str(rand), "--data", str(data),
         "--sizes", "4", "8", "16", "--test-size", "16", "--probe-size", "4",
@@ -52,11 +63,7 @@ def world(tmp_path_factory, smollm2_gguf):
         "--batch-size", "4", "--out-dir", str(out_dir), "-q", "--format", "json",
         "--out", str(root / "ranking.json"),
     ]  # fmt: skip
-    try:
-        assert cli.main(argv) == 0
-        yield {"gguf": smollm2_gguf, "tok": tok, "data": data, "out_dir": out_dir, "root": root}
-    finally:
-        mp.undo()
+    assert cli.main(argv) == 0
 
 
 def test_the_pretrained_model_wins_surely(world):

@@ -107,12 +107,11 @@ def symmetric_kernel(
     xb, nb = pad_and_block(x, chunk)
     a, b = shape_ab
     take = lambda i: jax.tree.map(lambda leaf: leaf[i], xb)  # noqa: E731
-    r0 = jac(take(0))
     theta = jnp.zeros((nb, nb, chunk, chunk, a, b), acc_dtype)
-    theta = theta.at[0, 0].set(pair_gram(r0, r0))
     steps = [(i, j, j == i + 1) for i in range(nb - 1) for j in range(nb - 1, i, -1)]
     if nb <= unroll_max_blocks:
-        r_jac = r0
+        r_jac = jac(take(0))
+        theta = theta.at[0, 0].set(pair_gram(r_jac, r_jac))
         for i, j, prom in steps:
             c_jac = jac(take(j))
             g = pair_gram(r_jac, c_jac)
@@ -121,7 +120,11 @@ def symmetric_kernel(
                 theta = theta.at[j, j].set(pair_gram(c_jac, c_jac))
                 r_jac = c_jac
         return _unblock(theta, n, n)
-    rows, cols, promote = (np.asarray(s) for s in zip(*steps, strict=True))
+    # Block 0 is the scan's first step too (against a zero row, promoted at once), so the
+    # model appears once in the program and every block's backward pass reuses one set of
+    # temporaries.
+    rows, cols, promote = (np.asarray(s) for s in zip((0, 0, True), *steps, strict=True))
+    zero_row = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(jac, take(0)))
 
     def body(carry, step):
         r_jac, th = carry
@@ -137,7 +140,7 @@ def symmetric_kernel(
         )
         return (r_jac, th), None
 
-    (_, theta), _ = jax.lax.scan(body, (r0, theta), (rows, cols, promote))
+    (_, theta), _ = jax.lax.scan(body, (zero_row, theta), (rows, cols, promote))
     return _unblock(theta, n, n)
 
 
