@@ -129,6 +129,8 @@ def profile_breakdown(fn, *args, repeat: int = 3, top: int = 15) -> dict[str, An
 
     jfn = jax.jit(fn)
     hlo = jfn.lower(*args).compile().as_text()
+    if hlo is None:
+        raise RuntimeError("this backend gives no compiled HLO text to match the trace against")
     meta: dict[str, tuple[str, str]] = {}
     for line in hlo.splitlines():
         mm = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
@@ -206,7 +208,7 @@ class CompileCounter:
         self._level = self._logger.level
         self._logger.addHandler(self._handler)
         self._logger.setLevel(logging.DEBUG)
-        self._was = jax.config.jax_log_compiles
+        self._was = jax.config.values["jax_log_compiles"]  # typed; the attribute is dynamic
         jax.config.update("jax_log_compiles", True)
         return self
 

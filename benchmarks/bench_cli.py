@@ -49,18 +49,21 @@ def _time(cmd: list[str], env: dict[str, str], label: str = "") -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument(
         "--data",
         default=os.environ.get("LENSLLM_DATA") or str(REPO.parent / "shared" / "data" / "fts"),
     )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     py = sys.executable
     cli = [py, "-m", "lensllm_jax.cli", "reproduce", "--format", "csv"]
     base = {**os.environ, "LENSLLM_DATA": args.data}
     first, cached, nocache = [], [], []
+    jit_files = 0
     for _ in range(args.repeat):
         cache = tempfile.mkdtemp(prefix="lensllm-bench-")
         env = {**base, "LENSLLM_CACHE": cache}

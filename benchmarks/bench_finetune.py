@@ -130,6 +130,8 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.steps):
         run()
     peak = status_gib("VmHWM")
+    if peak is None or rss0 is None:
+        raise SystemExit("bench_finetune: --child needs /proc/self/status (Linux) for its RSS")
     print(json.dumps({"peak_rss_gib": round(peak, 3),
                       "rss_before_model_gib": round(rss0, 3)}))  # fmt: skip
 
@@ -165,7 +167,7 @@ def bench_curve(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

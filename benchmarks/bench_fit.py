@@ -93,11 +93,15 @@ def scipy_fit(d, l, mask, starts):
         r = least_squares(
             lambda x: rectified_np(x, log_d)[0] - log_l,
             x0,
-            jac=lambda x: rectified_np(x, log_d)[1],
+            # scipy is untyped: pyright takes jac's type from its default '2-point', but a
+            # callable is documented and accepted.
+            jac=lambda x: rectified_np(x, log_d)[1],  # pyright: ignore[reportArgumentType]
             method="lm",
         )
         if best is None or r.cost < best.cost:
             best = r
+    if best is None:
+        raise ValueError("scipy_fit: no starting points (--starts must be at least 1)")
     return best
 
 
@@ -120,6 +124,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import jax
+    import jax.numpy as jnp
 
     from lensllm_jax.benchmark import ablations
     from lensllm_jax.core import fit
@@ -175,9 +180,9 @@ def main() -> None:
         starts = np.asarray(
             fit.initial_starts(
                 "rectified",
-                np.log(np.where(mask, d, 1.0)),
-                np.log(np.where(mask, l, 1.0)),
-                mask,
+                jnp.asarray(np.log(np.where(mask, d, 1.0))),
+                jnp.asarray(np.log(np.where(mask, l, 1.0))),
+                jnp.asarray(mask),
                 jax.random.PRNGKey(0),
                 args.starts,
             )

@@ -33,7 +33,9 @@ Usage: python benchmarks/bench_hessian.py --preset gpt2-small --probe-batch 8   
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 from typing import Any
 
 import jax
@@ -64,7 +66,7 @@ from lensllm_jax.core import hessian
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--probe-batch", type=int, default=None, help="probes vmapped at once")
@@ -198,12 +200,18 @@ def torch_peers(res, fns, model, cfg, args, key) -> None:
 
     def vmap_probes():
         hz = vmap(hvp)(stacked)
-        out = sum((stacked[k] * hz[k]).flatten(1).sum(1) for k in hz).mean()
+        # reduce, not sum(): the same additions, typed as a tensor (sum starts from int 0)
+        out = functools.reduce(operator.add, ((stacked[k] * hz[k]).flatten(1).sum(1) for k in hz))
+        out = out.mean()
         sync()
         return float(out)
 
     def loop_probes():
-        vals = [sum((z[k] * hz[k]).sum() for k in z) for z in probes for hz in [hvp(z)]]
+        vals = [
+            functools.reduce(operator.add, ((z[k] * hz[k]).sum() for k in z))
+            for z in probes
+            for hz in [hvp(z)]
+        ]
         sync()
         return float(torch.stack(vals).mean())
 

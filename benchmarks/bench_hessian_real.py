@@ -85,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--probes", type=int, default=8)

@@ -95,7 +95,7 @@ def bench(name: str, args: argparse.Namespace, scan_layers: bool, depth: int | N
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)

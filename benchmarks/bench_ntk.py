@@ -40,7 +40,9 @@ weights in both cases, so its kernel must agree with ours.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 from typing import Any
 
 import jax
@@ -86,7 +88,7 @@ def parse_chunk(text: str) -> int | str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     add_config_args(ap)
     ap.add_argument(
         "--chunk",
@@ -176,9 +178,10 @@ def main() -> None:
         def run_naive():
             nv = jax.jit(naive)
             theta_naive = np.asarray(nv(params, tokens), dtype=np.float64)
-            res["naive_vmap_grad"] = {"peak_memory_after": peak_memory_bytes()}
+            naive_res: dict[str, Any] = {"peak_memory_after": peak_memory_bytes()}
+            res["naive_vmap_grad"] = naive_res
             if theta is not None:
-                res["naive_vmap_grad"]["max_rel_diff_vs_ntk"] = float(
+                naive_res["max_rel_diff_vs_ntk"] = float(
                     np.max(np.abs(theta_naive - theta)) / np.max(np.abs(theta))
                 )
             fns["naive_vmap_grad"] = lambda: jax.block_until_ready(nv(params, tokens))
@@ -229,7 +232,10 @@ def torch_peer(res, fns, model, cfg, args, theta) -> None:
     def torch_kernel():
         with torch.no_grad():
             gs = per_ex(tparams, ttok)
-            out = sum(v.reshape(n, -1) @ v.reshape(n, -1).T for v in gs.values())
+            # reduce, not sum(): the same additions, typed as a tensor (sum starts from int 0)
+            out = functools.reduce(
+                operator.add, (v.reshape(n, -1) @ v.reshape(n, -1).T for v in gs.values())
+            )
         sync()
         return out
 

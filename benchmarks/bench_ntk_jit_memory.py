@@ -32,11 +32,14 @@ from lensllm_jax.models.lm_probe import probe_loss_fn
 
 
 def _temp_bytes(fn, *args) -> int:
-    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if ma is None:
+        raise RuntimeError("this backend reports no XLA memory analysis (temporaries)")
+    return int(ma.temp_size_in_bytes)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--n", type=int, default=12, help="examples (N)")
     ap.add_argument("--seq", type=int, default=16)

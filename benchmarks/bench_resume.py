@@ -39,7 +39,7 @@ def smollm2() -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path)
     args = p.parse_args()

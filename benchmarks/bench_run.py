@@ -51,10 +51,17 @@ def _candidate(folder: Path, arch: str, preset: str, seed: int) -> str:
     hidden, layers, heads, inter = PRESETS[preset]
     tok = _tokenizer()
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=1)
+    vocab = len(tok)
     if arch == "gpt2":
         cfg = transformers.GPT2Config(
-            n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, n_positions=256, **common
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=inter,
+            n_positions=256,
+            vocab_size=vocab,
+            bos_token_id=1,
+            eos_token_id=1,
         )
     else:
         cfg = transformers.LlamaConfig(
@@ -63,7 +70,9 @@ def _candidate(folder: Path, arch: str, preset: str, seed: int) -> str:
             num_hidden_layers=layers,
             num_attention_heads=heads,
             max_position_embeddings=256,
-            **common,
+            vocab_size=vocab,
+            bos_token_id=1,
+            eos_token_id=1,
         )
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
@@ -86,7 +95,7 @@ def _task(path: Path, n: int, seed: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--test-size", type=int, default=32)

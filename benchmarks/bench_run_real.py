@@ -27,7 +27,7 @@ from lensllm_jax.data.text import python_doc_paragraphs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--paragraphs", type=int, default=160)
     ap.add_argument("--sizes", nargs="+", default=["4", "8", "16"])
     ap.add_argument("--probe-size", default="32")

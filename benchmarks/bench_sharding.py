@@ -97,7 +97,7 @@ def _rounds(plain, sharded, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--mesh", default="data=1,fsdp=1", help="layout of the sharded side")
     ap.add_argument("--rounds", type=int, default=10)
@@ -130,12 +130,13 @@ def main() -> None:
         batch = _batch(rng, bsz, seq, vocab)
         init1, step1 = finetune.make_train_step(m.apply, cfg)
         init2, step2 = finetune.make_train_step(m.apply, cfg, mesh=mesh)
-        state = {
-            "plain": (jax.tree.map(lambda x: jnp.array(x, copy=True), m.params),),
-            "sharded": (jax.tree.map(lambda x: jnp.array(x, copy=True), sharded_params),),
+        plain = jax.tree.map(lambda x: jnp.array(x, copy=True), m.params)
+        sharded = jax.tree.map(lambda x: jnp.array(x, copy=True), sharded_params)
+        # (params, optimizer state) per side
+        state: dict[str, tuple[Any, Any]] = {
+            "plain": (plain, init1(plain)),
+            "sharded": (sharded, init2(sharded)),
         }
-        state["plain"] += (init1(state["plain"][0]),)
-        state["sharded"] += (init2(state["sharded"][0]),)
 
         def run(which: str, step) -> None:
             p, o = state[which]

@@ -45,6 +45,7 @@ import time
 import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ def _family_correlation(rankings, prior: float, draws: int = 20_000) -> dict:
     rho = float(np.mean(np.concatenate(prods_same)) - np.mean(np.concatenate(prods_other))) / var
     rho = min(max(rho, 0.0), 0.95)
     rng = np.random.default_rng(0)
-    out = {"within_family_error_correlation": round(rho, 3)}
+    out: dict[str, Any] = {"within_family_error_correlation": round(rho, 3)}
     for tag, rr in (("independent", 0.0), ("family_factor", rho)):
         covered, size, loss, pairs = [], [], 0.0, 0
         for r in rankings:
@@ -407,7 +408,7 @@ def report(data=None, *, reps: int = 20, robust_reps: int = 100, quick: bool = F
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--data", action="append", help="FTS csv or directory")
     parser.add_argument("--reps", type=int, default=20, help="stress replicates per kind")
     parser.add_argument("--robust-reps", type=int, default=100, help="robustness replicates")

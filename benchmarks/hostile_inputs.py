@@ -311,7 +311,7 @@ def summarise(records: list[dict]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--code", type=Path, default=REPO, help="checkout whose lensllm_jax runs")
     p.add_argument("--areas", help="comma-separated areas (default: all)")
     p.add_argument("--match", help="only cases whose name contains this (a|b: either)")

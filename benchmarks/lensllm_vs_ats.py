@@ -116,6 +116,8 @@ def law_scipy(d, losses, target=TARGET):
                         r = least_squares(lambda p, y=y: model(p, log_d) - y, x0, method="lm")
                     if np.isfinite(r.cost) and (best is None or r.cost < best.cost):
                         best = r
+        if best is None:
+            raise RuntimeError(f"law_scipy: no finite least-squares fit from any start (model {m})")
         out[m] = np.exp(model(best.x, np.log(target)))
         cost[m] = 2 * best.cost / y.size
     return out, cost
@@ -320,7 +322,9 @@ class _Parts:
             z["ats"][i] = slope * xT + icpt
             z["sse_a"][i], z["dof_a"][i] = ra @ ra, ya.size - 2
             z["geo_a"][i] = 1 / ya.size + (xT - xa.mean()) ** 2 / np.sum((xa - xa.mean()) ** 2)
-        self.__dict__.update(z)
+        self.tan, self.ats = z["tan"], z["ats"]
+        self.sse_t, self.dof_t, self.geo_t = z["sse_t"], z["dof_t"], z["geo_t"]
+        self.sse_a, self.dof_a, self.geo_a = z["sse_a"], z["dof_a"], z["geo_a"]
 
     def variances(self, nu0):
         """Laplace / OLS prediction variances; each model's residual variance shrunk toward
@@ -445,7 +449,7 @@ def _pooled(parts):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="folder with flan.csv, gigaword.csv")
     ap.add_argument("--quick", action="store_true", help="skip the scipy reference")
     ap.add_argument("--fusion-only", action="store_true", help="run only the fusion study")

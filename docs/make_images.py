@@ -92,7 +92,7 @@ def run_images(work: Path | None = None) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--run", action="store_true", help="also the pictures of a small run")
     parser.add_argument("--work", type=Path, help="the run's folder (reused when it exists)")
     args = parser.parse_args()

@@ -153,7 +153,9 @@ def stage_pretrain(p: dict, work: Path, clock: Clock, log) -> dict:
         total = max(run["checkpoints"])
         done = [s for s in run["checkpoints"] if (folder / f"step{s}.npz").exists()]
         meta_path = folder / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"train_loss": {}}
+        meta: dict[str, Any] = (
+            json.loads(meta_path.read_text()) if meta_path.exists() else {"train_loss": {}}
+        )
         if len(done) == len(run["checkpoints"]):
             out[run["name"]] = meta
             continue
@@ -476,7 +478,7 @@ def stage_assemble(p: dict, work: Path, out: Path, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(zp.PRESETS), default="smoke")
     ap.add_argument(
         "--stages", nargs="+", default=["corpus", "pretrain", "measure", "assemble", "verdict"]

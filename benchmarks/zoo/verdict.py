@@ -218,7 +218,7 @@ def run(
         result["arms"][a] = {"group": ARMS[a][1]}
         for r in ratios:
             pt = metric_values(point[a][r], truth)
-            cell = {"failed": int(np.sum(~np.isfinite(point[a][r])))}
+            cell: dict[str, Any] = {"failed": int(np.sum(~np.isfinite(point[a][r])))}
             for name in METRIC_NAMES:
                 vals = np.array([x[name] for x in boot[a][r]])
                 vals = vals[np.isfinite(vals)]
@@ -292,7 +292,7 @@ def decide(result: dict[str, Any], ratios: list[int]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--ratios", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--bootstrap", type=int, default=200)
