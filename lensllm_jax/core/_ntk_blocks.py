@@ -8,18 +8,18 @@ Symmetric schedule (x2 is None), nb = ceil(N / c) blocks: row i is held while th
 visited from the last down to i + 1; the last column computed (i + 1) is promoted to be the next
 row, so the kernel costs 1 + nb (nb - 1) / 2 chunk Jacobians instead of the nb^2 of a naive
 double loop (exactly nb when nb <= 2). For nb <= UNROLL_MAX_BLOCKS the schedule is unrolled;
-beyond that it runs inside one `lax.scan`, so the model appears once in the program.
-A scalar per example (the loss kernel) takes its per-example gradients in the layout the
-backward pass leaves them (`_ntk_layout.per_example_grads`, contracted by `gram_at_axes`),
-scanned from two blocks on: unrolled, XLA merged the two identical computations of block 2
-at nb = 3 and ran independent blocks side by side (about 5 chunks of gradients alive
-instead of the 2 the plan counts, on a 30-layer scanned toy LM; `benchmarks/bench_ntk.py`).
+beyond that it runs inside one `lax.scan` whose first step is block 0 itself, so the model
+appears once in the program and every block's backward pass reuses one set of temporaries.
 
-Called outside `jit` on a scalar-per-example f (the loss kernel of `lensllm run`), the same
-schedule runs from Python over two compiled programs (`host_symmetric_kernel`) on per-example
-gradients in the layout the backward pass leaves them (a scanned stack's leaves keep their
-example axis at 1): inside one program, vmap's transposes to the front, the Gram's copies and
-the scan's carry held about two chunks of gradients more than the two the plan counts.
+A scalar per example (the loss kernel) takes its per-example gradients in the layout the
+backward pass leaves them (`_ntk_layout.per_example_grads`: a scanned stack's leaves keep
+their example axis at 1; vmap's default moves it to the front, a copy of most of a chunk),
+contracted where they lie (`gram_at_axes`), and is scanned from two blocks on: unrolled,
+XLA merges the two identical computations of block 2 at nb = 3 and runs independent blocks
+side by side (`benchmarks/bench_ntk_jit_memory.py` measures what a program holds). Under
+`jit` that is `scalar_symmetric_kernel`; called outside `jit` (as `lensllm run` does), the
+same schedule runs from Python over two compiled programs (`host_symmetric_kernel`), where
+buffers die with their Python references.
 """
 
 from __future__ import annotations
@@ -236,9 +236,9 @@ def symmetric_kernel_host(
     """Θ(x, x) (N, N) of a scalar-per-example f by the promoted-row schedule of
     `symmetric_kernel`, driven from Python over two compiled programs (`host_programs`):
     buffers die with their Python references, so at most two chunks of per-example gradients
-    are alive, in the layout the backward pass leaves them (inside one program, the default
-    layout's transposes and the scan's copies had held about two chunks more). Outside `jit`
-    only. The same 1 + nb (nb − 1) / 2 chunk gradients (nb when nb <= 2)."""
+    are alive, in the layout the backward pass leaves them. Outside `jit` only (under `jit`:
+    `scalar_symmetric_kernel`). The same 1 + nb (nb − 1) / 2 chunk gradients (nb when
+    nb <= 2)."""
     treedef = jax.tree.structure(x)
     leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(x)]
     nb = -(-n // chunk)
