@@ -277,11 +277,6 @@ def train_fns(
     return _transform(spec).init, functools.partial(_step, apply, spec)
 
 
-def train_step_fn(apply: ApplyFn, config: FinetuneConfig) -> Callable[..., Any]:
-    """`train_fns`'s step_fn."""
-    return train_fns(apply, config)[1]
-
-
 @functools.lru_cache(maxsize=32)
 def example_nll_fn(apply: ApplyFn) -> Callable[..., Any]:
     """The pure per-example NLL sums that `evaluate` compiles:
