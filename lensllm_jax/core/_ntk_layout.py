@@ -43,6 +43,15 @@ def finish(theta: jax.Array, lay: OutputLayout) -> jax.Array:
     return theta.reshape(*theta.shape[:2], *lay.untraced_shape, *lay.untraced_shape)
 
 
+def loss_kernel_f(f, lay: OutputLayout, x2: Any, jacobian_dtype: Any):
+    """f as `(params, batch) -> (N,)` when the kernel is the loss kernel's kind (one output
+    per example, Θ(x, x), gradients in the params' dtype), which the natural-layout schedules
+    of `_ntk_blocks` compute; None otherwise."""
+    if x2 is not None or lay.n_untraced * lay.n_traced != 1 or jacobian_dtype is not None:
+        return None
+    return lambda p, x: as_ac(f(p, x), lay)[:, 0, 0]
+
+
 def acc_dtype(params: PyTree) -> Any:
     """The Gram's accumulation dtype: the params' dtype promoted to at least float32."""
     dts = [jnp.asarray(p).dtype for p in jax.tree.leaves(params)]

@@ -69,7 +69,7 @@ from lensllm_jax.core._ntk_layout import acc_dtype as _acc_dtype
 from lensllm_jax.core._ntk_layout import as_ac as _as_ac
 from lensllm_jax.core._ntk_layout import finish as _finish
 from lensllm_jax.core._ntk_layout import layout as _layout
-from lensllm_jax.core._ntk_layout import per_example_jacobian
+from lensllm_jax.core._ntk_layout import loss_kernel_f, per_example_jacobian
 from lensllm_jax.core._ntk_memory import (
     DEVICE_MEMORY_FRACTION,
     HOST_MEMORY_BUDGET,
@@ -187,9 +187,8 @@ def _ntk_jacobian_contraction(
     """
     acc = _acc_dtype(params)
     chunk = min(chunk_size or max(n1, n2), max(n1, n2))
-    if x2 is None and lay.n_untraced * lay.n_traced == 1 and jacobian_dtype is None:
-        # The loss kernel: per-example gradients where the backward pass leaves them.
-        scalar = lambda p, x: _as_ac(f(p, x), lay)[:, 0, 0]  # noqa: E731
+    scalar = loss_kernel_f(f, lay, x2, jacobian_dtype)
+    if scalar is not None:  # per-example gradients where the backward pass leaves them
         theta = _ntk_blocks.scalar_symmetric_kernel(scalar, params, x1, n1, chunk, acc, precision)
         return theta[:, :, None, None]
     jac = per_example_jacobian(f, params, lay, jacobian_dtype)
@@ -342,12 +341,10 @@ def empirical_ntk_fn(
     def run(params, x1, x2=None, *, name=None, with_bound=False, seed=None):
         """(Θ, stderr bound or None, plan); the bound only for the sketch with with_bound."""
         plan, lay, n1, n2 = resolve(params, x1, x2, name)
-        scalar_blocks = plan.route == "jacobian_contraction" and x2 is None
-        scalar_blocks &= lay.n_untraced * lay.n_traced == 1 and jacobian_dtype is None
-        if scalar_blocks and _is_concrete((params, x1)):
-            # Outside jit, a scalar-per-example kernel (the loss kernel): blocks driven from
-            # Python over per-example gradients in their natural layout (the plan's memory).
-            scalar = lambda p, x: _as_ac(f(p, x), lay)[:, 0, 0]  # noqa: E731
+        scalar = loss_kernel_f(f, lay, x2, jacobian_dtype)
+        if plan.route == "jacobian_contraction" and scalar and _is_concrete((params, x1)):
+            # Outside jit, the loss kernel's blocks are driven from Python over per-example
+            # gradients in their natural layout (the plan's memory).
             theta = _ntk_blocks.host_symmetric_kernel(
                 scalar, host_cache, params, x1, n1, plan.chunk or n1, _acc_dtype(params),
                 precision, key=lay,
