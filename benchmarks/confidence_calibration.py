@@ -45,7 +45,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -267,7 +267,7 @@ def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
     out: dict = {}
     for name, table in tables.items():
         clean = _diff(table, method)
-        out[name] = {"unperturbed": dict(zip(METRIC_NAMES, clean[0], strict=True))}
+        out[name] = {"unperturbed": dict(zip(METRIC_NAMES, clean.mean_diff(), strict=True))}
         rng = np.random.default_rng(2)
         conds = {
             "noise_0.003": lambda t, rng=rng: noisy(t, 0.003, rng),
@@ -278,7 +278,7 @@ def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
         }
         for tag, make in conds.items():
             runs = [_diff(make(table), method) for _ in range(reps)]
-            per_budget = np.array([r[1] for r in runs])  # (reps, R, 3)
+            per_budget = np.array([r.per_budget for r in runs])  # (reps, R, 3)
             d = per_budget.mean(axis=1)
             cell: dict = {}
             for k, m in enumerate(METRIC_NAMES):
@@ -298,7 +298,7 @@ def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
             if tag.startswith("noise"):
                 spread = {}
                 for j, who in enumerate(("LensLLM", "AtS")):
-                    logs = np.array([r[2][j] for r in runs])  # (reps, R, M)
+                    logs = np.array([r.logs[j] for r in runs])  # (reps, R, M)
                     sd = np.nanmean(logs.std(axis=0, ddof=1), axis=1)
                     spread[who] = {
                         f"T/{r}": round(float(v), 5) for r, v in zip(RATIOS, sd, strict=True)
@@ -307,24 +307,42 @@ def robustness(tables, reps: int, method=lensllm.lensllm) -> dict:
                 # each method's mean over the noisy copies minus its score on the data as
                 # they are: a method chosen on the unperturbed data loses its luck here
                 cell["noisy_minus_unperturbed"] = {
-                    who: {
-                        m: round(float(np.mean([r[3][j][k] for r in runs]) - clean[3][j][k]), 2)
-                        for k, m in enumerate(METRIC_NAMES)
-                    }
-                    for j, who in enumerate(("LensLLM", "AtS"))
+                    who: dict(
+                        zip(
+                            METRIC_NAMES,
+                            np.round(
+                                np.mean([getattr(r, side).mean(axis=0) for r in runs], axis=0)
+                                - getattr(clean, side).mean(axis=0),
+                                2,
+                            ).tolist(),
+                            strict=True,
+                        )
+                    )
+                    for who, side in (("LensLLM", "ours"), ("AtS", "theirs"))
                 }
             out[name][tag] = cell
     return out
 
 
-def _diff(table: CurveTable, method) -> tuple[list[float], np.ndarray, tuple, tuple]:
-    """(the 7-budget mean differences method − AtS, per budget differences (R, 3), (method's,
-    AtS's) log predictions (R, M), (method's, AtS's) 7-budget means (3,))."""
+class _Paired(NamedTuple):
+    """`method` against AtS on one table: their metrics at each budget and log predictions."""
+
+    ours: np.ndarray  # (R, 3) PearCorr, RelAcc, Kendall τ at each budget
+    theirs: np.ndarray
+    logs: tuple[np.ndarray, np.ndarray]  # (method's, AtS's) (R, M) log predicted losses
+
+    @property
+    def per_budget(self) -> np.ndarray:  # (R, 3) method − AtS
+        return self.ours - self.theirs
+
+    def mean_diff(self) -> list[float]:  # the 7-budget mean differences, rounded
+        return [round(float(v), 3) for v in self.per_budget.mean(axis=0)]
+
+
+def _diff(table: CurveTable, method) -> _Paired:
     ours, our_logs = _per_budget(table, method)
     theirs, their_logs = _per_budget(table, baselines.ats)
-    d = ours - theirs
-    means = (ours.mean(axis=0), theirs.mean(axis=0))
-    return [round(float(v), 3) for v in d.mean(axis=0)], d, (our_logs, their_logs), means
+    return _Paired(ours, theirs, (our_logs, their_logs))
 
 
 # --------------------------------------------------------------------------- main
